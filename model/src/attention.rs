@@ -1,0 +1,313 @@
+//! Multi-head latent attention (MLA) over the compressed cache, in the weight-absorbed form.
+//!
+//! Queries: `q = q_b_proj(rmsnorm(q_a_proj(x)))` (or `q_proj(x)` when `q_lora_rank` is null),
+//! split per head into `[nope | rope]`. Keys/values: `kv_a_proj_with_mqa(x) = [c | k_pe]`,
+//! `c_kv = rmsnorm(c)`, `k_pe` rotated and shared by all heads. Instead of expanding `c_kv`
+//! through `kv_b_proj = [W_UK; W_UV]` for every cached token, each head's query is absorbed into
+//! latent space (`q_lat = W_UKᵀ q_nope`), scores are `q_lat·c_kv + q_pe·k_pe`, the weighted sum
+//! of latents is taken, and `W_UV` is applied once per query. All heads then share one
+//! `[tokens·heads, kv_lora+rope] × [kv_lora+rope, cached]` product per sequence.
+//! References: DeepSeek-V2 paper §2.1 and appendix C; transformers `DeepseekV3Attention`.
+
+use rayon::prelude::*;
+
+use crate::checkpoint::{Checkpoint, WeightData};
+use crate::config::Config;
+use crate::error::Result;
+use crate::kernels::{self, Linear};
+use crate::kv_cache::SeqCache;
+use crate::rope::Rope;
+
+/// Epsilon of `q_a_layernorm` and `kv_a_layernorm` (their module default in the reference).
+const LORA_NORM_EPS: f32 = 1e-6;
+/// Most score-matrix elements materialised at once (bounds prefill memory).
+const MAX_SCORE_ELEMS: usize = 1 << 22;
+
+#[derive(Debug)]
+enum QProj {
+    Lora {
+        a: Linear,
+        norm: Vec<f32>,
+        b: Linear,
+    },
+    Direct(Linear),
+}
+
+/// One layer's MLA weights.
+#[derive(Debug)]
+pub struct Mla {
+    q: QProj,
+    kv_a: Linear,
+    kv_norm: Vec<f32>,
+    /// Per head `W_UKᵀ`: `[kv_lora, nope]` (maps `q_nope` into latent space).
+    uk: Vec<Linear>,
+    /// Per head `W_UV`: `[v, kv_lora]`.
+    uv: Vec<Linear>,
+    o: Linear,
+    heads: usize,
+    nope: usize,
+    rope_dim: usize,
+    v: usize,
+    lora: usize,
+    scale: f32,
+}
+
+/// Where a sequence's tokens sit in the flattened batch.
+#[derive(Debug)]
+pub struct SeqSlot<'a> {
+    pub cache: &'a mut SeqCache,
+    /// First row of this sequence in the batch.
+    pub start: usize,
+    /// Rows (new tokens) of this sequence.
+    pub count: usize,
+}
+
+/// Loads a Linear `[out, inp]`.
+pub(crate) fn linear(ckpt: &Checkpoint, name: &str, out: usize, inp: usize) -> Result<Linear> {
+    Ok(Linear::new(ckpt.read_weight(name, &[out, inp])?, out, inp))
+}
+
+/// Wraps float32 values for a Linear, as bf16 when they are exactly bf16 (halves memory).
+fn f32_or_bf16(values: Vec<f32>, bf16_source: bool) -> WeightData {
+    if bf16_source {
+        WeightData::Bf16(values.iter().map(|v| (v.to_bits() >> 16) as u16).collect())
+    } else {
+        WeightData::F32(values)
+    }
+}
+
+impl Mla {
+    /// Loads `model.layers.{layer}.self_attn.*`.
+    pub fn load(cfg: &Config, ckpt: &Checkpoint, layer: usize, scale: f32) -> Result<Mla> {
+        let p = format!("model.layers.{layer}.self_attn");
+        let (h, hid) = (cfg.num_attention_heads, cfg.hidden_size);
+        let (nope, rope_dim, v, lora) = (
+            cfg.qk_nope_head_dim,
+            cfg.qk_rope_head_dim,
+            cfg.v_head_dim,
+            cfg.kv_lora_rank,
+        );
+        let qk = nope + rope_dim;
+        let q = match cfg.q_lora_rank {
+            Some(r) => QProj::Lora {
+                a: linear(ckpt, &format!("{p}.q_a_proj.weight"), r, hid)?,
+                norm: ckpt.read_f32(&format!("{p}.q_a_layernorm.weight"), &[r])?,
+                b: linear(ckpt, &format!("{p}.q_b_proj.weight"), h * qk, r)?,
+            },
+            None => QProj::Direct(linear(ckpt, &format!("{p}.q_proj.weight"), h * qk, hid)?),
+        };
+        let kv_b_name = format!("{p}.kv_b_proj.weight");
+        let bf16_source = matches!(ckpt.dtype(&kv_b_name), Some(safetensors::Dtype::BF16));
+        let kv_b = ckpt.read_f32(&kv_b_name, &[h * (nope + v), lora])?;
+        let mut uk = Vec::with_capacity(h);
+        let mut uv = Vec::with_capacity(h);
+        for head in 0..h {
+            let rows = &kv_b[head * (nope + v) * lora..][..(nope + v) * lora];
+            let mut t = vec![0.0f32; lora * nope];
+            for i in 0..nope {
+                for j in 0..lora {
+                    t[j * nope + i] = rows[i * lora + j];
+                }
+            }
+            uk.push(Linear::new(f32_or_bf16(t, bf16_source), lora, nope));
+            uv.push(Linear::new(
+                f32_or_bf16(rows[nope * lora..].to_vec(), bf16_source),
+                v,
+                lora,
+            ));
+        }
+        Ok(Mla {
+            q,
+            kv_a: linear(
+                ckpt,
+                &format!("{p}.kv_a_proj_with_mqa.weight"),
+                lora + rope_dim,
+                hid,
+            )?,
+            kv_norm: ckpt.read_f32(&format!("{p}.kv_a_layernorm.weight"), &[lora])?,
+            uk,
+            uv,
+            o: linear(ckpt, &format!("{p}.o_proj.weight"), hid, h * v)?,
+            heads: h,
+            nope,
+            rope_dim,
+            v,
+            lora,
+            scale,
+        })
+    }
+
+    /// Attention for a flattened batch `x[T, hidden]` of several sequences; appends each
+    /// sequence's new `[c_kv | k_pe]` rows to its cache (uncommitted) and returns `[T, hidden]`.
+    /// `cos`/`sin` are the rope tables of every row's position.
+    pub fn forward(
+        &self,
+        layer: usize,
+        x: &[f32],
+        t: usize,
+        seqs: &mut [SeqSlot<'_>],
+        rope: &Rope,
+        (cos, sin): (&[f32], &[f32]),
+    ) -> Vec<f32> {
+        let (h, nope, r, lora) = (self.heads, self.nope, self.rope_dim, self.lora);
+        let qk = nope + r;
+        let width = lora + r;
+        let half = r / 2;
+
+        // Queries [T, H*(nope+rope)].
+        let mut q = match &self.q {
+            QProj::Lora { a, norm, b } => {
+                let mut qa = a.forward(x, t);
+                kernels::rms_norm_rows(&mut qa, norm, LORA_NORM_EPS);
+                b.forward(&qa, t)
+            }
+            QProj::Direct(p) => p.forward(x, t),
+        };
+        // Latent keys [T, lora+rope]: normalise c_kv, rotate k_pe.
+        let mut kv = self.kv_a.forward(x, t);
+        for (i, row) in kv.chunks_exact_mut(width).enumerate() {
+            let (c, kpe) = row.split_at_mut(lora);
+            kernels::rms_norm(c, &self.kv_norm, LORA_NORM_EPS);
+            rope.apply(kpe, &cos[i * half..][..half], &sin[i * half..][..half]);
+        }
+        for (i, row) in q.chunks_exact_mut(h * qk).enumerate() {
+            for head in row.chunks_exact_mut(qk) {
+                rope.apply(
+                    &mut head[nope..],
+                    &cos[i * half..][..half],
+                    &sin[i * half..][..half],
+                );
+            }
+        }
+
+        // Absorbed queries [T, H, lora+rope] = [W_UKᵀ q_nope | q_pe].
+        let mut qcat = vec![0.0f32; t * h * width];
+        let per_head: Vec<Vec<f32>> = (0..h)
+            .into_par_iter()
+            .map(|head| {
+                let mut nope_rows = Vec::with_capacity(t * nope);
+                for i in 0..t {
+                    nope_rows.extend_from_slice(&q[i * h * qk + head * qk..][..nope]);
+                }
+                self.uk[head].forward(&nope_rows, t)
+            })
+            .collect();
+        for (head, lat) in per_head.iter().enumerate() {
+            for i in 0..t {
+                let dst = &mut qcat[(i * h + head) * width..][..width];
+                dst[..lora].copy_from_slice(&lat[i * lora..][..lora]);
+                dst[lora..].copy_from_slice(&q[i * h * qk + head * qk + nope..][..r]);
+            }
+        }
+
+        // Per sequence: append to the cache, attend over it. Latent outputs [T, H, lora].
+        let mut olat = vec![0.0f32; t * h * lora];
+        let mut outs: Vec<(&mut SeqSlot<'_>, &mut [f32])> = Vec::with_capacity(seqs.len());
+        {
+            let mut rest = olat.as_mut_slice();
+            let mut consumed = 0;
+            let mut order: Vec<&mut SeqSlot<'_>> = seqs.iter_mut().collect();
+            order.sort_by_key(|s| s.start);
+            for s in order {
+                let skip = (s.start - consumed) * h * lora;
+                let (_, tail) = rest.split_at_mut(skip);
+                let (mine, tail) = tail.split_at_mut(s.count * h * lora);
+                rest = tail;
+                consumed = s.start + s.count;
+                outs.push((s, mine));
+            }
+        }
+        outs.par_iter_mut().for_each(|(s, out)| {
+            s.cache
+                .append(layer, &kv[s.start * width..(s.start + s.count) * width]);
+            let cached = s.cache.len() + s.count;
+            let first_pos = s.cache.len();
+            let rows = &qcat[s.start * h * width..(s.start + s.count) * h * width];
+            attend(
+                s.cache.layer(layer),
+                cached,
+                first_pos,
+                rows,
+                h,
+                width,
+                lora,
+                self.scale,
+                out,
+            );
+        });
+
+        // Values [T, H*v] through W_UV, then o_proj.
+        let per_head: Vec<Vec<f32>> = (0..h)
+            .into_par_iter()
+            .map(|head| {
+                let mut rows = Vec::with_capacity(t * lora);
+                for i in 0..t {
+                    rows.extend_from_slice(&olat[(i * h + head) * lora..][..lora]);
+                }
+                self.uv[head].forward(&rows, t)
+            })
+            .collect();
+        let mut o = vec![0.0f32; t * h * self.v];
+        for (head, vals) in per_head.iter().enumerate() {
+            for i in 0..t {
+                o[(i * h + head) * self.v..][..self.v]
+                    .copy_from_slice(&vals[i * self.v..][..self.v]);
+            }
+        }
+        self.o.forward(&o, t)
+    }
+}
+
+/// Causal attention of `rows` (`[n, H, width]` absorbed queries of tokens at positions
+/// `first_pos..first_pos+n`) over `cache` (`cached` rows of `[c_kv | k_pe]`); writes the
+/// latent outputs `[n, H, lora]`.
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    cache: &[f32],
+    cached: usize,
+    first_pos: usize,
+    rows: &[f32],
+    h: usize,
+    width: usize,
+    lora: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let n = rows.len() / (h * width);
+    let chunk = (MAX_SCORE_ELEMS / (h * cached).max(1)).clamp(1, n.max(1));
+    let mut scores = vec![0.0f32; chunk * h * cached];
+    let mut t0 = 0;
+    while t0 < n {
+        let tc = chunk.min(n - t0);
+        // Keys visible to the last token of the chunk; earlier tokens mask the rest.
+        let visible = first_pos + t0 + tc;
+        let m = tc * h;
+        let s = &mut scores[..m * visible];
+        kernels::matmul_nt(
+            s,
+            visible,
+            &rows[t0 * h * width..],
+            width,
+            cache,
+            width,
+            (m, visible, width),
+            scale,
+        );
+        for (ri, row) in s.chunks_exact_mut(visible).enumerate() {
+            let pos = first_pos + t0 + ri / h;
+            let (live, masked) = row.split_at_mut(pos + 1);
+            masked.fill(0.0);
+            kernels::softmax(live);
+        }
+        kernels::matmul_nn(
+            &mut out[t0 * h * lora..],
+            lora,
+            s,
+            visible,
+            cache,
+            width,
+            (m, lora, visible),
+        );
+        t0 += tc;
+    }
+}

@@ -1,0 +1,46 @@
+//! Errors of the model engine, classified where they happen.
+//!
+//! One enum for the crate: configuration problems, checkpoint problems (missing tensor, wrong
+//! shape or dtype, I/O), bad inputs to a forward pass, and failures of an expert backend. Callers
+//! match on the variant, never on the message.
+
+use std::path::PathBuf;
+
+/// Result alias of the model engine.
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;
+
+/// Everything that can go wrong while loading or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// `config.json` could not be read or parsed.
+    #[error("cannot read model config {path}: {reason}")]
+    ConfigRead { path: PathBuf, reason: String },
+    /// The configuration parsed but describes an impossible model.
+    #[error("invalid model config: {0}")]
+    InvalidConfig(String),
+    /// A checkpoint file could not be opened, mapped or parsed.
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint { path: PathBuf, reason: String },
+    /// A tensor the model needs is not in the checkpoint.
+    #[error("tensor `{name}` is missing from the checkpoint")]
+    MissingTensor { name: String },
+    /// A tensor has a different shape than the config implies.
+    #[error("tensor `{name}` has shape {found:?}, expected {expected:?}")]
+    ShapeMismatch {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    /// A tensor is stored in a dtype the engine cannot use for it.
+    #[error("tensor `{name}` has unsupported dtype {dtype}")]
+    UnsupportedDtype { name: String, dtype: String },
+    /// An input to a forward pass is invalid (token out of vocabulary, context too long, ...).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    /// The routed experts of a layer could not be computed.
+    #[error("expert backend failed at layer {layer}: {reason}")]
+    Experts { layer: usize, reason: String },
+    /// Writing an output file failed.
+    #[error("cannot write {path}: {reason}")]
+    Write { path: PathBuf, reason: String },
+}

@@ -1,0 +1,108 @@
+//! Activation × activation products (attention scores and values) through `faer`.
+//!
+//! Operands are row-major views with explicit row strides, so that slices of the latent KV cache
+//! (`[c_kv | k_pe]` rows) are used in place.
+
+use faer::linalg::matmul::matmul;
+use faer::{Accum, MatMut, MatRef, Par};
+
+fn par_for(flops: usize) -> Par {
+    if flops >= 1 << 21 && rayon::current_num_threads() > 1 {
+        Par::rayon(0)
+    } else {
+        Par::Seq
+    }
+}
+
+/// A row-major `[rows, cols]` view with row stride `ld` (the last row may be short of `ld`).
+fn view(data: &[f32], rows: usize, cols: usize, ld: usize) -> MatRef<'_, f32> {
+    let len = if rows == 0 { 0 } else { (rows - 1) * ld + cols };
+    MatRef::from_row_major_slice_with_stride(&data[..len], rows, cols, ld)
+}
+
+fn view_mut(data: &mut [f32], rows: usize, cols: usize, ld: usize) -> MatMut<'_, f32> {
+    let len = if rows == 0 { 0 } else { (rows - 1) * ld + cols };
+    // Not `from_row_major_slice_with_stride_mut`: in faer 0.24.4 it builds a column-major view
+    // (row stride 1, column stride `ld`) and writes out of bounds.
+    MatMut::from_column_major_slice_with_stride_mut(&mut data[..len], cols, rows, ld)
+        .transpose_mut()
+}
+
+/// `c[m, n] = alpha * a[m, k] · b[n, k]ᵀ` (row strides `lda`, `ldb`, `ldc`).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_nt(
+    c: &mut [f32],
+    ldc: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    (m, n, k): (usize, usize, usize),
+    alpha: f32,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let dst = view_mut(c, m, n, ldc);
+    matmul(
+        dst,
+        Accum::Replace,
+        view(a, m, k, lda),
+        view(b, n, k, ldb).transpose(),
+        alpha,
+        par_for(m * n * k),
+    );
+}
+
+/// `c[m, n] = a[m, k] · b[k, n]` (row strides `lda`, `ldb`, `ldc`).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_nn(
+    c: &mut [f32],
+    ldc: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    (m, n, k): (usize, usize, usize),
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let dst = view_mut(c, m, n, ldc);
+    matmul(
+        dst,
+        Accum::Replace,
+        view(a, m, k, lda),
+        view(b, k, n, ldb),
+        1.0,
+        par_for(m * n * k),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strided_products_match_loops() {
+        let (m, n, k) = (5, 7, 9);
+        let a: Vec<f32> = (0..m * 11).map(|i| (i as f32 * 0.3).sin()).collect(); // lda 11
+        let b: Vec<f32> = (0..n * 10).map(|i| (i as f32 * 0.7).cos()).collect(); // ldb 10
+        let mut c = vec![0.0; m * n];
+        matmul_nt(&mut c, n, &a, 11, &b, 10, (m, n, k), 0.5);
+        for i in 0..m {
+            for j in 0..n {
+                let e: f32 = (0..k).map(|t| a[i * 11 + t] * b[j * 10 + t]).sum::<f32>() * 0.5;
+                assert!((c[i * n + j] - e).abs() < 1e-5);
+            }
+        }
+        let bk: Vec<f32> = (0..k * 8).map(|i| (i as f32 * 0.2).sin()).collect(); // [k, n] ld 8
+        matmul_nn(&mut c, n, &a, 11, &bk, 8, (m, n, k));
+        for i in 0..m {
+            for j in 0..n {
+                let e: f32 = (0..k).map(|t| a[i * 11 + t] * bk[t * 8 + j]).sum();
+                assert!((c[i * n + j] - e).abs() < 1e-5);
+            }
+        }
+    }
+}

@@ -1,0 +1,476 @@
+//! `Linear`: a weight matrix `W[out, in]` and `y = x Wᵀ` over a batch of rows.
+//!
+//! float32 weights go through `faer`. bf16 (and FP8-as-bf16-with-scales) weights are packed into
+//! panels at load and multiplied by the AVX-512 micro-kernels when the CPU has them, otherwise by
+//! unpacking panel chunks to float32 and calling `faer` (the portable path; also selectable with
+//! `MOE_KERNEL=portable` or [`set_kernel_choice`] to test it). Work is split over rayon tasks by
+//! panels and, for tall inputs, by rows.
+#![allow(unsafe_code)]
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use faer::linalg::matmul::matmul;
+use faer::{Accum, MatMut, MatRef, Par};
+use rayon::prelude::*;
+
+use super::pack::{NR, Packed};
+use crate::checkpoint::WeightData;
+
+/// k columns per cache block.
+const KC: usize = 256;
+/// Multiply-adds below which a product runs on one thread.
+const PAR_MIN_MACS: usize = 1 << 16;
+
+/// Which packed-bf16 kernel runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelChoice {
+    /// AVX-512 when the CPU has it, else portable; `MOE_KERNEL=portable` forces portable.
+    Auto,
+    /// AVX-512 micro-kernels.
+    Avx512,
+    /// Unpack to float32 and use `faer`.
+    Portable,
+}
+
+static CHOICE: AtomicU8 = AtomicU8::new(0);
+
+/// Overrides the kernel for the whole process (tests use it to exercise the portable path).
+pub fn set_kernel_choice(choice: KernelChoice) {
+    CHOICE.store(
+        match choice {
+            KernelChoice::Auto => 0,
+            KernelChoice::Avx512 => 1,
+            KernelChoice::Portable => 2,
+        },
+        Ordering::Relaxed,
+    );
+}
+
+fn avx512_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        super::avx512::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The kernel that will run: `Avx512` or `Portable`.
+pub fn kernel_choice() -> KernelChoice {
+    let avx = avx512_available();
+    match CHOICE.load(Ordering::Relaxed) {
+        1 if avx => KernelChoice::Avx512,
+        2 => KernelChoice::Portable,
+        0 if avx && std::env::var("MOE_KERNEL").as_deref() != Ok("portable") => {
+            KernelChoice::Avx512
+        }
+        _ => KernelChoice::Portable,
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Repr {
+    F32(Vec<f32>),
+    Packed(Packed),
+}
+
+/// A weight `W[out, in]` ready for `y = x Wᵀ`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    out: usize,
+    inp: usize,
+    repr: Repr,
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr<T>(*mut T);
+// SAFETY: tasks write disjoint regions of the output (distinct panels × distinct row ranges).
+unsafe impl<T> Send for SendPtr<T> {}
+// SAFETY: as above.
+unsafe impl<T> Sync for SendPtr<T> {}
+
+impl Linear {
+    /// Builds a Linear from checkpoint data of shape `[out, inp]`.
+    pub fn new(data: WeightData, out: usize, inp: usize) -> Linear {
+        let repr = match data {
+            WeightData::F32(w) => {
+                assert_eq!(w.len(), out * inp, "linear weight size");
+                Repr::F32(w)
+            }
+            WeightData::Bf16(w) => Repr::Packed(Packed::new(&w, out, inp, None)),
+            WeightData::Bf16Scaled {
+                values,
+                scales,
+                block,
+            } => {
+                let rows = super::pack::row_scales(&scales, out, inp, block);
+                Repr::Packed(Packed::new(&values, out, inp, Some((&rows, block[1]))))
+            }
+            WeightData::Bf16RowScaled {
+                values,
+                row_scales,
+                block_k,
+            } => Repr::Packed(Packed::new(&values, out, inp, Some((&row_scales, block_k)))),
+        };
+        Linear { out, inp, repr }
+    }
+
+    /// Output features.
+    pub fn out_features(&self) -> usize {
+        self.out
+    }
+
+    /// Input features.
+    pub fn in_features(&self) -> usize {
+        self.inp
+    }
+
+    /// Bytes of weight data held.
+    pub fn bytes(&self) -> usize {
+        match &self.repr {
+            Repr::F32(w) => w.len() * 4,
+            Repr::Packed(p) => p.bytes(),
+        }
+    }
+
+    /// `x[m, in] Wᵀ` as a new `[m, out]` buffer.
+    pub fn forward(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let mut y = vec![0.0; m * self.out];
+        self.forward_into(x, m, &mut y);
+        y
+    }
+
+    /// `y[m, out] = x[m, in] Wᵀ`.
+    pub fn forward_into(&self, x: &[f32], m: usize, y: &mut [f32]) {
+        self.forward_with(x, m, y, kernel_choice());
+    }
+
+    /// [`Linear::forward_into`] with an explicit kernel (`Auto` means the process default).
+    pub fn forward_with(&self, x: &[f32], m: usize, y: &mut [f32], choice: KernelChoice) {
+        let avx = match choice {
+            KernelChoice::Auto => kernel_choice() == KernelChoice::Avx512,
+            KernelChoice::Avx512 => avx512_available(),
+            KernelChoice::Portable => false,
+        };
+        assert_eq!(x.len(), m * self.inp, "linear input size");
+        assert_eq!(y.len(), m * self.out, "linear output size");
+        if m == 0 || self.out == 0 {
+            return;
+        }
+        if self.inp == 0 {
+            y.fill(0.0);
+            return;
+        }
+        match &self.repr {
+            Repr::F32(w) => {
+                let macs = m * self.out * self.inp;
+                let par = if macs >= PAR_MIN_MACS * 4 {
+                    Par::rayon(0)
+                } else {
+                    Par::Seq
+                };
+                let lhs = MatRef::from_row_major_slice(x, m, self.inp);
+                let rhs = MatRef::from_column_major_slice(w, self.inp, self.out);
+                matmul(
+                    MatMut::from_row_major_slice_mut(y, m, self.out),
+                    Accum::Replace,
+                    lhs,
+                    rhs,
+                    1.0,
+                    par,
+                );
+            }
+            Repr::Packed(p) => gemm_packed(p, x, m, y, avx),
+        }
+    }
+}
+
+/// k chunks: at most KC wide and never crossing a scale block.
+fn k_chunks(p: &Packed) -> Vec<(usize, usize)> {
+    let block = p.scales.as_ref().map_or(usize::MAX, |s| s.block_k);
+    let mut out = Vec::new();
+    let mut k0 = 0;
+    while k0 < p.k {
+        let block_end = if block == usize::MAX {
+            p.k
+        } else {
+            (k0 / block + 1) * block
+        };
+        let k1 = (k0 + KC).min(p.k).min(block_end);
+        out.push((k0, k1));
+        k0 = k1;
+    }
+    out
+}
+
+fn gemm_packed(p: &Packed, x: &[f32], m: usize, y: &mut [f32], avx: bool) {
+    let macs = m * p.n * p.k;
+    let threads = rayon::current_num_threads();
+    let target = if macs < PAR_MIN_MACS {
+        1
+    } else {
+        (macs / PAR_MIN_MACS).min(threads * 2).max(1)
+    };
+    let p_parts = target.min(p.panels);
+    let m_parts = (target / p_parts).min(m.div_ceil(8)).max(1);
+    let chunks = k_chunks(p);
+    let out = SendPtr(y.as_mut_ptr());
+    let run = |task: usize| {
+        let (pi, mi) = (task % p_parts, task / p_parts);
+        let panels = split(p.panels, p_parts, pi);
+        let rows = split_aligned(m, m_parts, mi, 8);
+        if panels.is_empty() || rows.is_empty() {
+            return;
+        }
+        let out = out;
+        // SAFETY: this task owns output rows `rows` × columns of `panels`; tasks are disjoint.
+        unsafe {
+            if avx {
+                #[cfg(target_arch = "x86_64")]
+                task_avx512(p, x, m, out.0, &chunks, panels, rows);
+            } else {
+                task_portable(p, x, out.0, &chunks, panels, rows);
+            }
+        }
+    };
+    let tasks = p_parts * m_parts;
+    if tasks == 1 {
+        run(0);
+    } else {
+        (0..tasks).into_par_iter().for_each(run);
+    }
+}
+
+/// Part `i` of `0..len` split into `parts` near-equal ranges.
+fn split(len: usize, parts: usize, i: usize) -> std::ops::Range<usize> {
+    (len * i / parts)..(len * (i + 1) / parts)
+}
+
+/// Like [`split`], with boundaries on multiples of `align`.
+fn split_aligned(len: usize, parts: usize, i: usize, align: usize) -> std::ops::Range<usize> {
+    let blocks = len.div_ceil(align);
+    let r = split(blocks, parts, i);
+    (r.start * align).min(len)..(r.end * align).min(len)
+}
+
+/// # Safety
+/// `c` points to the `[m, p.n]` output; this call writes only `rows` × the columns of `panels`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn task_avx512(
+    p: &Packed,
+    x: &[f32],
+    _m: usize,
+    c: *mut f32,
+    chunks: &[(usize, usize)],
+    panels: std::ops::Range<usize>,
+    rows: std::ops::Range<usize>,
+) {
+    use super::avx512;
+    for (ci, &(k0, k1)) in chunks.iter().enumerate() {
+        let kb = p.scales.as_ref().map(|s| k0 / s.block_k);
+        let mut r0 = rows.start;
+        while r0 < rows.end {
+            let r = (rows.end - r0).min(8);
+            let group = avx512::panels_for(r);
+            let mut q = panels.start;
+            while q < panels.end {
+                let np = if panels.end - q >= group { group } else { 1 };
+                let tile = avx512::Tile {
+                    kc: k1 - k0,
+                    a: x[r0 * p.k + k0..].as_ptr(),
+                    lda: p.k,
+                    b: p.panel_from(q, k0).as_ptr(),
+                    panel_stride: p.k * NR,
+                    // SAFETY: (r0, q * NR) is inside the output.
+                    c: unsafe { c.add(r0 * p.n + q * NR) },
+                    ldc: p.n,
+                    last_cols: p.cols_of(q + np - 1),
+                    scale: p
+                        .scales
+                        .as_ref()
+                        .zip(kb)
+                        .map(|(s, kb)| (s.get(q, kb).as_ptr(), s.kblocks * NR)),
+                    first: ci == 0,
+                };
+                // SAFETY: AVX-512F was detected; the tile covers rows r0..r0+r, panels q..q+np,
+                // k0..k1, all inside the operands.
+                unsafe { avx512::run(r, np, &tile) };
+                q += np;
+            }
+            r0 += r;
+        }
+    }
+}
+
+/// # Safety
+/// As [`task_avx512`].
+unsafe fn task_portable(
+    p: &Packed,
+    x: &[f32],
+    c: *mut f32,
+    chunks: &[(usize, usize)],
+    panels: std::ops::Range<usize>,
+    rows: std::ops::Range<usize>,
+) {
+    let mut buf = vec![0.0f32; KC * NR];
+    let nrows = rows.len();
+    for q in panels {
+        let cols = p.cols_of(q);
+        for (ci, &(k0, k1)) in chunks.iter().enumerate() {
+            let kc = k1 - k0;
+            p.unpack(q, k0, kc, &mut buf);
+            let lhs = MatRef::from_row_major_slice_with_stride(
+                &x[rows.start * p.k + k0..(rows.end - 1) * p.k + k1],
+                nrows,
+                kc,
+                p.k,
+            );
+            let rhs = MatRef::from_row_major_slice_with_stride(
+                &buf[..(kc - 1) * NR + cols],
+                kc,
+                cols,
+                NR,
+            );
+            // SAFETY: rows × [q*NR, q*NR+cols) lies inside the [m, n] output and belongs to this
+            // task alone.
+            let dst = unsafe {
+                MatMut::from_raw_parts_mut(
+                    c.add(rows.start * p.n + q * NR),
+                    nrows,
+                    cols,
+                    p.n as isize,
+                    1,
+                )
+            };
+            let accum = if ci == 0 { Accum::Replace } else { Accum::Add };
+            matmul(dst, accum, lhs, rhs, 1.0, Par::Seq);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::fp8;
+
+    fn reference(w: &[f32], x: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+        let mut y = vec![0.0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                y[i * n + j] = (0..k)
+                    .map(|t| f64::from(x[i * k + t]) * f64::from(w[j * k + t]))
+                    .sum::<f64>() as f32;
+            }
+        }
+        y
+    }
+
+    fn bf16_weights(n: usize, k: usize, seed: f32) -> (Vec<u16>, Vec<f32>) {
+        let bits: Vec<u16> = (0..n * k)
+            .map(|i| half::bf16::from_f32(((i as f32 + seed) * 0.731).sin()).to_bits())
+            .collect();
+        let vals = bits
+            .iter()
+            .map(|&b| half::bf16::from_bits(b).to_f32())
+            .collect();
+        (bits, vals)
+    }
+
+    fn check(choice: KernelChoice) {
+        // Shapes with partial panels, partial k chunks, row tails, several tasks.
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (1, 33, 70),
+            (2, 100, 300),
+            (3, 64, 257),
+            (7, 96, 512),
+            (13, 130, 40),
+            (37, 65, 600),
+        ] {
+            let (bits, vals) = bf16_weights(n, k, m as f32);
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)
+                .collect();
+            let lin = Linear::new(WeightData::Bf16(bits), n, k);
+            let mut y = vec![0.0; m * n];
+            lin.forward_with(&x, m, &mut y, choice);
+            let r = reference(&vals, &x, m, n, k);
+            let err = y
+                .iter()
+                .zip(&r)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(err < 1e-4, "{choice:?} m={m} n={n} k={k}: {err}");
+        }
+    }
+
+    #[test]
+    fn packed_kernels_match_the_reference() {
+        check(KernelChoice::Portable);
+        if kernel_choice() == KernelChoice::Avx512 {
+            check(KernelChoice::Avx512);
+        }
+    }
+
+    #[test]
+    fn block_scaled_weights_apply_each_blocks_scale() {
+        // 70×300 with 32×128 blocks: partial blocks in both directions, chunks split at 128.
+        let (n, k, block) = (70, 300, [32, 128]);
+        let bytes: Vec<u8> = (0..n * k).map(|i| (i * 37 % 251) as u8 & 0x7E).collect();
+        let grid = [fp8::blocks(n, block[0]), fp8::blocks(k, block[1])];
+        let scales: Vec<f32> = (0..grid[0] * grid[1])
+            .map(|i| 0.01 * (i + 1) as f32)
+            .collect();
+        let dense = fp8::dequantize_block_fp8(&bytes, n, k, &scales, block);
+        let lin = Linear::new(
+            WeightData::Bf16Scaled {
+                values: fp8::e4m3_to_bf16_bits(&bytes),
+                scales,
+                block,
+            },
+            n,
+            k,
+        );
+        for m in [1, 5, 9] {
+            let x: Vec<f32> = (0..m * k).map(|i| ((i % 17) as f32 - 8.0) * 0.05).collect();
+            let r = reference(&dense, &x, m, n, k);
+            for choice in [KernelChoice::Portable, KernelChoice::Auto] {
+                let mut y = vec![0.0; m * n];
+                lin.forward_with(&x, m, &mut y, choice);
+                let err = y
+                    .iter()
+                    .zip(&r)
+                    .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
+                    .fold(0.0, f32::max);
+                assert!(err < 1e-5, "{choice:?} m={m}: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn rows_do_not_depend_on_the_batch() {
+        let (n, k) = (200, 700);
+        let (bits, _) = bf16_weights(n, k, 0.5);
+        let lin = Linear::new(WeightData::Bf16(bits), n, k);
+        let x: Vec<f32> = (0..40 * k)
+            .map(|i| ((i * 31 % 97) as f32 - 48.0) * 0.01)
+            .collect();
+        let all = lin.forward(&x, 40);
+        for (m0, m) in [(0, 1), (3, 2), (5, 3), (11, 8), (20, 20)] {
+            let part = lin.forward(&x[m0 * k..(m0 + m) * k], m);
+            assert_eq!(part, all[m0 * n..(m0 + m) * n], "rows {m0}..{}", m0 + m);
+        }
+    }
+
+    #[test]
+    fn f32_weights_use_faer() {
+        let (m, n, k) = (9, 50, 33);
+        let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.37).cos()).collect();
+        let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.11).sin()).collect();
+        let y = Linear::new(WeightData::F32(w.clone()), n, k).forward(&x, m);
+        let r = reference(&w, &x, m, n, k);
+        assert!(y.iter().zip(&r).all(|(a, b)| (a - b).abs() < 1e-4));
+    }
+}

@@ -1,0 +1,93 @@
+//! CPU compute: the weight GEMM ([`Linear`]), activation-by-activation GEMM (attention), and the
+//! element-wise operations (RMSNorm, SiLU·up, softmax). All accumulate in float32.
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod dense;
+mod linear;
+mod pack;
+
+pub use dense::{matmul_nn, matmul_nt};
+pub use linear::{KernelChoice, Linear, kernel_choice, set_kernel_choice};
+pub use pack::row_scales;
+
+/// `x / sqrt(mean(x²) + eps) * w`, in place on every row of `x` (`[rows, w.len()]`).
+pub fn rms_norm_rows(x: &mut [f32], w: &[f32], eps: f32) {
+    let n = w.len();
+    for row in x.chunks_exact_mut(n) {
+        rms_norm(row, w, eps);
+    }
+}
+
+/// RMSNorm of one vector, in place (HF: `w * (x * rsqrt(mean(x²) + eps))`).
+pub fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
+    let mut acc = [0.0f32; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for i in 0..16 {
+            acc[i] += c[i] * c[i];
+        }
+    }
+    let mut ss: f32 = acc.iter().sum();
+    ss += chunks.remainder().iter().map(|v| v * v).sum::<f32>();
+    let inv = 1.0 / (ss / x.len() as f32 + eps).sqrt();
+    for (v, &g) in x.iter_mut().zip(w) {
+        *v = g * (*v * inv);
+    }
+}
+
+/// `silu(g) * u`, where `gu` rows are `[gate | up]` of width `2 * inter`; writes `[rows, inter]`.
+pub fn silu_mul(gu: &[f32], inter: usize, out: &mut [f32]) {
+    for (row, o) in gu.chunks_exact(2 * inter).zip(out.chunks_exact_mut(inter)) {
+        let (g, u) = row.split_at(inter);
+        for i in 0..inter {
+            o[i] = g[i] / (1.0 + (-g[i]).exp()) * u[i];
+        }
+    }
+}
+
+/// Numerically stable softmax in place.
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// `1 / (1 + e^-x)`.
+#[inline]
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rms_norm_matches_the_definition() {
+        let mut x: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin()).collect();
+        let w: Vec<f32> = (0..37).map(|i| 1.0 + i as f32 * 0.01).collect();
+        let orig = x.clone();
+        rms_norm(&mut x, &w, 1e-6);
+        let ms: f64 = orig.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / 37.0;
+        for i in 0..37 {
+            let expect = f64::from(w[i]) * f64::from(orig[i]) / (ms + 1e-6).sqrt();
+            assert!((f64::from(x[i]) - expect).abs() < 1e-6, "{i}");
+        }
+    }
+
+    #[test]
+    fn softmax_is_stable_and_normalised() {
+        let mut x = vec![1000.0, 1001.0, 999.0];
+        softmax(&mut x);
+        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!(x[1] > x[0] && x[0] > x[2]);
+    }
+}

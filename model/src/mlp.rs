@@ -1,0 +1,131 @@
+//! SwiGLU feed-forward blocks: dense MLP layers, shared experts and routed experts all compute
+//! `down(silu(gate(x)) * up(x))`. `gate_proj` and `up_proj` are fused into one weight so a
+//! batch needs two GEMMs, not three.
+
+use crate::checkpoint::{Checkpoint, WeightData, fp8};
+use crate::error::Result;
+use crate::kernels::{self, Linear};
+
+/// One SwiGLU block.
+#[derive(Debug)]
+pub struct Mlp {
+    gate_up: Linear,
+    down: Linear,
+    inter: usize,
+}
+
+/// Stacks two `[rows, cols]` weights vertically, keeping the common representation.
+fn concat_rows(a: WeightData, b: WeightData, rows: usize, cols: usize) -> WeightData {
+    match (a, b) {
+        (WeightData::F32(mut a), WeightData::F32(b)) => {
+            a.extend(b);
+            WeightData::F32(a)
+        }
+        (WeightData::Bf16(mut a), WeightData::Bf16(b)) => {
+            a.extend(b);
+            WeightData::Bf16(a)
+        }
+        (
+            WeightData::Bf16Scaled {
+                values: mut va,
+                scales: sa,
+                block,
+            },
+            WeightData::Bf16Scaled {
+                values: vb,
+                scales: sb,
+                block: block_b,
+            },
+        ) if block == block_b => {
+            // Per-row scales keep blocks exact even when `rows` is not a multiple of the block.
+            let mut scales = kernels::row_scales(&sa, rows, cols, block);
+            scales.extend(kernels::row_scales(&sb, rows, cols, block));
+            va.extend(vb);
+            WeightData::Bf16RowScaled {
+                values: va,
+                row_scales: scales,
+                block_k: block[1],
+            }
+        }
+        (a, b) => {
+            let mut out = to_f32(a, rows, cols);
+            out.extend(to_f32(b, rows, cols));
+            WeightData::F32(out)
+        }
+    }
+}
+
+fn to_f32(w: WeightData, rows: usize, cols: usize) -> Vec<f32> {
+    let bf = |b: u16| f32::from_bits(u32::from(b) << 16);
+    match w {
+        WeightData::F32(v) => v,
+        WeightData::Bf16(v) => v.into_iter().map(bf).collect(),
+        WeightData::Bf16Scaled {
+            values,
+            scales,
+            block,
+        } => {
+            let kb = fp8::blocks(cols, block[1]);
+            (0..rows * cols)
+                .map(|i| bf(values[i]) * scales[(i / cols / block[0]) * kb + (i % cols) / block[1]])
+                .collect()
+        }
+        WeightData::Bf16RowScaled {
+            values,
+            row_scales,
+            block_k,
+        } => {
+            let kb = fp8::blocks(cols, block_k);
+            (0..rows * cols)
+                .map(|i| bf(values[i]) * row_scales[(i / cols) * kb + (i % cols) / block_k])
+                .collect()
+        }
+    }
+}
+
+impl Mlp {
+    /// Loads `{prefix}.{gate,up,down}_proj.weight` with intermediate width `inter`.
+    pub fn load(ckpt: &Checkpoint, prefix: &str, hidden: usize, inter: usize) -> Result<Mlp> {
+        let gate = ckpt.read_weight(&format!("{prefix}.gate_proj.weight"), &[inter, hidden])?;
+        let up = ckpt.read_weight(&format!("{prefix}.up_proj.weight"), &[inter, hidden])?;
+        let down = ckpt.read_weight(&format!("{prefix}.down_proj.weight"), &[hidden, inter])?;
+        Ok(Mlp {
+            gate_up: Linear::new(concat_rows(gate, up, inter, hidden), 2 * inter, hidden),
+            down: Linear::new(down, hidden, inter),
+            inter,
+        })
+    }
+
+    /// Builds a block from weights (`gate`/`up`: `[inter, hidden]`, `down`: `[hidden, inter]`).
+    pub fn from_weights(
+        gate: WeightData,
+        up: WeightData,
+        down: WeightData,
+        hidden: usize,
+        inter: usize,
+    ) -> Mlp {
+        Mlp {
+            gate_up: Linear::new(concat_rows(gate, up, inter, hidden), 2 * inter, hidden),
+            down: Linear::new(down, hidden, inter),
+            inter,
+        }
+    }
+
+    /// `x[t, hidden]` → `[t, hidden]`.
+    pub fn forward(&self, x: &[f32], t: usize) -> Vec<f32> {
+        let gu = self.gate_up.forward(x, t);
+        let mut h = vec![0.0f32; t * self.inter];
+        kernels::silu_mul(&gu, self.inter, &mut h);
+        self.down.forward(&h, t)
+    }
+
+    /// Intermediate width.
+    pub fn intermediate(&self) -> usize {
+        self.inter
+    }
+
+    /// Bytes of weights held.
+    pub fn bytes(&self) -> usize {
+        self.gate_up.bytes() + self.down.bytes()
+    }
+}
