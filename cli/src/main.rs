@@ -1,1 +1,48 @@
-fn main() {}
+//! `moe`: the one binary of moe-cluster. Thin: parses flags and calls into the library crates.
+
+mod commands;
+mod progress;
+
+use clap::{Parser, Subcommand};
+
+/// moe-cluster: a serving cluster for DeepSeek-V3-class Mixture-of-Experts models.
+#[derive(Debug, Parser)]
+#[command(name = "moe", version, about)]
+struct Cli {
+    /// Compute threads (default: all cores).
+    #[arg(long, global = true, env = "MOE_THREADS")]
+    threads: Option<usize>,
+    /// Log filter, as RUST_LOG (e.g. `info`, `moe_model=debug`).
+    #[arg(long, global = true, env = "MOE_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate text with the single-process engine.
+    Generate(commands::generate::Args),
+    /// Write the logits of every prompt position to a safetensors file.
+    Logits(commands::logits::Args),
+    /// Write a random-weight model in the Hugging Face layout.
+    GenModel(commands::gen_model::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log)?)
+        .with_writer(std::io::stderr)
+        .init();
+    if let Some(n) = cli.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()?;
+    }
+    match cli.command {
+        Command::Generate(a) => commands::generate::run(a),
+        Command::Logits(a) => commands::logits::run(a),
+        Command::GenModel(a) => commands::gen_model::run(a),
+    }
+}

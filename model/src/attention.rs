@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use crate::checkpoint::{Checkpoint, WeightData};
 use crate::config::Config;
 use crate::error::Result;
-use crate::kernels::{self, Linear};
+use crate::kernels::{self, GemmJob, Linear};
 use crate::kv_cache::SeqCache;
 use crate::rope::Rope;
 
@@ -154,17 +154,21 @@ impl Mla {
         let width = lora + r;
         let half = r / 2;
 
-        // Queries [T, H*(nope+rope)].
+        // Queries [T, H*(nope+rope)] and latent keys [T, lora+rope]; both read x.
+        let first = match &self.q {
+            QProj::Lora { a, .. } => a,
+            QProj::Direct(p) => p,
+        };
+        let [q_first, mut kv] = grouped([(first, x), (&self.kv_a, x)], t);
         let mut q = match &self.q {
-            QProj::Lora { a, norm, b } => {
-                let mut qa = a.forward(x, t);
+            QProj::Lora { norm, b, .. } => {
+                let mut qa = q_first;
                 kernels::rms_norm_rows(&mut qa, norm, LORA_NORM_EPS);
                 b.forward(&qa, t)
             }
-            QProj::Direct(p) => p.forward(x, t),
+            QProj::Direct(_) => q_first,
         };
-        // Latent keys [T, lora+rope]: normalise c_kv, rotate k_pe.
-        let mut kv = self.kv_a.forward(x, t);
+        // Normalise c_kv, rotate k_pe.
         for (i, row) in kv.chunks_exact_mut(width).enumerate() {
             let (c, kpe) = row.split_at_mut(lora);
             kernels::rms_norm(c, &self.kv_norm, LORA_NORM_EPS);
@@ -182,16 +186,15 @@ impl Mla {
 
         // Absorbed queries [T, H, lora+rope] = [W_UKᵀ q_nope | q_pe].
         let mut qcat = vec![0.0f32; t * h * width];
-        let per_head: Vec<Vec<f32>> = (0..h)
-            .into_par_iter()
+        let nope_rows: Vec<Vec<f32>> = (0..h)
             .map(|head| {
-                let mut nope_rows = Vec::with_capacity(t * nope);
-                for i in 0..t {
-                    nope_rows.extend_from_slice(&q[i * h * qk + head * qk..][..nope]);
-                }
-                self.uk[head].forward(&nope_rows, t)
+                (0..t)
+                    .flat_map(|i| &q[i * h * qk + head * qk..][..nope])
+                    .copied()
+                    .collect()
             })
             .collect();
+        let per_head = per_head_products(&self.uk, &nope_rows, t);
         for (head, lat) in per_head.iter().enumerate() {
             for i in 0..t {
                 let dst = &mut qcat[(i * h + head) * width..][..width];
@@ -237,16 +240,15 @@ impl Mla {
         });
 
         // Values [T, H*v] through W_UV, then o_proj.
-        let per_head: Vec<Vec<f32>> = (0..h)
-            .into_par_iter()
+        let lat_rows: Vec<Vec<f32>> = (0..h)
             .map(|head| {
-                let mut rows = Vec::with_capacity(t * lora);
-                for i in 0..t {
-                    rows.extend_from_slice(&olat[(i * h + head) * lora..][..lora]);
-                }
-                self.uv[head].forward(&rows, t)
+                (0..t)
+                    .flat_map(|i| &olat[(i * h + head) * lora..][..lora])
+                    .copied()
+                    .collect()
             })
             .collect();
+        let per_head = per_head_products(&self.uv, &lat_rows, t);
         let mut o = vec![0.0f32; t * h * self.v];
         for (head, vals) in per_head.iter().enumerate() {
             for i in 0..t {
@@ -256,6 +258,36 @@ impl Mla {
         }
         self.o.forward(&o, t)
     }
+}
+
+/// Several products over `t` rows as one grouped GEMM.
+fn grouped<const N: usize>(pairs: [(&Linear, &[f32]); N], t: usize) -> [Vec<f32>; N] {
+    let mut outs: [Vec<f32>; N] = std::array::from_fn(|i| vec![0.0; t * pairs[i].0.out_features()]);
+    let mut jobs: Vec<GemmJob<'_>> = pairs
+        .iter()
+        .zip(outs.iter_mut())
+        .map(|((w, x), y)| GemmJob { w, x, m: t, y })
+        .collect();
+    kernels::forward_grouped(&mut jobs);
+    drop(jobs);
+    outs
+}
+
+/// One product per head (`lins[h]` over `inputs[h]`, `t` rows each) as one grouped GEMM.
+fn per_head_products(lins: &[Linear], inputs: &[Vec<f32>], t: usize) -> Vec<Vec<f32>> {
+    let mut outs: Vec<Vec<f32>> = lins
+        .iter()
+        .map(|l| vec![0.0; t * l.out_features()])
+        .collect();
+    let mut jobs: Vec<GemmJob<'_>> = lins
+        .iter()
+        .zip(inputs)
+        .zip(outs.iter_mut())
+        .map(|((w, x), y)| GemmJob { w, x, m: t, y })
+        .collect();
+    kernels::forward_grouped(&mut jobs);
+    drop(jobs);
+    outs
 }
 
 /// Causal attention of `rows` (`[n, H, width]` absorbed queries of tokens at positions

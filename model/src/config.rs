@@ -260,7 +260,7 @@ impl Config {
         self.n_routed_experts.is_some()
             && layer >= self.first_k_dense_replace
             && layer < self.num_hidden_layers
-            && layer % self.moe_layer_freq.max(1) == 0
+            && layer.is_multiple_of(self.moe_layer_freq.max(1))
     }
 
     /// The MoE layers, in order.
@@ -310,9 +310,9 @@ impl Config {
         if self.q_lora_rank == Some(0) {
             return bad("q_lora_rank must be positive or null".into());
         }
-        if self.qk_rope_head_dim % 2 != 0 {
+        if !self.qk_rope_head_dim.is_multiple_of(2) || self.qk_rope_head_dim > 512 {
             return bad(format!(
-                "qk_rope_head_dim ({}) must be even: rope rotates pairs",
+                "qk_rope_head_dim ({}) must be even (rope rotates pairs) and at most 512",
                 self.qk_rope_head_dim
             ));
         }
@@ -339,7 +339,11 @@ impl Config {
         if self.attention_bias {
             return bad("attention_bias = true is not supported by this family".into());
         }
-        if !(self.rms_norm_eps > 0.0) || !self.rope_theta.is_finite() || self.rope_theta <= 1.0 {
+        if self.rms_norm_eps.is_nan()
+            || self.rms_norm_eps <= 0.0
+            || !self.rope_theta.is_finite()
+            || self.rope_theta <= 1.0
+        {
             return bad("rms_norm_eps must be > 0 and rope_theta > 1".into());
         }
         if let Some(rs) = &self.rope_scaling {
@@ -349,7 +353,7 @@ impl Config {
                     rs.kind
                 ));
             }
-            if !(rs.factor >= 1.0) {
+            if rs.factor.is_nan() || rs.factor < 1.0 {
                 return bad(format!("rope_scaling.factor ({}) must be >= 1", rs.factor));
             }
         }

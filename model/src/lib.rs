@@ -20,7 +20,9 @@ pub mod kv_cache;
 pub mod mlp;
 pub mod model;
 pub mod moe;
+pub mod presets;
 pub mod rope;
+pub mod sampling;
 pub mod tensor;
 
 pub use config::Config;

@@ -4,7 +4,8 @@
 
 use crate::checkpoint::{Checkpoint, WeightData, fp8};
 use crate::error::Result;
-use crate::kernels::{self, Linear};
+use crate::kernels::{self, GemmJob, Linear};
+use crate::tensor::Matrix;
 
 /// One SwiGLU block.
 #[derive(Debug)]
@@ -128,4 +129,57 @@ impl Mlp {
     pub fn bytes(&self) -> usize {
         self.gate_up.bytes() + self.down.bytes()
     }
+}
+
+/// Runs several blocks over their own inputs as two grouped GEMMs (all gate/up products in one
+/// parallel job, then all down products), so many small experts keep every core busy.
+pub fn forward_many(mlps: &[&Mlp], inputs: &[Matrix]) -> Vec<Vec<f32>> {
+    let mut gu: Vec<Vec<f32>> = mlps
+        .iter()
+        .zip(inputs)
+        .map(|(m, x)| vec![0.0; x.rows * 2 * m.inter])
+        .collect();
+    let mut jobs: Vec<GemmJob<'_>> = mlps
+        .iter()
+        .zip(inputs)
+        .zip(gu.iter_mut())
+        .map(|((m, x), y)| GemmJob {
+            w: &m.gate_up,
+            x: &x.data,
+            m: x.rows,
+            y,
+        })
+        .collect();
+    kernels::forward_grouped(&mut jobs);
+    drop(jobs);
+    let hs: Vec<Vec<f32>> = mlps
+        .iter()
+        .zip(&gu)
+        .zip(inputs)
+        .map(|((m, g), x)| {
+            let mut h = vec![0.0f32; x.rows * m.inter];
+            kernels::silu_mul(g, m.inter, &mut h);
+            h
+        })
+        .collect();
+    let mut outs: Vec<Vec<f32>> = mlps
+        .iter()
+        .zip(inputs)
+        .map(|(m, x)| vec![0.0; x.rows * m.down.out_features()])
+        .collect();
+    let mut jobs: Vec<GemmJob<'_>> = mlps
+        .iter()
+        .zip(&hs)
+        .zip(inputs)
+        .zip(outs.iter_mut())
+        .map(|(((m, h), x), y)| GemmJob {
+            w: &m.down,
+            x: h,
+            m: x.rows,
+            y,
+        })
+        .collect();
+    kernels::forward_grouped(&mut jobs);
+    drop(jobs);
+    outs
 }

@@ -257,8 +257,12 @@ impl Backbone {
                         let routing = gate.route(&x, t);
                         let xm = Matrix::from_vec(t, hid, x);
                         let pending = experts.dispatch(l, &xm, &routing)?;
-                        let shared_out = shared.as_ref().map(|s| s.forward(&xm.data, t));
-                        let mut routed = pending.wait()?;
+                        // The shared expert runs while the routed ones are computed or in flight.
+                        let (shared_out, routed) = rayon::join(
+                            || shared.as_ref().map(|s| s.forward(&xm.data, t)),
+                            || pending.wait(),
+                        );
+                        let mut routed = routed?;
                         if (routed.rows, routed.cols) != (t, hid) {
                             return Err(ModelError::Experts {
                                 layer: l,
@@ -313,7 +317,7 @@ impl Backbone {
             start += n;
         }
         kernels::rms_norm_rows(&mut h, &self.norm, eps);
-        if let Some(tr) = trace.as_deref_mut() {
+        if let Some(tr) = trace {
             tr.final_norm = Matrix::from_vec(t, hid, h.clone());
         }
         let normed = Matrix::from_vec(t, hid, h).gather_rows(&rows);

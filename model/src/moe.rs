@@ -55,13 +55,13 @@ impl Assignments {
 /// Computes routed experts for one layer.
 pub trait ExpertBackend: Send + Sync {
     /// Starts `Σ_k w_k · expert_k(x_t)` for every token of `x` (`[tokens, hidden]`, the
-    /// post-attention-norm hidden states).
-    fn dispatch(
-        &self,
+    /// post-attention-norm hidden states). The pending result may borrow the inputs.
+    fn dispatch<'a>(
+        &'a self,
         layer: usize,
-        x: &Matrix,
-        routing: &Routing,
-    ) -> Result<Box<dyn PendingExperts>>;
+        x: &'a Matrix,
+        routing: &'a Routing,
+    ) -> Result<Box<dyn PendingExperts + 'a>>;
 }
 
 /// A routed-expert result that may still be in flight.
@@ -175,7 +175,7 @@ pub fn run_experts<'a>(
             g.1.push(e);
         }
     }
-    let mut order: Vec<(u32, (Vec<usize>, Vec<usize>))> = groups.into_iter().collect();
+    let mut order: Vec<_> = groups.into_iter().collect();
     order.sort_by_key(|(e, _)| *e);
     // Where entry e's result lives: (group, row).
     let mut place = vec![(0usize, 0usize); assignments.experts.len()];
@@ -184,17 +184,18 @@ pub fn run_experts<'a>(
             place[e] = (gi, row);
         }
     }
-    let results: Vec<Vec<f32>> = order
-        .par_iter()
-        .map(|(expert, (tokens, _))| {
-            let mlp = lookup(*expert as usize).ok_or_else(|| ModelError::Experts {
-                layer,
-                reason: format!("routed expert {expert} is not loaded"),
-            })?;
-            let xs = x.gather_rows(tokens);
-            Ok(mlp.forward(&xs.data, tokens.len()))
-        })
-        .collect::<Result<_>>()?;
+    let mut mlps = Vec::with_capacity(order.len());
+    for (expert, _) in &order {
+        mlps.push(lookup(*expert as usize).ok_or_else(|| ModelError::Experts {
+            layer,
+            reason: format!("routed expert {expert} is not loaded"),
+        })?);
+    }
+    let inputs: Vec<Matrix> = order
+        .iter()
+        .map(|(_, (tokens, _))| x.gather_rows(tokens))
+        .collect();
+    let results = crate::mlp::forward_many(&mlps, &inputs);
     let mut out = Matrix::zeros(t, hidden);
     for tok in 0..t {
         let dst = out.row_mut(tok);
@@ -216,15 +217,38 @@ pub struct LocalExperts {
 }
 
 impl ExpertBackend for LocalExperts {
-    fn dispatch(
-        &self,
+    fn dispatch<'a>(
+        &'a self,
         layer: usize,
-        x: &Matrix,
-        routing: &Routing,
-    ) -> Result<Box<dyn PendingExperts>> {
-        let out = run_experts(layer, x, &Assignments::from_routing(routing), |e| {
-            self.store.get(layer, e)
-        })?;
-        Ok(Box::new(Ready(out)))
+        x: &'a Matrix,
+        routing: &'a Routing,
+    ) -> Result<Box<dyn PendingExperts + 'a>> {
+        Ok(Box::new(Deferred {
+            store: &self.store,
+            layer,
+            x,
+            routing,
+        }))
+    }
+}
+
+/// Local experts computed when waited on, so that the caller's shared-expert work and the
+/// routed experts share the thread pool.
+struct Deferred<'a> {
+    store: &'a ExpertStore,
+    layer: usize,
+    x: &'a Matrix,
+    routing: &'a Routing,
+}
+
+impl PendingExperts for Deferred<'_> {
+    fn wait(self: Box<Self>) -> Result<Matrix> {
+        let layer = self.layer;
+        run_experts(
+            layer,
+            self.x,
+            &Assignments::from_routing(self.routing),
+            |e| self.store.get(layer, e),
+        )
     }
 }

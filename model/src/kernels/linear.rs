@@ -144,46 +144,16 @@ impl Linear {
 
     /// `y[m, out] = x[m, in] Wᵀ`.
     pub fn forward_into(&self, x: &[f32], m: usize, y: &mut [f32]) {
-        self.forward_with(x, m, y, kernel_choice());
+        self.forward_with(x, m, y, KernelChoice::Auto);
     }
 
     /// [`Linear::forward_into`] with an explicit kernel (`Auto` means the process default).
     pub fn forward_with(&self, x: &[f32], m: usize, y: &mut [f32], choice: KernelChoice) {
-        let avx = match choice {
-            KernelChoice::Auto => kernel_choice() == KernelChoice::Avx512,
-            KernelChoice::Avx512 => avx512_available(),
-            KernelChoice::Portable => false,
-        };
-        assert_eq!(x.len(), m * self.inp, "linear input size");
-        assert_eq!(y.len(), m * self.out, "linear output size");
-        if m == 0 || self.out == 0 {
-            return;
-        }
         if self.inp == 0 {
             y.fill(0.0);
             return;
         }
-        match &self.repr {
-            Repr::F32(w) => {
-                let macs = m * self.out * self.inp;
-                let par = if macs >= PAR_MIN_MACS * 4 {
-                    Par::rayon(0)
-                } else {
-                    Par::Seq
-                };
-                let lhs = MatRef::from_row_major_slice(x, m, self.inp);
-                let rhs = MatRef::from_column_major_slice(w, self.inp, self.out);
-                matmul(
-                    MatMut::from_row_major_slice_mut(y, m, self.out),
-                    Accum::Replace,
-                    lhs,
-                    rhs,
-                    1.0,
-                    par,
-                );
-            }
-            Repr::Packed(p) => gemm_packed(p, x, m, y, avx),
-        }
+        forward_grouped_with(&mut [GemmJob { w: self, x, m, y }], choice);
     }
 }
 
@@ -205,42 +175,144 @@ fn k_chunks(p: &Packed) -> Vec<(usize, usize)> {
     out
 }
 
-fn gemm_packed(p: &Packed, x: &[f32], m: usize, y: &mut [f32], avx: bool) {
-    let macs = m * p.n * p.k;
-    let threads = rayon::current_num_threads();
-    let target = if macs < PAR_MIN_MACS {
-        1
-    } else {
-        (macs / PAR_MIN_MACS).min(threads * 2).max(1)
+/// One product of a grouped call: `y[m, out] = x[m, in] · wᵀ`.
+#[derive(Debug)]
+pub struct GemmJob<'a> {
+    pub w: &'a Linear,
+    pub x: &'a [f32],
+    pub m: usize,
+    pub y: &'a mut [f32],
+}
+
+/// Multiply-adds per task that keep a core busy long enough to amortise scheduling (128 KiB of
+/// bf16 weights at one row).
+const TASK_MACS: usize = 1 << 16;
+
+struct Task {
+    job: usize,
+    panels: std::ops::Range<usize>,
+    rows: std::ops::Range<usize>,
+}
+
+/// Runs several independent products as one parallel job: every product is cut into tasks of
+/// panels × rows and all tasks share the thread pool, so many small products (the experts of a
+/// layer, the heads of an attention) keep every core streaming weights with one join at the end.
+pub fn forward_grouped(jobs: &mut [GemmJob<'_>]) {
+    forward_grouped_with(jobs, kernel_choice());
+}
+
+/// [`forward_grouped`] with an explicit kernel.
+pub fn forward_grouped_with(jobs: &mut [GemmJob<'_>], choice: KernelChoice) {
+    let avx = match choice {
+        KernelChoice::Auto => kernel_choice() == KernelChoice::Avx512,
+        KernelChoice::Avx512 => avx512_available(),
+        KernelChoice::Portable => false,
     };
-    let p_parts = target.min(p.panels);
-    let m_parts = (target / p_parts).min(m.div_ceil(8)).max(1);
-    let chunks = k_chunks(p);
-    let out = SendPtr(y.as_mut_ptr());
-    let run = |task: usize| {
-        let (pi, mi) = (task % p_parts, task / p_parts);
-        let panels = split(p.panels, p_parts, pi);
-        let rows = split_aligned(m, m_parts, mi, 8);
-        if panels.is_empty() || rows.is_empty() {
-            return;
+    let threads = rayon::current_num_threads();
+    let mut tasks = Vec::new();
+    let mut outs = Vec::with_capacity(jobs.len());
+    let mut specs = Vec::with_capacity(jobs.len());
+    let mut chunks = Vec::with_capacity(jobs.len());
+    for (j, job) in jobs.iter_mut().enumerate() {
+        let w = job.w;
+        assert_eq!(job.x.len(), job.m * w.inp, "linear input size");
+        assert_eq!(job.y.len(), job.m * w.out, "linear output size");
+        outs.push(SendPtr(job.y.as_mut_ptr()));
+        specs.push((w, job.x, job.m));
+        chunks.push(match &w.repr {
+            Repr::Packed(p) => k_chunks(p),
+            Repr::F32(_) => Vec::new(),
+        });
+        if job.m == 0 || w.out == 0 {
+            continue;
         }
-        let out = out;
-        // SAFETY: this task owns output rows `rows` × columns of `panels`; tasks are disjoint.
-        unsafe {
-            if avx {
-                #[cfg(target_arch = "x86_64")]
-                task_avx512(p, x, m, out.0, &chunks, panels, rows);
-            } else {
-                task_portable(p, x, out.0, &chunks, panels, rows);
+        match &w.repr {
+            Repr::F32(_) => tasks.push(Task {
+                job: j,
+                panels: 0..0,
+                rows: 0..job.m,
+            }),
+            Repr::Packed(p) => {
+                let macs = job.m * p.n * p.k;
+                let target = (macs / TASK_MACS).clamp(1, threads * 8);
+                let p_parts = target.min(p.panels);
+                let m_parts = (target / p_parts).min(job.m.div_ceil(8)).max(1);
+                for mi in 0..m_parts {
+                    for pi in 0..p_parts {
+                        tasks.push(Task {
+                            job: j,
+                            panels: split(p.panels, p_parts, pi),
+                            rows: split_aligned(job.m, m_parts, mi, 8),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    let run = |t: &Task| {
+        let (lin, x, m) = specs[t.job];
+        let out = outs[t.job];
+        match &lin.repr {
+            Repr::F32(w) => {
+                // SAFETY: this task is the only one writing job t.job's output, which is
+                // `m * out` floats long (checked above).
+                let y = unsafe { std::slice::from_raw_parts_mut(out.0, m * lin.out) };
+                gemm_f32(w, x, m, lin.inp, lin.out, y);
+            }
+            Repr::Packed(p) => {
+                if t.panels.is_empty() || t.rows.is_empty() || p.k == 0 {
+                    return;
+                }
+                // SAFETY: tasks of a job own disjoint (rows × panels) blocks of its output.
+                unsafe {
+                    if avx {
+                        #[cfg(target_arch = "x86_64")]
+                        task_avx512(
+                            p,
+                            x,
+                            out.0,
+                            &chunks[t.job],
+                            t.panels.clone(),
+                            t.rows.clone(),
+                        );
+                    } else {
+                        task_portable(
+                            p,
+                            x,
+                            out.0,
+                            &chunks[t.job],
+                            t.panels.clone(),
+                            t.rows.clone(),
+                        );
+                    }
+                }
             }
         }
     };
-    let tasks = p_parts * m_parts;
-    if tasks == 1 {
-        run(0);
+    if tasks.len() == 1 {
+        run(&tasks[0]);
     } else {
-        (0..tasks).into_par_iter().for_each(run);
+        tasks.par_iter().for_each(run);
     }
+}
+
+fn gemm_f32(w: &[f32], x: &[f32], m: usize, inp: usize, out: usize, y: &mut [f32]) {
+    let macs = m * out * inp;
+    let par = if macs >= PAR_MIN_MACS * 4 {
+        Par::rayon(0)
+    } else {
+        Par::Seq
+    };
+    let lhs = MatRef::from_row_major_slice(x, m, inp);
+    let rhs = MatRef::from_column_major_slice(w, inp, out);
+    matmul(
+        MatMut::from_row_major_slice_mut(y, m, out),
+        Accum::Replace,
+        lhs,
+        rhs,
+        1.0,
+        par,
+    );
 }
 
 /// Part `i` of `0..len` split into `parts` near-equal ranges.
@@ -261,7 +333,6 @@ fn split_aligned(len: usize, parts: usize, i: usize, align: usize) -> std::ops::
 unsafe fn task_avx512(
     p: &Packed,
     x: &[f32],
-    _m: usize,
     c: *mut f32,
     chunks: &[(usize, usize)],
     panels: std::ops::Range<usize>,

@@ -1,0 +1,118 @@
+//! `moe generate`: prompt in, continuation out, with the single-process engine.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use moe_model::model::{LogitsMode, SeqInput};
+use moe_model::sampling::{Sampler, SamplingParams};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Model directory (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Prompt text (tokenized with the model's tokenizer, BOS added).
+    #[arg(
+        long,
+        conflicts_with = "prompt_ids",
+        required_unless_present = "prompt_ids"
+    )]
+    prompt: Option<String>,
+    /// Prompt as comma-separated token ids.
+    #[arg(long, value_delimiter = ',')]
+    prompt_ids: Option<Vec<u32>>,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 32)]
+    max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// 0 = off.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Keep generating past the end-of-sequence token.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Print `{"prompt_ids", "output_ids", "text"}` instead of the text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let params = SamplingParams {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        top_k: a.top_k,
+        seed: a.seed,
+    };
+    params.validate().map_err(anyhow::Error::msg)?;
+    let tok_path = a.model.join("tokenizer.json");
+    let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
+        .map_err(|e| anyhow::anyhow!("loading {}: {e}", tok_path.display()))?;
+    let prompt_ids: Vec<u32> = match (&a.prompt, &a.prompt_ids) {
+        (Some(text), _) => tokenizer
+            .encode(text.as_str(), true)
+            .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?
+            .get_ids()
+            .to_vec(),
+        (None, Some(ids)) => ids.clone(),
+        (None, None) => bail!("give --prompt or --prompt-ids"),
+    };
+    if prompt_ids.is_empty() {
+        bail!("the prompt is empty");
+    }
+    let model = crate::progress::load_model(&a.model)?;
+    let eos = model.config().eos_token_ids();
+    let mut sampler = Sampler::new(params);
+    let mut cache = model.new_cache();
+    let mut output = Vec::with_capacity(a.max_tokens);
+    let mut next = prompt_ids.clone();
+    let start = Instant::now();
+    let mut first_token = None;
+    while output.len() < a.max_tokens {
+        let mut seqs = [SeqInput {
+            tokens: &next,
+            cache: &mut cache,
+        }];
+        let logits = model
+            .forward(&mut seqs, LogitsMode::Last, None)
+            .context("forward pass")?
+            .remove(0);
+        first_token.get_or_insert_with(Instant::now);
+        let id = sampler.sample(&logits.data);
+        output.push(id);
+        if !a.ignore_eos && eos.contains(&id) {
+            break;
+        }
+        next = vec![id];
+    }
+    let prefill = first_token.map_or(0.0, |t| (t - start).as_secs_f64());
+    let decode = first_token.map_or(0.0, |t| t.elapsed().as_secs_f64());
+    tracing::info!(
+        prompt_tokens = prompt_ids.len(),
+        output_tokens = output.len(),
+        prefill_tok_s = format!("{:.1}", prompt_ids.len() as f64 / prefill.max(1e-9)),
+        decode_tok_s = format!(
+            "{:.1}",
+            output.len().saturating_sub(1) as f64 / decode.max(1e-9)
+        ),
+        "generated"
+    );
+    let text = tokenizer
+        .decode(&output, true)
+        .map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"prompt_ids": prompt_ids, "output_ids": output, "text": text})
+        );
+    } else {
+        println!("{text}");
+    }
+    Ok(())
+}

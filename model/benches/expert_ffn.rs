@@ -1,0 +1,75 @@
+//! One routed expert's SwiGLU FFN (hidden 2048, moe_intermediate 1024, bf16 weights) over
+//! {1, 8, 64, 512} tokens, with the packed AVX-512 kernel and the portable (faer) path, next to
+//! float32 `faer` GEMMs of the same shapes as this machine's reference peak. Throughput is
+//! reported in FLOP/s (criterion prints it as elem/s: 1 elem = 1 FLOP).
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use faer::linalg::matmul::matmul;
+use faer::{Accum, Mat, Par};
+use moe_model::checkpoint::WeightData;
+use moe_model::kernels::{KernelChoice, set_kernel_choice};
+use moe_model::mlp::Mlp;
+
+const HIDDEN: usize = 2048;
+const INTER: usize = 1024;
+
+fn bf16(n: usize, seed: usize) -> WeightData {
+    WeightData::Bf16(
+        (0..n)
+            .map(|i| {
+                half::bf16::from_f32((((i * 2654435761 + seed) % 1000) as f32 - 500.0) * 1e-4)
+                    .to_bits()
+            })
+            .collect(),
+    )
+}
+
+fn expert_ffn(c: &mut Criterion) {
+    let mlp = Mlp::from_weights(
+        bf16(INTER * HIDDEN, 1),
+        bf16(INTER * HIDDEN, 2),
+        bf16(HIDDEN * INTER, 3),
+        HIDDEN,
+        INTER,
+    );
+    let mut g = c.benchmark_group("expert_ffn_2048x1024_bf16");
+    for tokens in [1usize, 8, 64, 512] {
+        let x: Vec<f32> = (0..tokens * HIDDEN)
+            .map(|i| ((i % 97) as f32 - 48.0) * 0.01)
+            .collect();
+        g.throughput(Throughput::Elements(
+            (2 * tokens * 3 * HIDDEN * INTER) as u64,
+        ));
+        for (name, choice) in [
+            ("avx512", KernelChoice::Avx512),
+            ("portable", KernelChoice::Portable),
+        ] {
+            set_kernel_choice(choice);
+            g.bench_with_input(BenchmarkId::new(name, tokens), &tokens, |b, &t| {
+                b.iter(|| mlp.forward(&x, t))
+            });
+        }
+        set_kernel_choice(KernelChoice::Auto);
+        // Reference: the same FLOPs as three float32 faer GEMMs (weights 2× the bytes).
+        let wgu = Mat::<f32>::from_fn(HIDDEN, 2 * INTER, |i, j| ((i + j) % 7) as f32 * 1e-3);
+        let wd = Mat::<f32>::from_fn(INTER, HIDDEN, |i, j| ((i * 3 + j) % 5) as f32 * 1e-3);
+        let xa = Mat::<f32>::from_fn(tokens, HIDDEN, |i, j| ((i + j) % 11) as f32 * 1e-2);
+        let mut gu = Mat::<f32>::zeros(tokens, 2 * INTER);
+        let mut out = Mat::<f32>::zeros(tokens, HIDDEN);
+        g.bench_with_input(
+            BenchmarkId::new("faer_f32_weights", tokens),
+            &tokens,
+            |b, _| {
+                b.iter(|| {
+                    matmul(&mut gu, Accum::Replace, &xa, &wgu, 1.0, Par::rayon(0));
+                    let h = gu.get(.., ..INTER).to_owned();
+                    matmul(&mut out, Accum::Replace, &h, &wd, 1.0, Par::rayon(0));
+                })
+            },
+        );
+    }
+    g.finish();
+}
+
+criterion_group!(benches, expert_ffn);
+criterion_main!(benches);
