@@ -1,12 +1,16 @@
 //! One engine step of the `bench` preset (hidden 1024, 6 layers, 256 experts top-8, bf16):
 //! decode at batch 1 and 16 (each sequence has 32 cached tokens), and a 128-token prefill.
-//! Throughput is reported in tokens/s.
+//! Throughput is reported in tokens/s. Alongside, in the same run, a parallel streaming read of
+//! 1 GiB (bytes/s): decode at batch 1 reads every active weight once per token, so
+//! `tok/s × active bytes / stream bytes/s` is the fraction of this machine's memory bandwidth
+//! that decoding achieves (the active bytes are printed at start-up).
 
 mod common;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use moe_model::SeqCache;
 use moe_model::model::{LoadOptions, LogitsMode, Model, SeqInput};
+use rayon::prelude::*;
 
 const CONTEXT: usize = 32;
 
@@ -16,11 +20,51 @@ fn prompt(i: usize, len: usize) -> Vec<u32> {
         .collect()
 }
 
+/// Sums a buffer on every thread, 64 lanes (four independent vectors) per thread, to measure
+/// read bandwidth.
+fn stream_sum(buf: &[f32]) -> f32 {
+    buf.par_chunks(1 << 20)
+        .map(|c| {
+            let mut acc = [0.0f32; 64];
+            for v in c.chunks_exact(64) {
+                for i in 0..64 {
+                    acc[i] += v[i];
+                }
+            }
+            acc.iter().sum::<f32>()
+        })
+        .sum()
+}
+
+/// Bytes of weights one batch-1 decode step reads: the checkpoint minus the routed experts and
+/// the embedding table, plus top-k experts per MoE layer and one embedding row (bf16).
+fn active_bytes(model: &Model) -> u64 {
+    let cfg = model.config();
+    let moe = cfg.moe().expect("moe");
+    let h = cfg.hidden_size as u64;
+    let expert = 2 * 3 * h * moe.moe_intermediate_size as u64;
+    let layers = cfg.moe_layers().len() as u64;
+    let size = std::fs::metadata(common::bench_model_dir().join("model.safetensors"))
+        .expect("size")
+        .len();
+    size - expert * moe.n_routed_experts as u64 * layers
+        + expert * moe.num_experts_per_tok as u64 * layers
+        - 2 * (cfg.vocab_size as u64 - 1) * h
+}
+
 fn decode(c: &mut Criterion) {
     let model =
         Model::load(&common::bench_model_dir(), &LoadOptions::default()).expect("bench model");
+    eprintln!(
+        "active weight bytes per batch-1 decode step: {:.1} MB",
+        active_bytes(&model) as f64 / 1e6
+    );
     let mut g = c.benchmark_group("bench_preset");
     g.sample_size(20);
+    let buf = vec![1.0f32; 1 << 28];
+    g.throughput(Throughput::Bytes((buf.len() * 4) as u64));
+    g.bench_function("memory_stream_read_1GiB", |b| b.iter(|| stream_sum(&buf)));
+    drop(buf);
     for batch in [1usize, 16] {
         let prompts: Vec<Vec<u32>> = (0..batch).map(|i| prompt(i, CONTEXT)).collect();
         let mut caches: Vec<SeqCache> = prompts.iter().map(|_| model.new_cache()).collect();

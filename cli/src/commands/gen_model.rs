@@ -26,3 +26,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     tracing::info!(out = %a.out.display(), preset = ?a.preset, secs = format!("{:.1}", start.elapsed().as_secs_f64()), "model written");
     Ok(())
 }
+
+/// A preset generated (seed 0, bf16) into `$TMPDIR/moe-presets/`, written once and reused.
+pub fn cached_preset(preset: Preset) -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir()
+        .join("moe-presets")
+        .join(format!("{preset:?}-seed0").to_lowercase());
+    let done = dir.join(".complete");
+    if !done.exists() {
+        tracing::info!(dir = %dir.display(), ?preset, "generating preset model");
+        write_preset(preset, &dir, 0, GenDtype::Bf16)?;
+        std::fs::write(&done, b"")?;
+    }
+    Ok(dir)
+}

@@ -5,13 +5,17 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use moe_model::model::{LogitsMode, SeqInput};
+use moe_model::presets::Preset;
 use moe_model::sampling::{Sampler, SamplingParams};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Model directory (config.json, safetensors, tokenizer.json).
-    #[arg(long)]
-    model: PathBuf,
+    #[arg(long, env = "MOE_MODEL")]
+    model: Option<PathBuf>,
+    /// Without --model: generate this preset (tiny, bench) once into the temp dir and use it.
+    #[arg(long, default_value = "tiny")]
+    preset: Preset,
     /// Prompt text (tokenized with the model's tokenizer, BOS added).
     #[arg(
         long,
@@ -51,7 +55,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         seed: a.seed,
     };
     params.validate().map_err(anyhow::Error::msg)?;
-    let tok_path = a.model.join("tokenizer.json");
+    let model_dir = match &a.model {
+        Some(dir) => dir.clone(),
+        None => crate::commands::gen_model::cached_preset(a.preset)?,
+    };
+    let tok_path = model_dir.join("tokenizer.json");
     let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
         .map_err(|e| anyhow::anyhow!("loading {}: {e}", tok_path.display()))?;
     let prompt_ids: Vec<u32> = match (&a.prompt, &a.prompt_ids) {
@@ -66,7 +74,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if prompt_ids.is_empty() {
         bail!("the prompt is empty");
     }
-    let model = crate::progress::load_model(&a.model)?;
+    let model = crate::progress::load_model(&model_dir)?;
     let eos = model.config().eos_token_ids();
     let mut sampler = Sampler::new(params);
     let mut cache = model.new_cache();
