@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use crate::checkpoint::{Checkpoint, WeightData};
 use crate::config::Config;
 use crate::error::Result;
-use crate::kernels::{self, GemmJob, Linear};
+use crate::kernels::{self, Linear};
 use crate::kv_cache::SeqCache;
 use crate::rope::Rope;
 
@@ -159,7 +159,10 @@ impl Mla {
             QProj::Lora { a, .. } => a,
             QProj::Direct(p) => p,
         };
-        let [q_first, mut kv] = grouped([(first, x), (&self.kv_a, x)], t);
+        let [q_first, mut kv]: [Vec<f32>; 2] =
+            kernels::products(&[(first, x, t), (&self.kv_a, x, t)])
+                .try_into()
+                .unwrap_or_else(|_| unreachable!());
         let mut q = match &self.q {
             QProj::Lora { norm, b, .. } => {
                 let mut qa = q_first;
@@ -194,7 +197,7 @@ impl Mla {
                     .collect()
             })
             .collect();
-        let per_head = per_head_products(&self.uk, &nope_rows, t);
+        let per_head = kernels::products(&heads(&self.uk, &nope_rows, t));
         for (head, lat) in per_head.iter().enumerate() {
             for i in 0..t {
                 let dst = &mut qcat[(i * h + head) * width..][..width];
@@ -248,7 +251,7 @@ impl Mla {
                     .collect()
             })
             .collect();
-        let per_head = per_head_products(&self.uv, &lat_rows, t);
+        let per_head = kernels::products(&heads(&self.uv, &lat_rows, t));
         let mut o = vec![0.0f32; t * h * self.v];
         for (head, vals) in per_head.iter().enumerate() {
             for i in 0..t {
@@ -260,34 +263,16 @@ impl Mla {
     }
 }
 
-/// Several products over `t` rows as one grouped GEMM.
-fn grouped<const N: usize>(pairs: [(&Linear, &[f32]); N], t: usize) -> [Vec<f32>; N] {
-    let mut outs: [Vec<f32>; N] = std::array::from_fn(|i| vec![0.0; t * pairs[i].0.out_features()]);
-    let mut jobs: Vec<GemmJob<'_>> = pairs
-        .iter()
-        .zip(outs.iter_mut())
-        .map(|((w, x), y)| GemmJob { w, x, m: t, y })
-        .collect();
-    kernels::forward_grouped(&mut jobs);
-    drop(jobs);
-    outs
-}
-
-/// One product per head (`lins[h]` over `inputs[h]`, `t` rows each) as one grouped GEMM.
-fn per_head_products(lins: &[Linear], inputs: &[Vec<f32>], t: usize) -> Vec<Vec<f32>> {
-    let mut outs: Vec<Vec<f32>> = lins
-        .iter()
-        .map(|l| vec![0.0; t * l.out_features()])
-        .collect();
-    let mut jobs: Vec<GemmJob<'_>> = lins
-        .iter()
+/// One product per head: `lins[h]` over `inputs[h]` (`t` rows each).
+fn heads<'a>(
+    lins: &'a [Linear],
+    inputs: &'a [Vec<f32>],
+    t: usize,
+) -> Vec<(&'a Linear, &'a [f32], usize)> {
+    lins.iter()
         .zip(inputs)
-        .zip(outs.iter_mut())
-        .map(|((w, x), y)| GemmJob { w, x, m: t, y })
-        .collect();
-    kernels::forward_grouped(&mut jobs);
-    drop(jobs);
-    outs
+        .map(|(w, x)| (w, x.as_slice(), t))
+        .collect()
 }
 
 /// Causal attention of `rows` (`[n, H, width]` absorbed queries of tokens at positions

@@ -4,7 +4,7 @@
 
 use crate::checkpoint::{Checkpoint, WeightData, fp8};
 use crate::error::Result;
-use crate::kernels::{self, GemmJob, Linear};
+use crate::kernels::{self, Linear};
 use crate::tensor::Matrix;
 
 /// One SwiGLU block.
@@ -134,24 +134,12 @@ impl Mlp {
 /// Runs several blocks over their own inputs as two grouped GEMMs (all gate/up products in one
 /// parallel job, then all down products), so many small experts keep every core busy.
 pub fn forward_many(mlps: &[&Mlp], inputs: &[Matrix]) -> Vec<Vec<f32>> {
-    let mut gu: Vec<Vec<f32>> = mlps
+    let items: Vec<_> = mlps
         .iter()
         .zip(inputs)
-        .map(|(m, x)| vec![0.0; x.rows * 2 * m.inter])
+        .map(|(m, x)| (&m.gate_up, x.data.as_slice(), x.rows))
         .collect();
-    let mut jobs: Vec<GemmJob<'_>> = mlps
-        .iter()
-        .zip(inputs)
-        .zip(gu.iter_mut())
-        .map(|((m, x), y)| GemmJob {
-            w: &m.gate_up,
-            x: &x.data,
-            m: x.rows,
-            y,
-        })
-        .collect();
-    kernels::forward_grouped(&mut jobs);
-    drop(jobs);
+    let gu = kernels::products(&items);
     let hs: Vec<Vec<f32>> = mlps
         .iter()
         .zip(&gu)
@@ -162,24 +150,11 @@ pub fn forward_many(mlps: &[&Mlp], inputs: &[Matrix]) -> Vec<Vec<f32>> {
             h
         })
         .collect();
-    let mut outs: Vec<Vec<f32>> = mlps
-        .iter()
-        .zip(inputs)
-        .map(|(m, x)| vec![0.0; x.rows * m.down.out_features()])
-        .collect();
-    let mut jobs: Vec<GemmJob<'_>> = mlps
+    let items: Vec<_> = mlps
         .iter()
         .zip(&hs)
         .zip(inputs)
-        .zip(outs.iter_mut())
-        .map(|(((m, h), x), y)| GemmJob {
-            w: &m.down,
-            x: h,
-            m: x.rows,
-            y,
-        })
+        .map(|((m, h), x)| (&m.down, h.as_slice(), x.rows))
         .collect();
-    kernels::forward_grouped(&mut jobs);
-    drop(jobs);
-    outs
+    kernels::products(&items)
 }

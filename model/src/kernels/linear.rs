@@ -201,6 +201,19 @@ pub fn forward_grouped(jobs: &mut [GemmJob<'_>]) {
     forward_grouped_with(jobs, kernel_choice());
 }
 
+/// `(w, x, rows)` products as one grouped GEMM, each into a new buffer.
+pub fn products(items: &[(&Linear, &[f32], usize)]) -> Vec<Vec<f32>> {
+    let mut outs: Vec<Vec<f32>> = items.iter().map(|(w, _, m)| vec![0.0; m * w.out]).collect();
+    let mut jobs: Vec<GemmJob<'_>> = items
+        .iter()
+        .zip(outs.iter_mut())
+        .map(|(&(w, x, m), y)| GemmJob { w, x, m, y })
+        .collect();
+    forward_grouped(&mut jobs);
+    drop(jobs);
+    outs
+}
+
 /// [`forward_grouped`] with an explicit kernel.
 pub fn forward_grouped_with(jobs: &mut [GemmJob<'_>], choice: KernelChoice) {
     let avx = match choice {

@@ -9,7 +9,7 @@ mod pack;
 
 pub use dense::{matmul_nn, matmul_nt};
 pub use linear::{
-    GemmJob, KernelChoice, Linear, forward_grouped, kernel_choice, set_kernel_choice,
+    GemmJob, KernelChoice, Linear, forward_grouped, kernel_choice, products, set_kernel_choice,
 };
 pub use pack::row_scales;
 
