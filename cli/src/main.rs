@@ -1,6 +1,7 @@
 //! `moe`: the one binary of moe-cluster. Thin: parses flags and calls into the library crates.
 
 mod commands;
+mod engine;
 mod progress;
 
 use clap::{Parser, Subcommand};
@@ -21,12 +22,14 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Generate text with the single-process engine.
+    /// Generate text (experts in-process, or on expert nodes with --experts-at).
     Generate(commands::generate::Args),
     /// Write the logits of every prompt position to a safetensors file.
     Logits(commands::logits::Args),
     /// Write a random-weight model in the Hugging Face layout.
     GenModel(commands::gen_model::Args),
+    /// Serve a slice of the routed experts over gRPC.
+    ExpertNode(commands::expert_node::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -41,10 +44,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log)?)
-        .with_writer(std::io::stderr)
-        .init();
+    let _telemetry = moe_meta::telemetry::init(&cli.log).map_err(anyhow::Error::msg)?;
     if let Some(n) = cli.threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
@@ -54,5 +54,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => commands::generate::run(a),
         Command::Logits(a) => commands::logits::run(a),
         Command::GenModel(a) => commands::gen_model::run(a),
+        Command::ExpertNode(a) => commands::expert_node::run(a),
     }
 }

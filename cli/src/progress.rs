@@ -8,13 +8,11 @@ use std::time::Instant;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use moe_model::model::{LoadOptions, Model};
+use moe_model::checkpoint::TensorFilter;
+use moe_model::model::{Backbone, LoadOptions, Model, open};
 
-/// Loads the single-process model from `dir`, showing progress on stderr when it is a terminal.
-pub fn load_model(dir: &Path) -> anyhow::Result<Model> {
-    let start = Instant::now();
-    let total =
-        Model::load_bytes(dir).with_context(|| format!("opening model {}", dir.display()))?;
+/// A bar on stderr for `total` bytes when stderr is a terminal, and load options feeding it.
+fn bar(total: u64) -> (Option<ProgressBar>, LoadOptions) {
     let mut opts = LoadOptions::default();
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = ProgressBar::new(total);
@@ -31,8 +29,10 @@ pub fn load_model(dir: &Path) -> anyhow::Result<Model> {
             b.set_message(format!("{} tensors", p.tensors));
         }));
     }
-    let model =
-        Model::load(dir, &opts).with_context(|| format!("loading model {}", dir.display()))?;
+    (bar, opts)
+}
+
+fn done(bar: Option<ProgressBar>, dir: &Path, total: u64, start: Instant, what: &str) {
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
@@ -41,7 +41,35 @@ pub fn load_model(dir: &Path) -> anyhow::Result<Model> {
         mib = total / (1 << 20),
         secs = format!("{:.2}", start.elapsed().as_secs_f64()),
         kernel = ?moe_model::kernels::kernel_choice(),
-        "ready"
+        "{what} ready"
     );
+}
+
+/// Loads the single-process model from `dir`.
+pub fn load_model(dir: &Path) -> anyhow::Result<Model> {
+    let start = Instant::now();
+    let total =
+        Model::load_bytes(dir).with_context(|| format!("opening model {}", dir.display()))?;
+    let (bar, opts) = bar(total);
+    let model =
+        Model::load(dir, &opts).with_context(|| format!("loading model {}", dir.display()))?;
+    done(bar, dir, total, start, "model");
     Ok(model)
+}
+
+/// Loads everything but the routed experts (the router's part).
+pub fn load_backbone(dir: &Path) -> anyhow::Result<Backbone> {
+    let start = Instant::now();
+    let (cfg, mut ckpt) = open(dir).with_context(|| format!("opening model {}", dir.display()))?;
+    let total = ckpt.selected_bytes(&TensorFilter::Backbone {
+        num_layers: cfg.num_hidden_layers,
+    });
+    let (bar, opts) = bar(total);
+    if let Some(p) = opts.progress {
+        ckpt.set_progress(p);
+    }
+    let backbone =
+        Backbone::load(&cfg, &ckpt).with_context(|| format!("loading model {}", dir.display()))?;
+    done(bar, dir, total, start, "backbone");
+    Ok(backbone)
 }

@@ -281,6 +281,16 @@ impl Config {
         (q.quant_method == "fp8").then(|| q.weight_block_size.unwrap_or([128, 128]))
     }
 
+    /// A stable fingerprint of the configuration (FNV-1a of its JSON), so that processes can
+    /// check they serve the same model.
+    pub fn fingerprint(&self) -> String {
+        let text = serde_json::to_string(self).unwrap_or_default();
+        let h = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+        format!("{h:016x}")
+    }
+
     /// End-of-sequence ids.
     pub fn eos_token_ids(&self) -> Vec<u32> {
         self.eos_token_id

@@ -1,4 +1,4 @@
-//! `moe generate`: prompt in, continuation out, with the single-process engine.
+//! `moe generate`: prompt in, continuation out; experts in this process or on expert nodes.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -45,6 +45,11 @@ pub struct Args {
     /// Print `{"prompt_ids", "output_ids", "text"}` instead of the text.
     #[arg(long)]
     json: bool,
+    /// Also print the logits of every step (with --json): `"logits": [[...], ...]`.
+    #[arg(long, requires = "json")]
+    logits: bool,
+    #[command(flatten)]
+    remote: crate::engine::RemoteArgs,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -74,7 +79,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if prompt_ids.is_empty() {
         bail!("the prompt is empty");
     }
-    let model = crate::progress::load_model(&model_dir)?;
+    let model = crate::engine::Engine::load(&model_dir, &a.remote)?;
     let eos = model.config().eos_token_ids();
     let mut sampler = Sampler::new(params);
     let mut cache = model.new_cache();
@@ -82,15 +87,19 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mut next = prompt_ids.clone();
     let start = Instant::now();
     let mut first_token = None;
+    let mut step_logits: Vec<Vec<f32>> = Vec::new();
     while output.len() < a.max_tokens {
         let mut seqs = [SeqInput {
             tokens: &next,
             cache: &mut cache,
         }];
         let logits = model
-            .forward(&mut seqs, LogitsMode::Last, None)
+            .forward(&mut seqs, LogitsMode::Last)
             .context("forward pass")?
             .remove(0);
+        if a.logits {
+            step_logits.push(logits.data.clone());
+        }
         first_token.get_or_insert_with(Instant::now);
         let id = sampler.sample(&logits.data);
         output.push(id);

@@ -18,6 +18,8 @@ pub struct Args {
     /// Output file: tensor `prompt_<i>` of shape [len, vocab] per prompt.
     #[arg(long)]
     out: PathBuf,
+    #[command(flatten)]
+    remote: crate::engine::RemoteArgs,
 }
 
 #[derive(serde::Deserialize)]
@@ -30,7 +32,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .with_context(|| format!("reading {}", a.prompts.display()))?;
     let prompts: Prompts = serde_json::from_str(&text)
         .with_context(|| format!("{}: expected {{\"prompts\": [[ids]]}}", a.prompts.display()))?;
-    let model = crate::progress::load_model(&a.model)?;
+    let model = crate::engine::Engine::load(&a.model, &a.remote)?;
     let mut caches: Vec<_> = prompts.prompts.iter().map(|_| model.new_cache()).collect();
     let mut seqs: Vec<SeqInput<'_>> = prompts
         .prompts
@@ -38,7 +40,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .zip(caches.iter_mut())
         .map(|(tokens, cache)| SeqInput { tokens, cache })
         .collect();
-    let logits = model.forward(&mut seqs, LogitsMode::All, None)?;
+    let logits = model.forward(&mut seqs, LogitsMode::All)?;
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = logits
         .iter()
         .enumerate()

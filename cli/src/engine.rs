@@ -1,0 +1,155 @@
+//! The engine a command runs: everything in this process, or the backbone here with the routed
+//! experts on expert nodes (`--experts-at`).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use moe_meta::{NodeEntry, Placement};
+use moe_model::model::{Backbone, LogitsMode, Model, SeqInput};
+use moe_model::{Config, Matrix, SeqCache};
+use moe_proto::pb::Dtype;
+use moe_router::{DispatchOptions, RemoteExperts};
+
+/// Where the routed experts are.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RemoteArgs {
+    /// Expert node addresses (node i of the placement is the i-th address). Without it, all
+    /// experts run in this process.
+    #[arg(long, env = "MOE_EXPERTS_AT", value_delimiter = ',')]
+    pub experts_at: Option<Vec<String>>,
+    /// Placement file; without it the placement is read from the nodes (Info).
+    #[arg(long, env = "MOE_PLACEMENT")]
+    pub placement: Option<PathBuf>,
+    /// Wire dtype of hidden states: bf16 or f32.
+    #[arg(long, env = "MOE_WIRE", default_value = "bf16", value_parser = parse_wire)]
+    pub wire: Dtype,
+    /// Deadline of one node's answer, milliseconds.
+    #[arg(long, env = "MOE_DISPATCH_TIMEOUT_MS", default_value_t = 30_000)]
+    pub dispatch_timeout_ms: u64,
+}
+
+fn parse_wire(s: &str) -> Result<Dtype, String> {
+    match s {
+        "bf16" => Ok(Dtype::Bf16),
+        "f32" => Ok(Dtype::F32),
+        other => Err(format!("wire dtype `{other}` (bf16, f32)")),
+    }
+}
+
+/// A loaded engine.
+pub enum Engine {
+    Local(Model),
+    Remote {
+        backbone: Backbone,
+        experts: RemoteExperts,
+        _rt: tokio::runtime::Runtime,
+    },
+}
+
+impl Engine {
+    /// Loads the model in `dir`, locally or against expert nodes.
+    pub fn load(dir: &Path, remote: &RemoteArgs) -> anyhow::Result<Engine> {
+        let Some(addrs) = &remote.experts_at else {
+            return Ok(Engine::Local(crate::progress::load_model(dir)?));
+        };
+        let backbone = crate::progress::load_backbone(dir)?;
+        let cfg = backbone.config().clone();
+        let n_experts = cfg
+            .moe()
+            .map(|m| m.n_routed_experts)
+            .context("the model has no routed experts")?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let placement = match &remote.placement {
+            Some(file) => Placement::from_file(file, &cfg.moe_layers(), n_experts)?,
+            None => rt.block_on(placement_from_nodes(addrs, &cfg))?,
+        };
+        if placement.nodes.len() != addrs.len() {
+            bail!(
+                "the placement has {} nodes but {} addresses were given",
+                placement.nodes.len(),
+                addrs.len()
+            );
+        }
+        let opts = DispatchOptions {
+            wire: remote.wire,
+            timeout: Duration::from_millis(remote.dispatch_timeout_ms),
+            ..Default::default()
+        };
+        let experts = RemoteExperts::new(
+            placement,
+            addrs.clone(),
+            cfg.hidden_size,
+            opts,
+            rt.handle().clone(),
+        );
+        rt.block_on(experts.ready(Duration::from_secs(20), Some(&cfg.fingerprint())))?;
+        tracing::info!(nodes = addrs.len(), "expert nodes ready");
+        Ok(Engine::Remote {
+            backbone,
+            experts,
+            _rt: rt,
+        })
+    }
+
+    /// The model configuration.
+    pub fn config(&self) -> &Config {
+        match self {
+            Engine::Local(m) => m.config(),
+            Engine::Remote { backbone, .. } => backbone.config(),
+        }
+    }
+
+    /// A fresh cache.
+    pub fn new_cache(&self) -> SeqCache {
+        SeqCache::new(self.config())
+    }
+
+    /// One forward pass.
+    pub fn forward(
+        &self,
+        seqs: &mut [SeqInput<'_>],
+        mode: LogitsMode,
+    ) -> moe_model::Result<Vec<Matrix>> {
+        match self {
+            Engine::Local(m) => m.forward(seqs, mode, None),
+            Engine::Remote {
+                backbone, experts, ..
+            } => backbone.forward(seqs, experts, mode, None),
+        }
+    }
+}
+
+/// Builds the placement from what each node says it hosts.
+async fn placement_from_nodes(addrs: &[String], cfg: &Config) -> anyhow::Result<Placement> {
+    let mut nodes = Vec::new();
+    for addr in addrs {
+        let client = moe_router::dispatch::ExpertClient::spawn(
+            addr.clone(),
+            moe_proto::DEFAULT_MAX_MESSAGE_BYTES,
+        );
+        let info = client
+            .info()
+            .await
+            .with_context(|| format!("asking node {addr} what it hosts"))?;
+        let spec: Vec<String> = info
+            .hosted
+            .iter()
+            .filter(|r| !r.experts.is_empty())
+            .map(|r| {
+                let list: Vec<String> = r.experts.iter().map(u32::to_string).collect();
+                format!("{}:{}", r.layer, list.join(","))
+            })
+            .collect();
+        nodes.push(NodeEntry {
+            id: info.node_id,
+            address: Some(addr.clone()),
+            experts: spec.join(";"),
+        });
+    }
+    let n = cfg.moe().map_or(0, |m| m.n_routed_experts);
+    Ok(Placement::new(0, nodes, &cfg.moe_layers(), n)?)
+}

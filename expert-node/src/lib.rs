@@ -1,0 +1,15 @@
+//! `moe-expert-node`: a gRPC service that hosts a slice of the routed experts and computes, for
+//! each dispatched batch, every token's weighted sum over its experts on this node.
+//!
+//! - [`node`]: the node's state (hosted experts, served placement versions) and compute.
+//! - [`validate`]: every check a dispatch must pass, each mapped to a precise gRPC status.
+//! - [`service`]: the tonic service (bidirectional data-plane stream, unary compute, info, health).
+//! - [`server`]: listening, HTTP/2 tuning and graceful drain.
+
+pub mod node;
+pub mod server;
+pub mod service;
+pub mod validate;
+
+pub use node::ExpertNode;
+pub use server::{ServerOptions, serve};

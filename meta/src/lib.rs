@@ -1,0 +1,10 @@
+//! `moe-meta`: what routers, expert nodes and coordinators share. For now: expert specs
+//! (`1-3:0-127`), the placement table (layer, expert) → replicas on nodes with its JSON file
+//! form, and tracing setup with W3C trace-context propagation. The metadata-store trait and the etcd records join it with the coordinator.
+
+pub mod placement;
+pub mod spec;
+pub mod telemetry;
+
+pub use placement::{NodeEntry, Placement, PlacementError};
+pub use spec::ExpertSpec;

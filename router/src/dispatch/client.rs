@@ -1,0 +1,223 @@
+//! `ExpertClient`: one expert node, one long-lived bidirectional stream.
+//!
+//! An actor task owns the connection: it sends queued requests on the stream, matches responses
+//! to waiters by request id, and when the stream breaks fails every waiter at once with
+//! `Unavailable`, marks the node down, and reconnects with jittered exponential backoff
+//! (50 ms doubling to 2 s). While the node is down, new requests fail immediately.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use moe_proto::ExpertServiceClient;
+use moe_proto::pb::{DispatchRequest, DispatchResponse, InfoRequest, InfoResponse};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+use tonic::transport::{Channel, Endpoint};
+
+type Reply = oneshot::Sender<Result<DispatchResponse, Status>>;
+
+struct Outgoing {
+    req: DispatchRequest,
+    reply: Reply,
+}
+
+struct Shared {
+    addr: String,
+    up: AtomicBool,
+    answered: AtomicU64,
+    next_id: AtomicU64,
+    tx: mpsc::UnboundedSender<Outgoing>,
+}
+
+/// A handle to one expert node (cheap to clone).
+#[derive(Clone)]
+pub struct ExpertClient {
+    shared: Arc<Shared>,
+    max_message_bytes: usize,
+}
+
+impl std::fmt::Debug for ExpertClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExpertClient")
+            .field("addr", &self.shared.addr)
+            .field("up", &self.is_up())
+            .finish()
+    }
+}
+
+/// An HTTP/2 endpoint with the windows and timeouts tensor traffic needs.
+pub fn endpoint(addr: &str) -> Result<Endpoint, Status> {
+    let uri = if addr.starts_with("http") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    Ok(Endpoint::from_shared(uri)
+        .map_err(|e| Status::invalid_argument(format!("bad node address `{addr}`: {e}")))?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(2))
+        .initial_stream_window_size(16 << 20)
+        .initial_connection_window_size(32 << 20)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5)))
+}
+
+impl ExpertClient {
+    /// Starts the actor for the node at `addr` on the current tokio runtime.
+    pub fn spawn(addr: String, max_message_bytes: usize) -> ExpertClient {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            addr,
+            up: AtomicBool::new(false),
+            answered: AtomicU64::new(0),
+            next_id: AtomicU64::new(1),
+            tx,
+        });
+        tokio::spawn(run(shared.clone(), rx, max_message_bytes));
+        ExpertClient {
+            shared,
+            max_message_bytes,
+        }
+    }
+
+    /// The node's address.
+    pub fn addr(&self) -> &str {
+        &self.shared.addr
+    }
+
+    /// Whether the stream is established.
+    pub fn is_up(&self) -> bool {
+        self.shared.up.load(Ordering::SeqCst)
+    }
+
+    /// Responses received from the node so far.
+    pub fn answered(&self) -> u64 {
+        self.shared.answered.load(Ordering::Relaxed)
+    }
+
+    /// Queues `req` (its request id is assigned here) and returns the waiter.
+    pub fn send(
+        &self,
+        mut req: DispatchRequest,
+    ) -> oneshot::Receiver<Result<DispatchResponse, Status>> {
+        let (reply, rx) = oneshot::channel();
+        req.request_id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        if let Err(mpsc::error::SendError(o)) = self.shared.tx.send(Outgoing { req, reply }) {
+            let _ = o.reply.send(Err(Status::unavailable(format!(
+                "node {} client stopped",
+                self.shared.addr
+            ))));
+        }
+        rx
+    }
+
+    /// Asks the node what it hosts (a separate unary call).
+    pub async fn info(&self) -> Result<InfoResponse, Status> {
+        let channel = endpoint(&self.shared.addr)?
+            .connect()
+            .await
+            .map_err(|e| Status::unavailable(format!("node {}: {e}", self.shared.addr)))?;
+        let mut client =
+            ExpertServiceClient::new(channel).max_decoding_message_size(self.max_message_bytes);
+        Ok(client.info(InfoRequest {}).await?.into_inner())
+    }
+}
+
+async fn connect(
+    shared: &Shared,
+    max: usize,
+) -> Result<
+    (
+        mpsc::Sender<DispatchRequest>,
+        tonic::Streaming<DispatchResponse>,
+    ),
+    Status,
+> {
+    let channel: Channel = endpoint(&shared.addr)?
+        .connect()
+        .await
+        .map_err(|e| Status::unavailable(format!("node {}: {e}", shared.addr)))?;
+    let mut client = ExpertServiceClient::new(channel)
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let (req_tx, req_rx) = mpsc::channel(1024);
+    let inbound = client
+        .dispatch(ReceiverStream::new(req_rx))
+        .await?
+        .into_inner();
+    Ok((req_tx, inbound))
+}
+
+fn fail_all(pending: &mut HashMap<u64, Reply>, why: &str) {
+    for (_, reply) in pending.drain() {
+        let _ = reply.send(Err(Status::unavailable(why.to_string())));
+    }
+}
+
+/// A pseudo-random jitter in [0.5, 1.5) from the clock (no RNG dependency needed for this).
+fn jitter() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    0.5 + f64::from(nanos % 1000) / 1000.0
+}
+
+async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Outgoing>, max: usize) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let (req_tx, mut inbound) = match connect(&shared, max).await {
+            Ok(c) => c,
+            Err(status) => {
+                tracing::debug!(node = %shared.addr, %status, "connect failed");
+                // Fail what is queued: callers route around a down node instead of waiting.
+                let deadline = tokio::time::sleep(backoff.mul_f64(jitter()));
+                tokio::pin!(deadline);
+                loop {
+                    tokio::select! {
+                        _ = &mut deadline => break,
+                        out = rx.recv() => match out {
+                            Some(o) => { let _ = o.reply.send(Err(Status::unavailable(format!("node {} is down: {}", shared.addr, status.message())))); }
+                            None => return,
+                        },
+                    }
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        shared.up.store(true, Ordering::SeqCst);
+        backoff = Duration::from_millis(50);
+        tracing::info!(node = %shared.addr, "dispatch stream up");
+        let mut pending: HashMap<u64, Reply> = HashMap::new();
+        let why = loop {
+            tokio::select! {
+                out = rx.recv() => match out {
+                    Some(Outgoing { req, reply }) => {
+                        let id = req.request_id;
+                        pending.insert(id, reply);
+                        if req_tx.send(req).await.is_err() {
+                            break "request stream closed".to_string();
+                        }
+                    }
+                    None => return,
+                },
+                msg = inbound.message() => match msg {
+                    Ok(Some(resp)) => {
+                        shared.answered.fetch_add(1, Ordering::Relaxed);
+                        if let Some(reply) = pending.remove(&resp.request_id) {
+                            let _ = reply.send(Ok(resp));
+                        }
+                    }
+                    Ok(None) => break "the node ended the stream".to_string(),
+                    Err(status) => break format!("stream failed: {status}"),
+                },
+            }
+        };
+        shared.up.store(false, Ordering::SeqCst);
+        tracing::warn!(node = %shared.addr, reason = %why, in_flight = pending.len(), "dispatch stream down");
+        fail_all(&mut pending, &format!("node {}: {why}", shared.addr));
+    }
+}

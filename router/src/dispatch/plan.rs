@@ -1,0 +1,203 @@
+//! Planning one layer's dispatch: which node computes each (token, expert), and the per-node
+//! CSR lists. A token goes to a node once with all of its experts there; among an expert's
+//! replicas the router prefers a node the token already visits, then the least loaded one in
+//! this batch, skipping nodes that are down or excluded.
+
+use moe_meta::Placement;
+use moe_model::gate::Routing;
+
+/// The work of one node for one layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeWork {
+    pub node: usize,
+    /// Batch rows (tokens) sent, ascending.
+    pub tokens: Vec<usize>,
+    /// CSR over `tokens`.
+    pub offsets: Vec<u32>,
+    pub experts: Vec<u32>,
+    pub weights: Vec<f32>,
+}
+
+/// A (token, expert) that no live replica can serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unplaceable {
+    pub token: usize,
+    pub expert: usize,
+}
+
+/// Plans `entries` (token, expert, weight) of `layer` over the placement; `usable(node)` says
+/// whether a node may be used.
+pub fn plan(
+    placement: &Placement,
+    layer: usize,
+    entries: &[(usize, u32, f32)],
+    usable: impl Fn(usize) -> bool,
+) -> Result<Vec<NodeWork>, Unplaceable> {
+    let n_nodes = placement.nodes.len();
+    let mut load = vec![0usize; n_nodes];
+    // node → token → [(expert, weight)]
+    let mut per_node: Vec<std::collections::BTreeMap<usize, Vec<(u32, f32)>>> =
+        vec![Default::default(); n_nodes];
+    let mut i = 0;
+    while i < entries.len() {
+        let tok = entries[i].0;
+        let mut j = i;
+        while j < entries.len() && entries[j].0 == tok {
+            j += 1;
+        }
+        // Experts with fewer live replicas first, so forced nodes are known before choosing.
+        let mut mine: Vec<(u32, f32, Vec<usize>)> = Vec::with_capacity(j - i);
+        for &(_, expert, w) in &entries[i..j] {
+            let replicas: Vec<usize> = placement
+                .replicas(layer, expert as usize)
+                .iter()
+                .copied()
+                .filter(|&n| usable(n))
+                .collect();
+            if replicas.is_empty() {
+                return Err(Unplaceable {
+                    token: tok,
+                    expert: expert as usize,
+                });
+            }
+            mine.push((expert, w, replicas));
+        }
+        mine.sort_by_key(|(e, _, r)| (r.len(), *e));
+        let mut visited: Vec<usize> = Vec::new();
+        for (expert, w, replicas) in mine {
+            let first = replicas[0];
+            let node = replicas
+                .iter()
+                .copied()
+                .find(|n| visited.contains(n))
+                .unwrap_or_else(|| {
+                    replicas
+                        .iter()
+                        .copied()
+                        .min_by_key(|&n| (load[n], n))
+                        .unwrap_or(first)
+                });
+            if !visited.contains(&node) {
+                visited.push(node);
+                load[node] += 1;
+            }
+            per_node[node].entry(tok).or_default().push((expert, w));
+        }
+        i = j;
+    }
+    Ok(per_node
+        .into_iter()
+        .enumerate()
+        .filter(|(_, m)| !m.is_empty())
+        .map(|(node, m)| {
+            let mut work = NodeWork {
+                node,
+                tokens: Vec::new(),
+                offsets: vec![0],
+                experts: Vec::new(),
+                weights: Vec::new(),
+            };
+            for (tok, mut list) in m {
+                list.sort_by_key(|(e, _)| *e);
+                work.tokens.push(tok);
+                for (e, w) in list {
+                    work.experts.push(e);
+                    work.weights.push(w);
+                }
+                work.offsets.push(work.experts.len() as u32);
+            }
+            work
+        })
+        .collect())
+}
+
+/// Every (token, expert, weight) of a routing, token-major.
+pub fn entries(routing: &Routing) -> Vec<(usize, u32, f32)> {
+    (0..routing.tokens())
+        .flat_map(|t| {
+            routing
+                .ids_of(t)
+                .iter()
+                .zip(routing.weights_of(t))
+                .map(move |(&e, &w)| (t, e, w))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moe_meta::NodeEntry;
+
+    fn placement(specs: &[&str]) -> Placement {
+        let nodes = specs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| NodeEntry {
+                id: format!("n{i}"),
+                address: None,
+                experts: s.to_string(),
+            })
+            .collect();
+        Placement::new(1, nodes, &[1], 8).expect("covers")
+    }
+
+    #[test]
+    fn a_token_visits_each_node_once() {
+        let p = placement(&["1:0-3", "1:4-7"]);
+        let e = vec![(0, 0, 0.5), (0, 1, 0.25), (0, 5, 0.25), (1, 6, 1.0)];
+        let w = plan(&p, 1, &e, |_| true).expect("placeable");
+        assert_eq!(w.len(), 2);
+        assert_eq!(
+            (
+                w[0].node,
+                w[0].tokens.clone(),
+                w[0].offsets.clone(),
+                w[0].experts.clone()
+            ),
+            (0, vec![0], vec![0, 2], vec![0, 1])
+        );
+        assert_eq!(
+            (
+                w[1].node,
+                w[1].tokens.clone(),
+                w[1].offsets.clone(),
+                w[1].experts.clone()
+            ),
+            (1, vec![0, 1], vec![0, 1, 2], vec![5, 6])
+        );
+        assert_eq!(w[1].weights, vec![0.25, 1.0]);
+    }
+
+    #[test]
+    fn replicas_prefer_visited_nodes_then_balance() {
+        // Expert 2 lives on both nodes; experts 0 and 7 on one each.
+        let p = placement(&["1:0-3", "1:2-7"]);
+        // Token 0 must visit node 1 for expert 7: expert 2 joins it there, even listed first.
+        let w = plan(&p, 1, &[(0, 2, 1.0), (0, 7, 1.0)], |_| true).expect("ok");
+        assert_eq!(w.len(), 1);
+        assert_eq!(w[0].node, 1);
+        // Tokens that only want expert 2 alternate between the replicas.
+        let e: Vec<_> = (0..4).map(|t| (t, 2u32, 1.0f32)).collect();
+        let w = plan(&p, 1, &e, |_| true).expect("ok");
+        assert_eq!(
+            w.iter().map(|x| x.tokens.len()).collect::<Vec<_>>(),
+            vec![2, 2]
+        );
+    }
+
+    #[test]
+    fn down_nodes_are_avoided_or_reported() {
+        let p = placement(&["1:0-3", "1:2-7"]);
+        let w = plan(&p, 1, &[(0, 2, 1.0)], |n| n != 1).expect("replica on node 0");
+        assert_eq!(w[0].node, 0);
+        let err = plan(&p, 1, &[(3, 5, 1.0)], |n| n != 1).expect_err("no replica");
+        assert_eq!(
+            err,
+            Unplaceable {
+                token: 3,
+                expert: 5
+            }
+        );
+    }
+}

@@ -1,0 +1,116 @@
+//! Harness for end-to-end tests: the `moe` binary built from this tree, fixture paths, and
+//! child processes that are killed when the test ends (pass or fail).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// The `moe` binary of this build.
+pub fn moe_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_moe"))
+}
+
+/// `tests/fixtures/models/<name>`.
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/models")
+        .join(name)
+}
+
+/// Runs `moe` to completion.
+pub fn moe(args: &[&str]) -> Output {
+    Command::new(moe_bin())
+        .args(args)
+        .env("MOE_LOG", "warn")
+        .output()
+        .expect("runs moe")
+}
+
+/// Runs `moe` and parses its stdout as JSON, failing the test with stderr on error.
+pub fn moe_json(args: &[&str]) -> serde_json::Value {
+    let out = moe(args);
+    assert!(
+        out.status.success(),
+        "moe {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON on stdout")
+}
+
+/// The golden.json of a fixture model.
+pub fn golden(name: &str) -> serde_json::Value {
+    let text =
+        std::fs::read_to_string(fixture(name).join("golden/golden.json")).expect("golden.json");
+    serde_json::from_str(&text).expect("golden.json parses")
+}
+
+/// Token ids of a JSON array.
+pub fn ids(v: &serde_json::Value) -> Vec<u64> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("integer"))
+        .collect()
+}
+
+/// A child process killed on drop.
+pub struct Proc {
+    pub child: Child,
+    /// The address it printed (`listening on ADDR`).
+    pub addr: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `moe expert-node --model MODEL --listen 127.0.0.1:0 ARGS...` and waits for its
+/// `listening on` line (up to a minute: loading is the only wait).
+pub fn expert_node(model: &Path, args: &[&str]) -> Proc {
+    let mut child = Command::new(moe_bin())
+        .arg("expert-node")
+        .arg("--model")
+        .arg(model)
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args)
+        .env("MOE_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawns expert node");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(addr) = line.split("listening on ").nth(1) {
+                let _ = tx.send(addr.trim().to_string());
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("expert node announces its address");
+    Proc { child, addr }
+}
+
+/// Writes a placement file `{"version", "nodes": [{"id": "node-i", "experts": SPEC}]}`.
+pub fn placement_file(dir: &Path, version: u64, specs: &[&str]) -> PathBuf {
+    let nodes: Vec<serde_json::Value> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| serde_json::json!({"id": format!("node-{i}"), "experts": s}))
+        .collect();
+    let path = dir.join("placement.json");
+    std::fs::write(
+        &path,
+        serde_json::json!({"version": version, "nodes": nodes}).to_string(),
+    )
+    .expect("write");
+    path
+}
