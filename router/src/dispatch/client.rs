@@ -28,6 +28,7 @@ struct Shared {
     addr: String,
     up: AtomicBool,
     answered: AtomicU64,
+    compute_micros: AtomicU64,
     next_id: AtomicU64,
     tx: mpsc::UnboundedSender<Outgoing>,
 }
@@ -73,6 +74,7 @@ impl ExpertClient {
             addr,
             up: AtomicBool::new(false),
             answered: AtomicU64::new(0),
+            compute_micros: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
             tx,
         });
@@ -96,6 +98,11 @@ impl ExpertClient {
     /// Responses received from the node so far.
     pub fn answered(&self) -> u64 {
         self.shared.answered.load(Ordering::Relaxed)
+    }
+
+    /// Total compute time the node reported in its answers, microseconds.
+    pub fn compute_micros(&self) -> u64 {
+        self.shared.compute_micros.load(Ordering::Relaxed)
     }
 
     /// Queues `req` (its request id is assigned here) and returns the waiter.
@@ -207,6 +214,7 @@ async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Outgoing>, max
                 msg = inbound.message() => match msg {
                     Ok(Some(resp)) => {
                         shared.answered.fetch_add(1, Ordering::Relaxed);
+                        shared.compute_micros.fetch_add(resp.compute_micros, Ordering::Relaxed);
                         if let Some(reply) = pending.remove(&resp.request_id) {
                             let _ = reply.send(Ok(resp));
                         }
