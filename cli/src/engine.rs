@@ -27,6 +27,9 @@ pub struct RemoteArgs {
     /// Deadline of one node's answer, milliseconds.
     #[arg(long, env = "MOE_DISPATCH_TIMEOUT_MS", default_value_t = 30_000)]
     pub dispatch_timeout_ms: u64,
+    /// Largest gRPC message to or from a node, bytes.
+    #[arg(long, env = "MOE_MAX_MESSAGE_BYTES", default_value_t = moe_proto::DEFAULT_MAX_MESSAGE_BYTES)]
+    pub max_message_bytes: usize,
 }
 
 fn parse_wire(s: &str) -> Result<Dtype, String> {
@@ -77,7 +80,7 @@ impl Engine {
         let opts = DispatchOptions {
             wire: remote.wire,
             timeout: Duration::from_millis(remote.dispatch_timeout_ms),
-            ..Default::default()
+            max_message_bytes: remote.max_message_bytes,
         };
         let experts = RemoteExperts::new(
             placement,

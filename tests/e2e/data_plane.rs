@@ -257,3 +257,67 @@ fn killing_a_node_with_only_replicated_experts_mid_generation_changes_nothing() 
     assert!(!experts.clients()[2].is_up(), "node-2 is seen as down");
     assert_eq!(got, want, "the generation completes with the golden tokens");
 }
+
+#[test]
+fn a_restarted_node_is_reconnected_and_used_again() {
+    let model = fixture(MODEL);
+    let n0 = expert_node(&model, &["--experts", "*:*"]);
+    let n1 = expert_node(&model, &["--experts", "*:*"]);
+    let addr1 = n1.addr.clone();
+    let (cfg, ckpt) = moe_model::model::open(&model).expect("open");
+    let backbone = Backbone::load(&cfg, &ckpt).expect("backbone");
+    let placement = Placement::even(2, 2, &cfg.moe_layers(), 256);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let experts = RemoteExperts::new(
+        placement,
+        vec![n0.addr.clone(), addr1.clone()],
+        cfg.hidden_size,
+        DispatchOptions::default(),
+        rt.handle().clone(),
+    );
+    rt.block_on(experts.ready(Duration::from_secs(20), None))
+        .expect("ready");
+    let step = |tokens: &[u32]| {
+        let mut cache = SeqCache::new(&cfg);
+        backbone
+            .forward(
+                &mut [SeqInput {
+                    tokens,
+                    cache: &mut cache,
+                }],
+                &experts,
+                LogitsMode::Last,
+                None,
+            )
+            .expect("step")
+    };
+    let prompt: Vec<u32> = (0..32).map(|t| (t * 7 % 500 + 4) as u32).collect();
+    let reference = step(&prompt);
+    drop(n1); // killed
+    assert_eq!(
+        step(&prompt)[0].data.len(),
+        reference[0].data.len(),
+        "served by node-0 alone"
+    );
+    let n1 = expert_node(&model, &["--experts", "*:*", "--listen", &addr1]);
+    assert_eq!(n1.addr, addr1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !experts.clients()[1].is_up() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the client reconnects within its backoff"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let before = experts.clients()[1].answered();
+    let again = step(&prompt);
+    assert!(
+        experts.clients()[1].answered() > before,
+        "the restarted node takes work again"
+    );
+    assert_eq!(again, reference, "same results with both replicas back");
+}

@@ -70,14 +70,19 @@ impl Drop for Proc {
     }
 }
 
-/// Starts `moe expert-node --model MODEL --listen 127.0.0.1:0 ARGS...` and waits for its
-/// `listening on` line (up to a minute: loading is the only wait).
+/// Starts `moe expert-node --model MODEL ARGS...` (on 127.0.0.1:0 unless ARGS has `--listen`)
+/// and waits for its `listening on` line (up to a minute: loading is the only wait).
 pub fn expert_node(model: &Path, args: &[&str]) -> Proc {
+    let listen: &[&str] = if args.contains(&"--listen") {
+        &[]
+    } else {
+        &["--listen", "127.0.0.1:0"]
+    };
     let mut child = Command::new(moe_bin())
         .arg("expert-node")
         .arg("--model")
         .arg(model)
-        .args(["--listen", "127.0.0.1:0"])
+        .args(listen)
         .args(args)
         .env("MOE_LOG", "warn")
         .stdout(Stdio::piped())
