@@ -53,44 +53,14 @@ pub enum Engine {
 impl Engine {
     /// Loads the model in `dir`, locally or against expert nodes.
     pub fn load(dir: &Path, remote: &RemoteArgs) -> anyhow::Result<Engine> {
-        let Some(addrs) = &remote.experts_at else {
+        if remote.experts_at.is_none() {
             return Ok(Engine::Local(crate::progress::load_model(dir)?));
-        };
-        let backbone = crate::progress::load_backbone(dir)?;
-        let cfg = backbone.config().clone();
-        let n_experts = cfg
-            .moe()
-            .map(|m| m.n_routed_experts)
-            .context("the model has no routed experts")?;
+        }
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()?;
-        let placement = match &remote.placement {
-            Some(file) => Placement::from_file(file, &cfg.moe_layers(), n_experts)?,
-            None => rt.block_on(placement_from_nodes(addrs, &cfg))?,
-        };
-        if placement.nodes.len() != addrs.len() {
-            bail!(
-                "the placement has {} nodes but {} addresses were given",
-                placement.nodes.len(),
-                addrs.len()
-            );
-        }
-        let opts = DispatchOptions {
-            wire: remote.wire,
-            timeout: Duration::from_millis(remote.dispatch_timeout_ms),
-            max_message_bytes: remote.max_message_bytes,
-        };
-        let experts = RemoteExperts::new(
-            placement,
-            addrs.clone(),
-            cfg.hidden_size,
-            opts,
-            rt.handle().clone(),
-        );
-        rt.block_on(experts.ready(Duration::from_secs(20), Some(&cfg.fingerprint())))?;
-        tracing::info!(nodes = addrs.len(), "expert nodes ready");
+        let (backbone, experts) = load_remote(dir, remote, rt.handle())?;
         Ok(Engine::Remote {
             backbone,
             experts,
@@ -124,6 +94,48 @@ impl Engine {
             } => backbone.forward(seqs, experts, mode, None),
         }
     }
+}
+
+/// Loads the backbone of `dir` and connects to the expert nodes of `remote` on `handle`'s runtime
+/// (which must outlive the returned backend).
+pub fn load_remote(
+    dir: &Path,
+    remote: &RemoteArgs,
+    handle: &tokio::runtime::Handle,
+) -> anyhow::Result<(Backbone, RemoteExperts)> {
+    let addrs = remote.experts_at.clone().unwrap_or_default();
+    let backbone = crate::progress::load_backbone(dir)?;
+    let cfg = backbone.config().clone();
+    let n_experts = cfg
+        .moe()
+        .map(|m| m.n_routed_experts)
+        .context("the model has no routed experts")?;
+    let placement = match &remote.placement {
+        Some(file) => Placement::from_file(file, &cfg.moe_layers(), n_experts)?,
+        None => handle.block_on(placement_from_nodes(&addrs, &cfg))?,
+    };
+    if placement.nodes.len() != addrs.len() {
+        bail!(
+            "the placement has {} nodes but {} addresses were given",
+            placement.nodes.len(),
+            addrs.len()
+        );
+    }
+    let opts = DispatchOptions {
+        wire: remote.wire,
+        timeout: Duration::from_millis(remote.dispatch_timeout_ms),
+        max_message_bytes: remote.max_message_bytes,
+    };
+    let experts = RemoteExperts::new(
+        placement,
+        addrs.clone(),
+        cfg.hidden_size,
+        opts,
+        handle.clone(),
+    );
+    handle.block_on(experts.ready(Duration::from_secs(20), Some(&cfg.fingerprint())))?;
+    tracing::info!(nodes = addrs.len(), "expert nodes ready");
+    Ok((backbone, experts))
 }
 
 /// Builds the placement from what each node says it hosts.

@@ -3,6 +3,7 @@
 mod commands;
 mod engine;
 mod progress;
+mod signal;
 
 use clap::{Parser, Subcommand};
 
@@ -30,6 +31,10 @@ enum Command {
     GenModel(commands::gen_model::Args),
     /// Serve a slice of the routed experts over gRPC.
     ExpertNode(commands::expert_node::Args),
+    /// OpenAI-compatible API with every expert in this process.
+    Serve(commands::serve::ServeArgs),
+    /// OpenAI-compatible API with the routed experts on expert nodes.
+    Router(commands::serve::RouterArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -55,5 +60,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Logits(a) => commands::logits::run(a),
         Command::GenModel(a) => commands::gen_model::run(a),
         Command::ExpertNode(a) => commands::expert_node::run(a),
+        Command::Serve(a) => commands::serve::run_serve(a),
+        Command::Router(a) => commands::serve::run_router(a),
     }
 }

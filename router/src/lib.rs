@@ -1,7 +1,22 @@
-//! `moe-router`: the router side of the cluster. For now the data-plane client: the remote
-//! expert backend that ships each MoE layer's hidden states to the expert nodes hosting the
-//! chosen experts and combines their answers ([`dispatch`]).
+//! `moe-router`: the router side of the cluster.
+//!
+//! - [`http`]: the OpenAI-compatible API (axum handlers only), with [`api`] types and
+//!   [`validation`] turning requests into generation requests.
+//! - [`scheduler`]: continuous batching on the engine thread, KV-cache budget, streaming events.
+//! - [`engine`]: the backbone plus local or remote experts.
+//! - [`dispatch`]: the data-plane client that ships hidden states to expert nodes.
+//! - [`tokenize`], [`metrics`], [`error`]: text, Prometheus metrics, API errors.
 
+pub mod api;
 pub mod dispatch;
+pub mod engine;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod scheduler;
+pub mod tokenize;
+pub mod validation;
 
 pub use dispatch::{DispatchError, DispatchOptions, RemoteExperts};
+pub use engine::Engine;
+pub use error::ApiError;

@@ -70,25 +70,15 @@ impl Drop for Proc {
     }
 }
 
-/// Starts `moe expert-node --model MODEL ARGS...` (on 127.0.0.1:0 unless ARGS has `--listen`)
-/// and waits for its `listening on` line (up to a minute: loading is the only wait).
-pub fn expert_node(model: &Path, args: &[&str]) -> Proc {
-    let listen: &[&str] = if args.contains(&"--listen") {
-        &[]
-    } else {
-        &["--listen", "127.0.0.1:0"]
-    };
-    let mut child = Command::new(moe_bin())
-        .arg("expert-node")
-        .arg("--model")
-        .arg(model)
-        .args(listen)
-        .args(args)
+/// Spawns `cmd` and waits (up to two minutes: model loading is the only wait) for the
+/// `listening on ADDR` line it prints when it is ready.
+fn spawn_announcing(mut cmd: Command) -> Proc {
+    let mut child = cmd
         .env("MOE_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .expect("spawns expert node");
+        .expect("spawns moe");
     let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -99,9 +89,36 @@ pub fn expert_node(model: &Path, args: &[&str]) -> Proc {
         }
     });
     let addr = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("expert node announces its address");
+        .recv_timeout(Duration::from_secs(120))
+        .expect("the process announces its address");
     Proc { child, addr }
+}
+
+fn listen_args(args: &[&str]) -> &'static [&'static str] {
+    if args.contains(&"--listen") {
+        &[]
+    } else {
+        &["--listen", "127.0.0.1:0"]
+    }
+}
+
+/// Starts `moe expert-node --model MODEL ARGS...` (on 127.0.0.1:0 unless ARGS has `--listen`).
+pub fn expert_node(model: &Path, args: &[&str]) -> Proc {
+    let mut cmd = Command::new(moe_bin());
+    cmd.arg("expert-node")
+        .arg("--model")
+        .arg(model)
+        .args(listen_args(args))
+        .args(args);
+    spawn_announcing(cmd)
+}
+
+/// Starts `moe serve|router ARGS...` (on 127.0.0.1:0 unless ARGS has `--listen`); the address is
+/// the HTTP API's.
+pub fn server(subcommand: &str, args: &[&str]) -> Proc {
+    let mut cmd = Command::new(moe_bin());
+    cmd.arg(subcommand).args(listen_args(args)).args(args);
+    spawn_announcing(cmd)
 }
 
 /// Writes a placement file `{"version", "nodes": [{"id": "node-i", "experts": SPEC}]}`.

@@ -31,27 +31,6 @@ pub struct Args {
     max_message_bytes: usize,
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-}
-
 pub fn run(a: Args) -> anyhow::Result<()> {
     let cfg = moe_model::Config::from_dir(&a.model)
         .with_context(|| format!("reading {}", a.model.display()))?;
@@ -99,7 +78,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let opts = ServerOptions {
             max_message_bytes: a.max_message_bytes,
         };
-        moe_expert_node::serve(node, listener, opts, shutdown_signal()).await?;
+        moe_expert_node::serve(node, listener, opts, crate::signal::shutdown()).await?;
         tracing::info!("stopped");
         Ok(())
     })

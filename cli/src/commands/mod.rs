@@ -4,3 +4,4 @@ pub mod expert_node;
 pub mod gen_model;
 pub mod generate;
 pub mod logits;
+pub mod serve;

@@ -1,0 +1,142 @@
+//! `moe serve` (one process, local experts) and `moe router` (routed experts on expert nodes):
+//! the OpenAI-compatible HTTP API over the continuous-batching scheduler.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use moe_model::SeqCache;
+use moe_router::http::AppState;
+use moe_router::scheduler::{Scheduler, SchedulerConfig};
+use moe_router::tokenize::TextCodec;
+use moe_router::validation::Limits;
+use moe_router::{Engine, RemoteExperts};
+
+/// Options shared by `serve` and `router`.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Model directory (config.json, safetensors, tokenizer files).
+    #[arg(long, env = "MOE_MODEL")]
+    model: PathBuf,
+    /// Address of the HTTP API (port 0 picks one; the address is printed).
+    #[arg(long, env = "MOE_LISTEN", default_value = "127.0.0.1:8000")]
+    listen: SocketAddr,
+    /// Model name clients use (default: the model directory's name).
+    #[arg(long, env = "MOE_SERVED_MODEL_NAME")]
+    served_model_name: Option<String>,
+    /// Tokens per engine step (decode tokens plus prefill chunks).
+    #[arg(long, env = "MOE_MAX_BATCH_TOKENS", default_value_t = 2048)]
+    max_batch_tokens: usize,
+    /// Sequences running at once.
+    #[arg(long, env = "MOE_MAX_RUNNING", default_value_t = 256)]
+    max_running: usize,
+    /// Requests waiting for admission before new ones get 429.
+    #[arg(long, env = "MOE_MAX_WAITING", default_value_t = 1024)]
+    max_waiting: usize,
+    /// KV-cache memory budget, bytes (prompt + max_tokens is reserved per sequence).
+    #[arg(long, env = "MOE_KV_CACHE_BYTES", default_value_t = 4 << 30)]
+    kv_cache_bytes: usize,
+    /// Largest request body, bytes.
+    #[arg(long, env = "MOE_MAX_BODY_BYTES", default_value_t = 8 << 20)]
+    max_body_bytes: usize,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RouterArgs {
+    #[command(flatten)]
+    serve: ServeArgs,
+    #[command(flatten)]
+    remote: crate::engine::RemoteArgs,
+}
+
+/// `moe serve`.
+pub fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
+    let model = crate::progress::load_model(&a.model)?;
+    let rt = runtime()?;
+    run(a, Engine::local(model), Arc::new(|| Ok(())), rt)
+}
+
+/// `moe router`.
+pub fn run_router(a: RouterArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        a.remote.experts_at.is_some(),
+        "moe router needs --experts-at (use moe serve for local experts)"
+    );
+    let rt = runtime()?;
+    let (backbone, experts) = crate::engine::load_remote(&a.serve.model, &a.remote, rt.handle())?;
+    let experts = Arc::new(experts);
+    let probe = experts.clone();
+    let ready = Arc::new(move || check_nodes(&probe));
+    run(a.serve, Engine::remote(backbone, experts), ready, rt)
+}
+
+fn check_nodes(experts: &RemoteExperts) -> Result<(), String> {
+    let down: Vec<&str> = experts
+        .clients()
+        .iter()
+        .filter(|c| !c.is_up())
+        .map(|c| c.addr())
+        .collect();
+    if down.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("expert nodes unreachable: {}", down.join(", ")))
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+fn run(
+    a: ServeArgs,
+    engine: Engine,
+    ready: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
+    rt: tokio::runtime::Runtime,
+) -> anyhow::Result<()> {
+    let codec = Arc::new(TextCodec::from_dir(&a.model).map_err(anyhow::Error::msg)?);
+    let cfg = engine.config().clone();
+    let per_token = SeqCache::new(&cfg).bytes_per_token().max(1);
+    let sched_cfg = SchedulerConfig {
+        max_batch_tokens: a.max_batch_tokens,
+        max_running: a.max_running,
+        max_waiting: a.max_waiting,
+        kv_cache_tokens: a.kv_cache_bytes / per_token,
+    };
+    let name = a.served_model_name.clone().unwrap_or_else(|| {
+        a.model
+            .file_name()
+            .map_or_else(|| "model".to_string(), |n| n.to_string_lossy().into_owned())
+    });
+    let metrics = moe_router::metrics::install();
+    let limits = Limits {
+        model_name: name,
+        vocab: cfg.vocab_size,
+        context: cfg.max_position_embeddings,
+    };
+    tracing::info!(
+        kv_cache_tokens = sched_cfg.kv_cache_tokens,
+        "scheduler limits"
+    );
+    rt.block_on(async move {
+        let scheduler = Scheduler::start(engine, codec.clone(), sched_cfg);
+        let state = AppState {
+            scheduler,
+            codec,
+            limits,
+            metrics,
+            ready,
+            max_body_bytes: a.max_body_bytes,
+        };
+        let listener = tokio::net::TcpListener::bind(a.listen)
+            .await
+            .with_context(|| format!("binding {}", a.listen))?;
+        println!("listening on {}", listener.local_addr()?);
+        moe_router::http::serve(listener, state, crate::signal::shutdown()).await?;
+        Ok(())
+    })
+}

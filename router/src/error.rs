@@ -1,0 +1,123 @@
+//! API errors: classified once where they happen, mapped once to an HTTP status and an
+//! OpenAI-style body (`{"error": {"message", "type", "param", "code"}}`), and labelled once for
+//! metrics. Handlers return `Result<_, ApiError>`; nothing on a request path panics.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+/// Everything a request can fail with.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ApiError {
+    /// The request is invalid (400).
+    #[error("{message}")]
+    BadRequest {
+        message: String,
+        param: Option<String>,
+        code: Option<String>,
+    },
+    /// The body is larger than the configured limit (413).
+    #[error("request body exceeds the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    /// The waiting queue is full (429).
+    #[error("the server is at capacity ({waiting} requests waiting); retry later")]
+    Overloaded { waiting: usize },
+    /// Experts (or the engine) are unavailable (503).
+    #[error("{0}")]
+    Unavailable(String),
+    /// A bug or an unexpected failure (500).
+    #[error("{0}")]
+    Internal(String),
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: Detail<'a>,
+}
+
+#[derive(Serialize)]
+struct Detail<'a> {
+    message: String,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    param: Option<&'a str>,
+    code: Option<&'a str>,
+}
+
+impl ApiError {
+    /// A 400 about `param`.
+    pub fn invalid(param: &str, message: impl Into<String>) -> ApiError {
+        ApiError::BadRequest {
+            message: message.into(),
+            param: Some(param.to_string()),
+            code: None,
+        }
+    }
+
+    /// A 400 not tied to one parameter.
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::BadRequest {
+            message: message.into(),
+            param: None,
+            code: None,
+        }
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The OpenAI error type, also the `error_type` label of metrics.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest { .. } | ApiError::PayloadTooLarge { .. } => {
+                "invalid_request_error"
+            }
+            ApiError::Overloaded { .. } => "rate_limit_error",
+            ApiError::Unavailable(_) => "service_unavailable",
+            ApiError::Internal(_) => "server_error",
+        }
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> serde_json::Value {
+        let (param, code) = match self {
+            ApiError::BadRequest { param, code, .. } => (param.as_deref(), code.as_deref()),
+            ApiError::PayloadTooLarge { .. } => (None, Some("payload_too_large")),
+            ApiError::Overloaded { .. } => (None, Some("queue_full")),
+            _ => (None, None),
+        };
+        serde_json::to_value(Body {
+            error: Detail {
+                message: self.to_string(),
+                kind: self.error_type(),
+                param,
+                code,
+            },
+        })
+        .unwrap_or_default()
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status(), axum::Json(self.body())).into_response()
+    }
+}
+
+impl From<moe_model::ModelError> for ApiError {
+    fn from(e: moe_model::ModelError) -> ApiError {
+        match e {
+            moe_model::ModelError::InvalidInput(m) => ApiError::bad_request(m),
+            moe_model::ModelError::Experts { .. } => ApiError::Unavailable(e.to_string()),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}

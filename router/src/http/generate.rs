@@ -1,0 +1,354 @@
+//! `/v1/completions` and `/v1/chat/completions`: validate, submit to the scheduler, then either
+//! collect the events into one JSON answer or stream them as server-sent events.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use super::{AppState, count, fail, parse};
+use crate::api::*;
+use crate::error::ApiError;
+use crate::scheduler::{Event, FinishReason, TokenLogprob};
+use crate::tokenize::TextCodec;
+use crate::validation::{self, Validated};
+
+fn next_id(prefix: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(1);
+    format!(
+        "{prefix}-{:x}{:06x}",
+        now(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// How a token is named in logprobs.
+fn token_name(codec: &TextCodec, id: u32, as_ids: bool) -> String {
+    if as_ids {
+        format!("token_id:{id}")
+    } else {
+        codec.token_text(id)
+    }
+}
+
+/// A finished generation, gathered from its events.
+struct Collected {
+    text: String,
+    tokens: Vec<(u32, usize, Option<TokenLogprob>)>,
+    finish: FinishReason,
+    usage: Usage,
+}
+
+async fn collect(mut rx: mpsc::UnboundedReceiver<Event>) -> Result<Collected, ApiError> {
+    let mut text = String::new();
+    let mut tokens = Vec::new();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Token {
+                id,
+                text: t,
+                logprob,
+            } => {
+                tokens.push((id, text.len(), logprob));
+                text.push_str(&t);
+            }
+            Event::Finished {
+                reason,
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                let usage = Usage {
+                    prompt_tokens,
+                    completion_tokens,
+                    total_tokens: prompt_tokens + completion_tokens,
+                };
+                return Ok(Collected {
+                    text,
+                    tokens,
+                    finish: reason,
+                    usage,
+                });
+            }
+            Event::Failed(e) => return Err(e),
+        }
+    }
+    Err(ApiError::Unavailable(
+        "the engine stopped before the request finished".into(),
+    ))
+}
+
+fn completion_logprobs(
+    codec: &TextCodec,
+    as_ids: bool,
+    items: &[(u32, usize, Option<TokenLogprob>)],
+) -> Option<CompletionLogprobs> {
+    if items.iter().all(|(_, _, lp)| lp.is_none()) {
+        return None;
+    }
+    let mut out = CompletionLogprobs::default();
+    for (id, offset, lp) in items {
+        let Some(lp) = lp else { continue };
+        out.tokens.push(token_name(codec, *id, as_ids));
+        out.token_logprobs.push(lp.logprob);
+        out.top_logprobs.push(
+            lp.top
+                .iter()
+                .map(|(t, l)| (token_name(codec, *t, as_ids), json!(l)))
+                .collect(),
+        );
+        out.text_offset.push(*offset);
+    }
+    Some(out)
+}
+
+fn chat_logprobs(
+    codec: &TextCodec,
+    as_ids: bool,
+    items: &[(u32, usize, Option<TokenLogprob>)],
+) -> Option<ChatLogprobs> {
+    if items.iter().all(|(_, _, lp)| lp.is_none()) {
+        return None;
+    }
+    let entry = |id: u32, logprob: f32, top: Option<Vec<ChatTokenLogprob>>| {
+        let token = token_name(codec, id, as_ids);
+        ChatTokenLogprob {
+            bytes: codec.token_text(id).into_bytes(),
+            token,
+            logprob,
+            top_logprobs: top,
+        }
+    };
+    let content = items
+        .iter()
+        .filter_map(|(id, _, lp)| {
+            let lp = lp.as_ref()?;
+            let top = lp.top.iter().map(|(t, l)| entry(*t, *l, None)).collect();
+            Some(entry(*id, lp.logprob, Some(top)))
+        })
+        .collect();
+    Some(ChatLogprobs { content })
+}
+
+fn submit(s: &AppState, v: &Validated) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
+    s.scheduler.submit(v.request.clone())
+}
+
+/// `POST /v1/completions`.
+pub async fn completions(
+    State(s): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let v = match parse::<CompletionRequest>(body, s.max_body_bytes)
+        .and_then(|req| validation::completion(&req, &s.codec, &s.limits))
+    {
+        Ok(v) => v,
+        Err(e) => return fail(e),
+    };
+    let rx = match submit(&s, &v) {
+        Ok(rx) => rx,
+        Err(e) => return fail(e),
+    };
+    let (id, created, model) = (next_id("cmpl"), now(), s.limits.model_name.clone());
+    if v.stream {
+        count(StatusCode::OK, "");
+        let codec = s.codec.clone();
+        let mut offset = 0usize;
+        let mut usage: Option<Usage> = None;
+        return super::stream::sse(rx, move |ev| {
+            let chunk = |text: String,
+                         logprobs: Option<CompletionLogprobs>,
+                         finish: Option<&'static str>| {
+                json!({"id": id, "object": "text_completion", "created": created, "model": model,
+                       "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
+            };
+            match ev {
+                Some(Event::Token {
+                    id: tok,
+                    text,
+                    logprob,
+                }) => {
+                    let lp = completion_logprobs(
+                        &codec,
+                        v.tokens_as_ids,
+                        &[(*tok, offset, logprob.clone())],
+                    );
+                    offset += text.len();
+                    if text.is_empty() && lp.is_none() {
+                        vec![]
+                    } else {
+                        vec![chunk(text.clone(), lp, None)]
+                    }
+                }
+                Some(Event::Finished {
+                    reason,
+                    prompt_tokens,
+                    completion_tokens,
+                }) => {
+                    usage = Some(Usage {
+                        prompt_tokens: *prompt_tokens,
+                        completion_tokens: *completion_tokens,
+                        total_tokens: prompt_tokens + completion_tokens,
+                    });
+                    vec![chunk(String::new(), None, Some(reason.as_str()))]
+                }
+                Some(Event::Failed(e)) => vec![e.body()],
+                None => match (&usage, v.include_usage) {
+                    (Some(u), true) => vec![
+                        json!({"id": id, "object": "text_completion", "created": created,
+                                                   "model": model, "choices": [], "usage": u}),
+                    ],
+                    _ => vec![],
+                },
+            }
+        });
+    }
+    match collect(rx).await {
+        Ok(c) => {
+            count(StatusCode::OK, "");
+            axum::Json(CompletionResponse {
+                id,
+                object: "text_completion",
+                created,
+                model,
+                choices: vec![CompletionChoice {
+                    index: 0,
+                    logprobs: completion_logprobs(&s.codec, v.tokens_as_ids, &c.tokens),
+                    text: c.text,
+                    finish_reason: Some(c.finish.as_str()),
+                }],
+                usage: Some(c.usage),
+            })
+            .into_response()
+        }
+        Err(e) => fail(e),
+    }
+}
+
+/// `POST /v1/chat/completions`.
+pub async fn chat(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+    let v = match parse::<ChatRequest>(body, s.max_body_bytes)
+        .and_then(|req| validation::chat(&req, &s.codec, &s.limits))
+    {
+        Ok(v) => v,
+        Err(e) => return fail(e),
+    };
+    let rx = match submit(&s, &v) {
+        Ok(rx) => rx,
+        Err(e) => return fail(e),
+    };
+    let (id, created, model) = (next_id("chatcmpl"), now(), s.limits.model_name.clone());
+    if v.stream {
+        count(StatusCode::OK, "");
+        let codec: Arc<TextCodec> = s.codec.clone();
+        let mut started = false;
+        let mut usage: Option<Usage> = None;
+        return super::stream::sse(rx, move |ev| {
+            let chunk =
+                |delta: ChatDelta, logprobs: Option<ChatLogprobs>, finish: Option<&'static str>| {
+                    serde_json::to_value(ChatChunk {
+                        id: id.clone(),
+                        object: "chat.completion.chunk",
+                        created,
+                        model: model.clone(),
+                        choices: vec![ChatChunkChoice {
+                            index: 0,
+                            delta,
+                            logprobs,
+                            finish_reason: finish,
+                        }],
+                        usage: None,
+                    })
+                    .unwrap_or(Value::Null)
+                };
+            let mut out = Vec::new();
+            if !started && ev.is_some() {
+                started = true;
+                out.push(chunk(
+                    ChatDelta {
+                        role: Some("assistant"),
+                        content: Some(String::new()),
+                    },
+                    None,
+                    None,
+                ));
+            }
+            match ev {
+                Some(Event::Token {
+                    id: tok,
+                    text,
+                    logprob,
+                }) => {
+                    let lp = chat_logprobs(&codec, v.tokens_as_ids, &[(*tok, 0, logprob.clone())]);
+                    if !text.is_empty() || lp.is_some() {
+                        out.push(chunk(
+                            ChatDelta {
+                                role: None,
+                                content: Some(text.clone()),
+                            },
+                            lp,
+                            None,
+                        ));
+                    }
+                }
+                Some(Event::Finished {
+                    reason,
+                    prompt_tokens,
+                    completion_tokens,
+                }) => {
+                    usage = Some(Usage {
+                        prompt_tokens: *prompt_tokens,
+                        completion_tokens: *completion_tokens,
+                        total_tokens: prompt_tokens + completion_tokens,
+                    });
+                    out.push(chunk(
+                        ChatDelta {
+                            role: None,
+                            content: None,
+                        },
+                        None,
+                        Some(reason.as_str()),
+                    ));
+                }
+                Some(Event::Failed(e)) => out.push(e.body()),
+                None => {
+                    if let (Some(u), true) = (&usage, v.include_usage) {
+                        out.push(
+                            json!({"id": id, "object": "chat.completion.chunk", "created": created,
+                                        "model": model, "choices": [], "usage": u}),
+                        );
+                    }
+                }
+            }
+            out
+        });
+    }
+    match collect(rx).await {
+        Ok(c) => {
+            count(StatusCode::OK, "");
+            axum::Json(ChatResponse {
+                id,
+                object: "chat.completion",
+                created,
+                model,
+                choices: vec![ChatChoice {
+                    index: 0,
+                    logprobs: chat_logprobs(&s.codec, v.tokens_as_ids, &c.tokens),
+                    message: ChatMessageOut {
+                        role: "assistant",
+                        content: c.text,
+                    },
+                    finish_reason: Some(c.finish.as_str()),
+                }],
+                usage: c.usage,
+            })
+            .into_response()
+        }
+        Err(e) => fail(e),
+    }
+}

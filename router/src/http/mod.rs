@@ -1,0 +1,128 @@
+//! The OpenAI-compatible HTTP API (axum handlers only): `/v1/completions`,
+//! `/v1/chat/completions`, `/v1/models`, `/health`, `/ready`, `/metrics`.
+
+mod generate;
+mod stream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::de::DeserializeOwned;
+
+use crate::error::ApiError;
+use crate::metrics as m;
+use crate::scheduler::Scheduler;
+use crate::tokenize::TextCodec;
+use crate::validation::Limits;
+
+/// Everything the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub scheduler: Scheduler,
+    pub codec: Arc<TextCodec>,
+    pub limits: Limits,
+    pub metrics: PrometheusHandle,
+    /// Extra readiness check (for `moe router`: every expert node reachable).
+    pub ready: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
+    pub max_body_bytes: usize,
+}
+
+/// The API router.
+pub fn router(state: AppState) -> Router {
+    let limit = state.max_body_bytes;
+    Router::new()
+        .route("/v1/completions", post(generate::completions))
+        .route("/v1/chat/completions", post(generate::chat))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let addr: SocketAddr = listener.local_addr()?;
+    tracing::info!(%addr, model = %state.limits.model_name, "HTTP API up");
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Counts a finished request by status and error type.
+pub(crate) fn count(status: StatusCode, error_type: &str) {
+    metrics::counter!(m::REQUESTS, "status" => status.as_u16().to_string(), "error_type" => error_type.to_string())
+        .increment(1);
+}
+
+/// An error response, counted.
+pub(crate) fn fail(e: ApiError) -> Response {
+    count(e.status(), e.error_type());
+    e.into_response()
+}
+
+/// Parses a JSON body into `T`, mapping the body limit to 413 and bad JSON to 400.
+pub(crate) fn parse<T: DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+    limit: usize,
+) -> Result<T, ApiError> {
+    let bytes = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge { limit }
+        } else {
+            ApiError::bad_request(format!("cannot read the body: {r}"))
+        }
+    })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+async fn models(State(s): State<AppState>) -> Response {
+    axum::Json(serde_json::json!({
+        "object": "list",
+        "data": [{
+            "id": s.limits.model_name,
+            "object": "model",
+            "created": crate::api::now(),
+            "owned_by": "moe-cluster",
+            "max_model_len": s.limits.context,
+        }]
+    }))
+    .into_response()
+}
+
+async fn health() -> Response {
+    axum::Json(serde_json::json!({"status": "ok"})).into_response()
+}
+
+async fn ready(State(s): State<AppState>) -> Response {
+    if !s.scheduler.stats().alive.load(Ordering::SeqCst) {
+        return ApiError::Unavailable("the engine has stopped".into()).into_response();
+    }
+    match (s.ready)() {
+        Ok(()) => axum::Json(serde_json::json!({"status": "ready"})).into_response(),
+        Err(why) => ApiError::Unavailable(why).into_response(),
+    }
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
+        .into_response()
+}

@@ -1,0 +1,383 @@
+//! The continuous-batching scheduler: an actor owning every sequence and the engine.
+//!
+//! Each step batches one decode token of every running sequence that has finished its prompt
+//! plus prefill chunks of the others, under a token budget. Sequences are admitted from the
+//! waiting queue only while the KV cache can hold their prompt plus `max_tokens` (reserved up
+//! front, so a running sequence never runs out of cache); past `max_waiting` new requests are
+//! refused with 429. A sequence leaves the batch the step it finishes; a client that goes away
+//! (its event receiver dropped) is cancelled and its cache freed at the start of the next step.
+//! The engine runs on its own thread; the handle is a cheap clone around a channel.
+
+mod sequence;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Instant;
+
+use moe_model::model::{LogitsMode, SeqInput};
+use moe_model::{Matrix, SeqCache};
+use tokio::sync::mpsc;
+
+use sequence::Seq;
+pub use sequence::{Event, FinishReason, GenerationRequest, TokenLogprob};
+
+use crate::engine::Engine;
+use crate::error::ApiError;
+use crate::metrics as m;
+use crate::tokenize::TextCodec;
+
+/// Scheduler limits.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Tokens per engine step (decode tokens plus prefill chunks).
+    pub max_batch_tokens: usize,
+    /// Sequences running at once.
+    pub max_running: usize,
+    /// Requests waiting for admission before new ones get 429.
+    pub max_waiting: usize,
+    /// KV-cache capacity in tokens.
+    pub kv_cache_tokens: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            max_batch_tokens: 2048,
+            max_running: 256,
+            max_waiting: 1024,
+            kv_cache_tokens: 1 << 16,
+        }
+    }
+}
+
+struct Command {
+    req: GenerationRequest,
+    events: mpsc::UnboundedSender<Event>,
+    span: tracing::Span,
+}
+
+/// The scheduler's counters, shared with the handle and /ready.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub waiting: AtomicUsize,
+    pub running: AtomicUsize,
+    pub kv_used: AtomicUsize,
+    pub alive: AtomicBool,
+}
+
+/// A handle to submit requests.
+#[derive(Clone)]
+pub struct Scheduler {
+    tx: std::sync::mpsc::Sender<Command>,
+    stats: Arc<Stats>,
+    cfg: SchedulerConfig,
+}
+
+impl std::fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduler").field("cfg", &self.cfg).finish()
+    }
+}
+
+impl Scheduler {
+    /// Starts the engine thread.
+    pub fn start(engine: Engine, codec: Arc<TextCodec>, cfg: SchedulerConfig) -> Scheduler {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stats = Arc::new(Stats::default());
+        stats.alive.store(true, Ordering::SeqCst);
+        metrics::gauge!(m::KV_CAPACITY_TOKENS).set(cfg.kv_cache_tokens as f64);
+        let loop_ = Loop {
+            engine,
+            codec,
+            cfg: cfg.clone(),
+            stats: stats.clone(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            next_id: 0,
+        };
+        let st = stats.clone();
+        let spawned = std::thread::Builder::new()
+            .name("moe-scheduler".into())
+            .spawn(move || {
+                loop_.run(rx);
+                st.alive.store(false, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the scheduler thread");
+            stats.alive.store(false, Ordering::SeqCst);
+        }
+        Scheduler { tx, stats, cfg }
+    }
+
+    /// The limits.
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Queues a request; its events arrive on the returned channel. Drop it to cancel.
+    pub fn submit(
+        &self,
+        req: GenerationRequest,
+    ) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
+        let need = req.prompt.len() + req.max_tokens;
+        if need > self.cfg.kv_cache_tokens {
+            return Err(ApiError::bad_request(format!(
+                "prompt ({} tokens) plus max_tokens ({}) exceeds the KV-cache capacity of {} tokens",
+                req.prompt.len(),
+                req.max_tokens,
+                self.cfg.kv_cache_tokens
+            )));
+        }
+        let waiting = self.stats.waiting.fetch_add(1, Ordering::SeqCst);
+        if waiting >= self.cfg.max_waiting {
+            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(ApiError::Overloaded { waiting });
+        }
+        let (events, rx) = mpsc::unbounded_channel();
+        let cmd = Command {
+            req,
+            events,
+            span: tracing::Span::current(),
+        };
+        if self.tx.send(cmd).is_err() {
+            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(ApiError::Unavailable("the engine has stopped".into()));
+        }
+        Ok(rx)
+    }
+}
+
+struct Loop {
+    engine: Engine,
+    codec: Arc<TextCodec>,
+    cfg: SchedulerConfig,
+    stats: Arc<Stats>,
+    waiting: VecDeque<Seq>,
+    running: Vec<Seq>,
+    next_id: u64,
+}
+
+/// `log_softmax` of one row.
+fn log_softmax(row: &[f32]) -> Vec<f32> {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = row.iter().map(|&v| f64::from(v - max).exp()).sum();
+    let lse = max + sum.ln() as f32;
+    row.iter().map(|&v| v - lse).collect()
+}
+
+fn token_logprob(row: &[f32], id: u32, top: usize) -> TokenLogprob {
+    let lp = log_softmax(row);
+    let mut idx: Vec<u32> = (0..row.len() as u32).collect();
+    idx.sort_by(|&a, &b| lp[b as usize].total_cmp(&lp[a as usize]).then(a.cmp(&b)));
+    TokenLogprob {
+        logprob: lp[id as usize],
+        top: idx
+            .into_iter()
+            .take(top)
+            .map(|i| (i, lp[i as usize]))
+            .collect(),
+    }
+}
+
+impl Loop {
+    fn run(mut self, rx: std::sync::mpsc::Receiver<Command>) {
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                match rx.recv() {
+                    Ok(cmd) => self.enqueue(cmd),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(cmd) = rx.try_recv() {
+                self.enqueue(cmd);
+            }
+            self.drop_cancelled();
+            self.admit();
+            self.publish();
+            if !self.running.is_empty() {
+                self.step();
+                self.publish();
+            }
+        }
+    }
+
+    fn enqueue(&mut self, cmd: Command) {
+        self.next_id += 1;
+        let cache = SeqCache::new(self.engine.config());
+        self.waiting
+            .push_back(Seq::new(self.next_id, cmd.req, cache, cmd.events, cmd.span));
+    }
+
+    fn kv_used(&self) -> usize {
+        self.running.iter().map(Seq::reserved_tokens).sum()
+    }
+
+    fn drop_cancelled(&mut self) {
+        let before = self.running.len() + self.waiting.len();
+        let waiting_before = self.waiting.len();
+        self.running.retain(|s| !s.cancelled());
+        self.waiting.retain(|s| !s.cancelled());
+        self.stats
+            .waiting
+            .fetch_sub(waiting_before - self.waiting.len(), Ordering::SeqCst);
+        let gone = before - self.running.len() - self.waiting.len();
+        if gone > 0 {
+            metrics::counter!(m::CANCELLED).increment(gone as u64);
+            tracing::debug!(cancelled = gone, "clients went away");
+        }
+    }
+
+    fn admit(&mut self) {
+        let mut used = self.kv_used();
+        while let Some(front) = self.waiting.front() {
+            if self.running.len() >= self.cfg.max_running
+                || used + front.reserved_tokens() > self.cfg.kv_cache_tokens
+            {
+                break;
+            }
+            used += front.reserved_tokens();
+            if let Some(seq) = self.waiting.pop_front() {
+                self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+                self.running.push(seq);
+            }
+        }
+    }
+
+    fn publish(&self) {
+        let used = self.kv_used();
+        self.stats
+            .running
+            .store(self.running.len(), Ordering::SeqCst);
+        self.stats.kv_used.store(used, Ordering::SeqCst);
+        metrics::gauge!(m::RUNNING).set(self.running.len() as f64);
+        metrics::gauge!(m::WAITING).set(self.waiting.len() as f64);
+        metrics::gauge!(m::KV_USED_TOKENS).set(used as f64);
+        metrics::gauge!(m::KV_USAGE).set(used as f64 / self.cfg.kv_cache_tokens.max(1) as f64);
+    }
+
+    /// One engine step over the running sequences.
+    fn step(&mut self) {
+        let started = Instant::now();
+        // Decode tokens first (latency), then prefill chunks in arrival order.
+        let mut budget = self.cfg.max_batch_tokens.max(1);
+        let mut inputs: Vec<(usize, Vec<u32>)> = Vec::new();
+        for (i, s) in self.running.iter().enumerate() {
+            if s.prefilled() && budget > 0 {
+                inputs.push((i, s.next_input(1)));
+                budget -= 1;
+            }
+        }
+        for (i, s) in self.running.iter().enumerate() {
+            if !s.prefilled() && budget > 0 {
+                let chunk = s.next_input(budget);
+                budget -= chunk.len();
+                inputs.push((i, chunk));
+            }
+        }
+        let tokens: usize = inputs.iter().map(|(_, t)| t.len()).sum();
+        let prefill_tokens: usize = inputs
+            .iter()
+            .filter(|(i, _)| !self.running[*i].prefilled())
+            .map(|(_, t)| t.len())
+            .sum();
+        metrics::histogram!(m::BATCH_SEQUENCES).record(inputs.len() as f64);
+        metrics::histogram!(m::BATCH_TOKENS).record(tokens as f64);
+        metrics::counter!(m::PROMPT_TOKENS).increment(prefill_tokens as u64);
+
+        let result = {
+            let mut seqs: Vec<SeqInput<'_>> = Vec::with_capacity(inputs.len());
+            let mut caches: Vec<Option<&mut SeqCache>> = self
+                .running
+                .iter_mut()
+                .map(|s| Some(&mut s.cache))
+                .collect();
+            for (i, toks) in &inputs {
+                if let Some(cache) = caches[*i].take() {
+                    seqs.push(SeqInput {
+                        tokens: toks,
+                        cache,
+                    });
+                }
+            }
+            let span = tracing::info_span!("engine.step", sequences = seqs.len(), tokens);
+            let _e = span.enter();
+            self.engine.forward(&mut seqs, LogitsMode::Last)
+        };
+        metrics::histogram!(m::STEP_SECONDS).record(started.elapsed().as_secs_f64());
+        match result {
+            Ok(logits) => self.after_step(&inputs, &logits),
+            Err(e) => {
+                let err = ApiError::from(e);
+                tracing::warn!(error = %err, "engine step failed; failing its sequences");
+                let failed: Vec<usize> = inputs.iter().map(|(i, _)| *i).collect();
+                for &i in failed.iter().rev() {
+                    let s = self.running.remove(i);
+                    let _ = s.events.send(Event::Failed(err.clone()));
+                }
+            }
+        }
+    }
+
+    fn after_step(&mut self, inputs: &[(usize, Vec<u32>)], logits: &[Matrix]) {
+        let eos = self.engine.config().eos_token_ids();
+        let mut done: Vec<usize> = Vec::new();
+        for ((i, _), row) in inputs.iter().zip(logits) {
+            let s = &mut self.running[*i];
+            if !s.prefilled() {
+                continue; // a prefill chunk that did not finish the prompt
+            }
+            let span = s.span.clone();
+            let _e = span.enter();
+            let id = s.req.sampler.sample(&row.data);
+            let lp = s.req.logprobs.map(|top| token_logprob(&row.data, id, top));
+            let now = Instant::now();
+            if s.first_token_at.is_none() {
+                s.first_token_at = Some(now);
+                metrics::histogram!(m::TTFT).record((now - s.arrived).as_secs_f64());
+            }
+            metrics::counter!(m::GENERATED_TOKENS).increment(1);
+            if let Some(reason) = s.push(id, lp, &self.codec, &eos) {
+                let n = s.output.len();
+                if let Some(first) = s.first_token_at
+                    && n > 1
+                {
+                    metrics::histogram!(m::TPOT)
+                        .record((now - first).as_secs_f64() / (n - 1) as f64);
+                }
+                metrics::histogram!(m::E2E).record((now - s.arrived).as_secs_f64());
+                tracing::debug!(seq = s.id, reason = reason.as_str(), tokens = n, "finished");
+                let _ = s.events.send(Event::Finished {
+                    reason,
+                    prompt_tokens: s.req.prompt.len(),
+                    completion_tokens: n,
+                });
+                done.push(*i);
+            }
+        }
+        done.sort_unstable();
+        for &i in done.iter().rev() {
+            self.running.remove(i);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_softmax_normalises() {
+        let lp = log_softmax(&[1.0, 2.0, 3.0]);
+        let total: f64 = lp.iter().map(|v| f64::from(*v).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6);
+        let t = token_logprob(&[1.0, 3.0, 2.0], 0, 2);
+        assert_eq!(t.top.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2]);
+        assert!((t.logprob - lp[0]).abs() < 1e-7);
+    }
+}

@@ -1,0 +1,200 @@
+//! One request in the scheduler: its tokens, cache, sampler, stop conditions, and the channel
+//! its events go to. Text is produced incrementally; stop strings are matched on the text and
+//! the tail that could still become a stop string is held back, so a stop string is never
+//! streamed.
+
+use std::time::Instant;
+
+use moe_model::SeqCache;
+use moe_model::sampling::Sampler;
+use tokio::sync::mpsc;
+
+use crate::error::ApiError;
+use crate::tokenize::{Detokenizer, TextCodec};
+
+/// Why a sequence finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// `max_tokens` reached.
+    Length,
+    /// EOS or a stop string.
+    Stop,
+}
+
+impl FinishReason {
+    /// The OpenAI spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Length => "length",
+            FinishReason::Stop => "stop",
+        }
+    }
+}
+
+/// Log-probabilities of a sampled token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub logprob: f32,
+    /// The most likely tokens with their log-probabilities, best first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// What a request's handler receives.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A generated token and the text it completes (possibly empty while held back).
+    Token {
+        id: u32,
+        text: String,
+        logprob: Option<TokenLogprob>,
+    },
+    /// The end: reason, prompt tokens, generated tokens.
+    Finished {
+        reason: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    /// The request failed after it was accepted.
+    Failed(ApiError),
+}
+
+/// What the HTTP layer asks for.
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampler: Sampler,
+    pub stop: Vec<String>,
+    pub ignore_eos: bool,
+    /// Top-N log-probabilities per token (0 = only the sampled token's, None = none).
+    pub logprobs: Option<usize>,
+}
+
+/// A sequence owned by the scheduler.
+pub(crate) struct Seq {
+    pub id: u64,
+    pub req: GenerationRequest,
+    pub output: Vec<u32>,
+    pub cache: SeqCache,
+    pub events: mpsc::UnboundedSender<Event>,
+    pub arrived: Instant,
+    pub first_token_at: Option<Instant>,
+    pub span: tracing::Span,
+    detok: Detokenizer,
+    /// Output text produced but not yet sent (a possible stop-string prefix).
+    held: String,
+}
+
+impl Seq {
+    pub fn new(
+        id: u64,
+        req: GenerationRequest,
+        cache: SeqCache,
+        events: mpsc::UnboundedSender<Event>,
+        span: tracing::Span,
+    ) -> Seq {
+        Seq {
+            id,
+            req,
+            output: Vec::new(),
+            cache,
+            events,
+            arrived: Instant::now(),
+            first_token_at: None,
+            span,
+            detok: Detokenizer::default(),
+            held: String::new(),
+        }
+    }
+
+    /// KV-cache tokens this sequence may use (reserved at admission).
+    pub fn reserved_tokens(&self) -> usize {
+        self.req.prompt.len() + self.req.max_tokens
+    }
+
+    /// Whether the prompt is fully in the cache.
+    pub fn prefilled(&self) -> bool {
+        self.cache.len() >= self.req.prompt.len()
+    }
+
+    /// The tokens to feed next: a prefill chunk of at most `budget`, or the last sampled token.
+    pub fn next_input(&self, budget: usize) -> Vec<u32> {
+        if self.prefilled() {
+            self.output.last().map(|&t| vec![t]).unwrap_or_default()
+        } else {
+            let start = self.cache.len();
+            let end = (start + budget).min(self.req.prompt.len());
+            self.req.prompt[start..end].to_vec()
+        }
+    }
+
+    /// Whether the client went away.
+    pub fn cancelled(&self) -> bool {
+        self.events.is_closed()
+    }
+
+    /// Records a sampled token; returns the finish reason when the sequence is done.
+    pub fn push(
+        &mut self,
+        id: u32,
+        logprob: Option<TokenLogprob>,
+        codec: &TextCodec,
+        eos: &[u32],
+    ) -> Option<FinishReason> {
+        self.output.push(id);
+        let is_eos = !self.req.ignore_eos && eos.contains(&id);
+        let mut text = self.detok.next(codec, &self.output);
+        let mut finish = if is_eos {
+            Some(FinishReason::Stop)
+        } else if self.output.len() >= self.req.max_tokens {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        if finish.is_some() {
+            text.push_str(&self.detok.flush(codec, &self.output));
+        }
+        self.held.push_str(&text);
+        let (emit, stop) = self.split_held(finish.is_some());
+        if stop {
+            finish = Some(FinishReason::Stop);
+        }
+        let _ = self.events.send(Event::Token {
+            id,
+            text: emit,
+            logprob,
+        });
+        finish
+    }
+
+    /// Takes what can be sent from the held text: everything up to a stop string (then `true`),
+    /// else all but the longest tail that is a prefix of a stop string (all of it at the end).
+    fn split_held(&mut self, at_end: bool) -> (String, bool) {
+        if let Some(pos) = self
+            .req
+            .stop
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
+            let out = self.held[..pos].to_string();
+            self.held.clear();
+            return (out, true);
+        }
+        if at_end {
+            return (std::mem::take(&mut self.held), false);
+        }
+        let mut keep = 0;
+        for s in &self.req.stop {
+            for (i, _) in s.char_indices().skip(1) {
+                if self.held.ends_with(&s[..i]) {
+                    keep = keep.max(i);
+                }
+            }
+        }
+        let cut = self.held.len() - keep;
+        let out = self.held[..cut].to_string();
+        self.held.drain(..cut);
+        (out, false)
+    }
+}
