@@ -35,6 +35,8 @@ enum Command {
     Serve(commands::serve::ServeArgs),
     /// OpenAI-compatible API with the routed experts on expert nodes.
     Router(commands::serve::RouterArgs),
+    /// Load generator for an OpenAI-compatible server.
+    Bench(commands::bench::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -62,5 +64,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::ExpertNode(a) => commands::expert_node::run(a),
         Command::Serve(a) => commands::serve::run_serve(a),
         Command::Router(a) => commands::serve::run_router(a),
+        Command::Bench(a) => commands::bench::run(a),
     }
 }

@@ -1,5 +1,5 @@
 //! One engine step of the `bench` preset (hidden 1024, 6 layers, 256 experts top-8, bf16):
-//! decode at batch 1 and 16 (each sequence has 32 cached tokens), and a 128-token prefill.
+//! decode at batch 1, 16 and 32 (each sequence has 32 cached tokens), and a 128-token prefill.
 //! Throughput is reported in tokens/s. Alongside, in the same run, a parallel streaming read of
 //! 1 GiB (bytes/s): decode at batch 1 reads every active weight once per token, so
 //! `tok/s × active bytes / stream bytes/s` is the fraction of this machine's memory bandwidth
@@ -65,7 +65,7 @@ fn decode(c: &mut Criterion) {
     g.throughput(Throughput::Bytes((buf.len() * 4) as u64));
     g.bench_function("memory_stream_read_1GiB", |b| b.iter(|| stream_sum(&buf)));
     drop(buf);
-    for batch in [1usize, 16] {
+    for batch in [1usize, 16, 32] {
         let prompts: Vec<Vec<u32>> = (0..batch).map(|i| prompt(i, CONTEXT)).collect();
         let mut caches: Vec<SeqCache> = prompts.iter().map(|_| model.new_cache()).collect();
         {

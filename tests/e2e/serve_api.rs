@@ -610,3 +610,44 @@ async fn router_answers_503_when_experts_are_unavailable() {
         StatusCode::SERVICE_UNAVAILABLE
     );
 }
+
+/// The Python with the `openai` package: `MOE_TEST_PYTHON`, else the venv `.ci/run` creates.
+fn python_with_openai() -> std::path::PathBuf {
+    let candidate = std::env::var_os("MOE_TEST_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/e2e-venv/bin/python")
+        });
+    let ok = std::process::Command::new(&candidate)
+        .args(["-c", "import openai"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "{} cannot import openai: run .ci/run (it creates target/e2e-venv with `pip install openai`) or set MOE_TEST_PYTHON",
+        candidate.display()
+    );
+    candidate
+}
+
+#[test]
+fn the_official_openai_python_package_drives_the_api() {
+    let python = python_with_openai();
+    let s = serve(&[]);
+    let script =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/e2e/openai_client.py");
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .arg(format!("http://{}", s.addr))
+        .arg(fixture(MODEL).join("golden/golden.json"))
+        .output()
+        .expect("runs python");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout).trim());
+}

@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+pub mod bench;
 pub mod expert_node;
 pub mod gen_model;
 pub mod generate;

@@ -97,6 +97,7 @@ pub struct RemoteExperts {
 struct InFlight {
     work: NodeWork,
     rx: oneshot::Receiver<Result<DispatchResponse, Status>>,
+    sent: std::time::Instant,
 }
 
 impl RemoteExperts {
@@ -214,6 +215,7 @@ impl RemoteExperts {
         InFlight {
             rx: self.clients[work.node].send(req),
             work,
+            sent: std::time::Instant::now(),
         }
     }
 }
@@ -296,6 +298,9 @@ impl PendingExperts for Pending<'_> {
                                 "no answer within {timeout:?}"
                             ))),
                         };
+                        let addr = experts.clients[f.work.node].addr().to_string();
+                        metrics::histogram!(crate::metrics::DISPATCH_LATENCY, "node" => addr)
+                            .record(f.sent.elapsed().as_secs_f64());
                         (f.work, r)
                     });
                     futures::future::join_all(waits).await
@@ -334,6 +339,8 @@ impl PendingExperts for Pending<'_> {
                     .into_model(layer));
                 }
                 tracing::warn!(node = %addr, layer, code = ?status.code(), message = status.message(), "re-routing a node's tokens");
+                metrics::counter!(crate::metrics::DISPATCH_FAILOVERS, "node" => addr.clone())
+                    .increment(1);
                 last = format!("node {addr}: {:?}: {}", status.code(), status.message());
                 excluded.insert(work.node);
                 for (t, &tok) in work.tokens.iter().enumerate() {
