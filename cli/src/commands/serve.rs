@@ -16,9 +16,10 @@ use moe_router::{Engine, RemoteExperts};
 /// Options shared by `serve` and `router`.
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
-    /// Model directory (config.json, safetensors, tokenizer files).
+    /// Model directory (config.json, safetensors, tokenizer files); default: the generated
+    /// `tiny` preset.
     #[arg(long, env = "MOE_MODEL")]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// Address of the HTTP API (port 0 picks one; the address is printed).
     #[arg(long, env = "MOE_LISTEN", default_value = "127.0.0.1:8000")]
     listen: SocketAddr,
@@ -50,9 +51,18 @@ pub struct RouterArgs {
     remote: crate::engine::RemoteArgs,
 }
 
+impl ServeArgs {
+    fn model_dir(&self) -> anyhow::Result<PathBuf> {
+        match &self.model {
+            Some(dir) => Ok(dir.clone()),
+            None => crate::commands::gen_model::cached_preset(moe_model::presets::Preset::Tiny),
+        }
+    }
+}
+
 /// `moe serve`.
 pub fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
-    let model = crate::progress::load_model(&a.model)?;
+    let model = crate::progress::load_model(&a.model_dir()?)?;
     let rt = runtime()?;
     run(a, Engine::local(model), Arc::new(|| Ok(())), rt)
 }
@@ -64,7 +74,8 @@ pub fn run_router(a: RouterArgs) -> anyhow::Result<()> {
         "moe router needs --experts-at (use moe serve for local experts)"
     );
     let rt = runtime()?;
-    let (backbone, experts) = crate::engine::load_remote(&a.serve.model, &a.remote, rt.handle())?;
+    let (backbone, experts) =
+        crate::engine::load_remote(&a.serve.model_dir()?, &a.remote, rt.handle())?;
     let experts = Arc::new(experts);
     let probe = experts.clone();
     let ready = Arc::new(move || check_nodes(&probe));
@@ -98,7 +109,8 @@ fn run(
     ready: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
     rt: tokio::runtime::Runtime,
 ) -> anyhow::Result<()> {
-    let codec = Arc::new(TextCodec::from_dir(&a.model).map_err(anyhow::Error::msg)?);
+    let dir = a.model_dir()?;
+    let codec = Arc::new(TextCodec::from_dir(&dir).map_err(anyhow::Error::msg)?);
     let cfg = engine.config().clone();
     let per_token = SeqCache::new(&cfg).bytes_per_token().max(1);
     let sched_cfg = SchedulerConfig {
@@ -108,8 +120,7 @@ fn run(
         kv_cache_tokens: a.kv_cache_bytes / per_token,
     };
     let name = a.served_model_name.clone().unwrap_or_else(|| {
-        a.model
-            .file_name()
+        dir.file_name()
             .map_or_else(|| "model".to_string(), |n| n.to_string_lossy().into_owned())
     });
     let metrics = moe_router::metrics::install();
