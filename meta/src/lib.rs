@@ -3,8 +3,11 @@
 //! form, and tracing setup with W3C trace-context propagation. The metadata-store trait and the etcd records join it with the coordinator.
 
 pub mod placement;
+pub mod records;
 pub mod spec;
+pub mod store;
 pub mod telemetry;
+pub mod testing;
 
 pub use placement::{NodeEntry, Placement, PlacementError};
 pub use spec::ExpertSpec;

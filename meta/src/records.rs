@@ -1,0 +1,211 @@
+//! The key space under `/moe/<cluster>/` and its records: compact bincode with a format byte
+//! first, so a future format can be told apart (and refused clearly) rather than misread.
+//!
+//! | key | written by | record |
+//! | --- | --- | --- |
+//! | `nodes/<id>` | expert node, under its lease | [`NodeRecord`] |
+//! | `routers/<id>` | router, under its lease | [`RouterRecord`] |
+//! | `placement/pending`, `placement/active` | coordinator, fenced | [`PlacementRecord`] |
+//! | `placement/acks/<node>` | expert node, under its lease | [`AckRecord`] |
+//! | `election/coordinator` | coordinators | the leader's id (plain text) |
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::placement::{NodeEntry, Placement, PlacementError};
+use crate::store::StoreError;
+
+/// Current record format.
+pub const FORMAT: u8 = 1;
+
+/// The keys of one cluster.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    root: String,
+}
+
+impl Keys {
+    /// Keys under `/moe/<cluster>/`.
+    pub fn new(cluster: &str) -> Keys {
+        Keys {
+            root: format!("/moe/{cluster}/"),
+        }
+    }
+    pub fn nodes(&self) -> String {
+        format!("{}nodes/", self.root)
+    }
+    pub fn node(&self, id: &str) -> String {
+        format!("{}nodes/{id}", self.root)
+    }
+    pub fn routers(&self) -> String {
+        format!("{}routers/", self.root)
+    }
+    pub fn router(&self, id: &str) -> String {
+        format!("{}routers/{id}", self.root)
+    }
+    pub fn placement(&self) -> String {
+        format!("{}placement/", self.root)
+    }
+    pub fn pending(&self) -> String {
+        format!("{}placement/pending", self.root)
+    }
+    pub fn active(&self) -> String {
+        format!("{}placement/active", self.root)
+    }
+    pub fn acks(&self) -> String {
+        format!("{}placement/acks/", self.root)
+    }
+    pub fn ack(&self, node: &str) -> String {
+        format!("{}placement/acks/{node}", self.root)
+    }
+    pub fn election(&self) -> String {
+        format!("{}election/coordinator", self.root)
+    }
+}
+
+/// An expert node's registration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: String,
+    /// gRPC address routers dial.
+    pub addr: String,
+    /// How many (layer, expert) pairs it can hold.
+    pub capacity: u32,
+    pub backend: String,
+    pub version: String,
+}
+
+/// A router's registration and the placement version it routes with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouterRecord {
+    pub id: String,
+    pub addr: String,
+    pub placement_version: u64,
+}
+
+/// A placement: version, and per node its address and (layer, expert) pairs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementRecord {
+    pub version: u64,
+    pub nodes: Vec<PlacedNode>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacedNode {
+    pub id: String,
+    pub addr: String,
+    pub experts: Vec<(u16, u16)>,
+}
+
+/// A node's acknowledgement that it has loaded a placement version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AckRecord {
+    pub version: u64,
+}
+
+/// Encodes a record (format byte + bincode).
+pub fn encode<T: Serialize>(rec: &T) -> Vec<u8> {
+    let mut out = vec![FORMAT];
+    out.extend(bincode::serde::encode_to_vec(rec, bincode::config::standard()).unwrap_or_default());
+    out
+}
+
+/// Decodes a record stored at `key`.
+pub fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    let bad = |why: String| StoreError::Decode {
+        key: key.to_string(),
+        why,
+    };
+    match bytes.split_first() {
+        Some((&FORMAT, rest)) => {
+            bincode::serde::decode_from_slice(rest, bincode::config::standard())
+                .map(|(v, _)| v)
+                .map_err(|e| bad(e.to_string()))
+        }
+        Some((f, _)) => Err(bad(format!(
+            "record format {f} is not {FORMAT}: a newer or older process wrote it"
+        ))),
+        None => Err(bad("empty record".into())),
+    }
+}
+
+impl PlacementRecord {
+    /// Resolves the record into a routable placement (checks coverage of the model).
+    pub fn to_placement(
+        &self,
+        moe_layers: &[usize],
+        n_experts: usize,
+    ) -> Result<Placement, PlacementError> {
+        let nodes = self
+            .nodes
+            .iter()
+            .map(|n| NodeEntry {
+                id: n.id.clone(),
+                address: Some(n.addr.clone()),
+                experts: spec_of(&n.experts),
+            })
+            .collect();
+        Placement::new(self.version, nodes, moe_layers, n_experts)
+    }
+
+    /// The pairs of node `id` (empty if absent).
+    pub fn pairs_of(&self, id: &str) -> Vec<(usize, usize)> {
+        self.nodes
+            .iter()
+            .find(|n| n.id == id)
+            .map(|n| {
+                n.experts
+                    .iter()
+                    .map(|&(l, e)| (l as usize, e as usize))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// An expert spec listing exactly `pairs` (layer by layer).
+pub fn spec_of(pairs: &[(u16, u16)]) -> String {
+    let mut by_layer: std::collections::BTreeMap<u16, Vec<u16>> = Default::default();
+    for &(l, e) in pairs {
+        by_layer.entry(l).or_default().push(e);
+    }
+    by_layer
+        .into_iter()
+        .map(|(l, es)| {
+            format!(
+                "{l}:{}",
+                es.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(";")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_refuse_other_formats() {
+        let p = PlacementRecord {
+            version: 3,
+            nodes: vec![PlacedNode {
+                id: "a".into(),
+                addr: "127.0.0.1:1".into(),
+                experts: vec![(1, 0), (1, 1), (2, 5)],
+            }],
+        };
+        let bytes = encode(&p);
+        assert_eq!(decode::<PlacementRecord>("k", &bytes).expect("decodes"), p);
+        let mut other = bytes.clone();
+        other[0] = 9;
+        assert!(
+            decode::<PlacementRecord>("k", &other)
+                .expect_err("format")
+                .to_string()
+                .contains("format 9")
+        );
+        assert_eq!(spec_of(&p.nodes[0].experts), "1:0,1;2:5");
+        let placement = p.to_placement(&[1, 2], 6);
+        assert!(placement.is_err(), "does not cover");
+    }
+}
