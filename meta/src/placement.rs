@@ -75,6 +75,9 @@ impl Placement {
             .map(|&l| (l, vec![Vec::new(); n_experts]))
             .collect();
         for (ni, node) in nodes.iter().enumerate() {
+            if node.experts.trim().is_empty() {
+                continue; // a node that holds nothing (yet)
+            }
             let spec: ExpertSpec = node.experts.parse()?;
             for (layer, expert) in spec.pairs(moe_layers, n_experts)? {
                 if let Some(replicas) = table.get_mut(&layer) {

@@ -1,0 +1,8 @@
+//! `moe-coordinator`: the only writer of placement. Leader election among replicas, membership
+//! from node leases, placement with minimal movement ([`plan`]), and its two-phase rollout
+//! ([`leader`]).
+
+pub mod leader;
+pub mod plan;
+
+
