@@ -125,6 +125,7 @@ pub fn load_remote(
         wire: remote.wire,
         timeout: Duration::from_millis(remote.dispatch_timeout_ms),
         max_message_bytes: remote.max_message_bytes,
+        ..Default::default()
     };
     let experts = RemoteExperts::new(
         placement,

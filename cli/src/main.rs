@@ -1,5 +1,6 @@
 //! `moe`: the one binary of moe-cluster. Thin: parses flags and calls into the library crates.
 
+mod cluster;
 mod commands;
 mod engine;
 mod progress;
@@ -37,6 +38,8 @@ enum Command {
     Router(commands::serve::RouterArgs),
     /// Load generator for an OpenAI-compatible server.
     Bench(commands::bench::Args),
+    /// A coordinator replica (membership and placement on etcd).
+    Coordinator(commands::coordinator::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -65,5 +68,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(a) => commands::serve::run_serve(a),
         Command::Router(a) => commands::serve::run_router(a),
         Command::Bench(a) => commands::bench::run(a),
+        Command::Coordinator(a) => commands::coordinator::run(a),
     }
 }

@@ -1,1 +1,213 @@
-//! todo
+//! The coordinator: campaign for leadership under a lease; while leading, watch node
+//! membership, plan the placement ([`crate::plan`]) and roll every change out in two phases:
+//! write it as `pending` (version v+1), wait until every node in it has acknowledged v+1 (it has
+//! loaded what it needs), then make it `active` and drop `pending` in one transaction. Every
+//! write is fenced on the election key, so a deposed leader cannot write. Losing the lease (or
+//! the store) ends the term; the coordinator campaigns again.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use moe_meta::records::{self, AckRecord, Keys, NodeRecord, PlacementRecord};
+use moe_meta::store::election::{Leadership, campaign};
+use moe_meta::store::lease::LeaseKeeper;
+use moe_meta::store::mirror::{Snapshot, mirror};
+use moe_meta::store::{MetaStore, Op, StoreError};
+use moe_meta::store::wait_until;
+use tokio::sync::watch;
+
+use crate::plan::{NodeSlot, plan};
+
+/// What the coordinator needs to know.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    /// This replica's id (unique among coordinators).
+    pub id: String,
+    pub keys: Keys,
+    pub moe_layers: Vec<usize>,
+    pub n_experts: usize,
+    pub min_replicas: usize,
+    pub lease_ttl: Duration,
+    /// Longest wait for nodes to acknowledge a pending placement before re-planning.
+    pub ack_timeout: Duration,
+}
+
+/// What the coordinator reports (for `moe up`, metrics and tests).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CoordinatorStatus {
+    pub leading: bool,
+    pub active_version: u64,
+    /// Experts moved by the last rollout.
+    pub last_moved: usize,
+    /// Time from noticing the membership change to the active placement, last rollout.
+    pub last_rollout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum TermEnd {
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("no longer the leader (a fenced write failed)")]
+    Deposed,
+}
+
+fn decode_placement(store_key: &str, value: &[u8]) -> Option<PlacementRecord> {
+    records::decode(store_key, value).map_err(|e| tracing::warn!(error = %e, "ignoring placement")).ok()
+}
+
+fn live_nodes(snap: &Snapshot) -> Vec<NodeSlot> {
+    snap.entries
+        .iter()
+        .filter_map(|(k, kv)| records::decode::<NodeRecord>(k, &kv.value).ok())
+        .map(|n| NodeSlot { id: n.id, addr: n.addr, capacity: n.capacity as usize })
+        .collect()
+}
+
+/// Runs a coordinator replica until `shutdown` becomes true.
+pub async fn run(
+    store: Arc<dyn MetaStore>,
+    cfg: CoordinatorConfig,
+    status: watch::Sender<CoordinatorStatus>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let lease = match LeaseKeeper::start(store.clone(), cfg.lease_ttl).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(id = %cfg.id, error = %e, "cannot get a lease");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                    _ = wait_until(&mut shutdown, |s| *s) => return,
+                }
+            }
+        };
+        let mut lost = lease.lost();
+        let election_key = cfg.keys.election();
+        let leadership = tokio::select! {
+            r = campaign(store.clone(), &election_key, &cfg.id, lease.id) => match r {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(id = %cfg.id, error = %e, "campaign failed");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            },
+            _ = wait_until(&mut lost, |l| *l) => continue,
+            _ = wait_until(&mut shutdown, |s| *s) => return,
+        };
+        tracing::info!(id = %cfg.id, "leading");
+        status.send_modify(|s| s.leading = true);
+        let end = tokio::select! {
+            r = lead(&store, &cfg, &leadership, &status) => r.err().map(|e| e.to_string()),
+            _ = wait_until(&mut lost, |l| *l) => Some("lease lost".into()),
+            _ = wait_until(&mut shutdown, |s| *s) => {
+                let _ = leadership.resign(store.as_ref()).await;
+                status.send_modify(|s| s.leading = false);
+                return;
+            }
+        };
+        status.send_modify(|s| s.leading = false);
+        tracing::warn!(id = %cfg.id, reason = end.as_deref().unwrap_or("-"), "term ended");
+    }
+}
+
+async fn lead(
+    store: &Arc<dyn MetaStore>,
+    cfg: &CoordinatorConfig,
+    leadership: &Leadership,
+    status: &watch::Sender<CoordinatorStatus>,
+) -> Result<(), TermEnd> {
+    let mut nodes = mirror(store.clone(), cfg.keys.nodes());
+    let mut acks = mirror(store.clone(), cfg.keys.acks());
+    let _ = wait_until(&mut nodes, |s| s.revision > 0).await;
+    let _ = wait_until(&mut acks, |s| s.revision > 0).await;
+    loop {
+        let noticed = Instant::now();
+        let live = live_nodes(&nodes.borrow_and_update());
+        let active = store.get(&cfg.keys.active()).await?.and_then(|kv| decode_placement(&kv.key, &kv.value));
+        let pending = store.get(&cfg.keys.pending()).await?.and_then(|kv| decode_placement(&kv.key, &kv.value));
+        if let Some(a) = &active {
+            status.send_modify(|s| s.active_version = a.version);
+        }
+        if !live.is_empty() {
+            match plan(active.as_ref(), &live, &cfg.moe_layers, cfg.n_experts, cfg.min_replicas) {
+                Ok(next) if active.as_ref().is_none_or(|a| a.nodes != next.nodes) => {
+                    let version = active.as_ref().map_or(0, |a| a.version).max(pending.as_ref().map_or(0, |p| p.version)) + 1;
+                    let rec = PlacementRecord { version, nodes: next.nodes };
+                    tracing::info!(version, nodes = live.len(), moved = next.moved, "rolling out a placement");
+                    if rollout(store, cfg, leadership, &rec, &mut nodes, &mut acks).await? {
+                        let took = noticed.elapsed();
+                        tracing::info!(version, moved = next.moved, ms = took.as_millis() as u64, "placement active");
+                        status.send_modify(|s| {
+                            s.active_version = version;
+                            s.last_moved = next.moved;
+                            s.last_rollout = took;
+                        });
+                    }
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "no placement fits the live nodes"),
+            }
+        }
+        if nodes.changed().await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// Phase 1: pending; wait for every node's ack; phase 2: active. Returns false when membership
+/// changed under it (the caller re-plans).
+async fn rollout(
+    store: &Arc<dyn MetaStore>,
+    cfg: &CoordinatorConfig,
+    leadership: &Leadership,
+    rec: &PlacementRecord,
+    nodes: &mut watch::Receiver<Arc<Snapshot>>,
+    acks: &mut watch::Receiver<Arc<Snapshot>>,
+) -> Result<bool, TermEnd> {
+    let put = Op::Put { key: cfg.keys.pending(), value: records::encode(rec), lease: None };
+    if !store.txn(vec![leadership.fence()], vec![put]).await? {
+        return Err(TermEnd::Deposed);
+    }
+    let members: Vec<String> = rec.nodes.iter().map(|n| n.id.clone()).collect();
+    let deadline = tokio::time::Instant::now() + cfg.ack_timeout;
+    loop {
+        let snap = acks.borrow_and_update().clone();
+        let acked = |id: &String| {
+            let key = cfg.keys.ack(id);
+            snap.entries
+                .get(&key)
+                .and_then(|kv| records::decode::<AckRecord>(&key, &kv.value).ok())
+                .is_some_and(|a| a.version >= rec.version)
+        };
+        if members.iter().all(acked) {
+            break;
+        }
+        tokio::select! {
+            _ = acks.changed() => {}
+            _ = nodes.changed() => {
+                let live = live_nodes(&nodes.borrow());
+                if members.iter().any(|m| !live.iter().any(|n| &n.id == m)) || live.len() != members.len() {
+                    tracing::info!(version = rec.version, "membership changed during rollout; re-planning");
+                    return Ok(false);
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(version = rec.version, "nodes did not acknowledge in time; re-planning");
+                return Ok(false);
+            }
+        }
+    }
+    let ops = vec![
+        Op::Put { key: cfg.keys.active(), value: records::encode(rec), lease: None },
+        Op::Delete(cfg.keys.pending()),
+    ];
+    if !store.txn(vec![leadership.fence()], ops).await? {
+        return Err(TermEnd::Deposed);
+    }
+    Ok(true)
+}

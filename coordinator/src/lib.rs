@@ -5,4 +5,4 @@
 pub mod leader;
 pub mod plan;
 
-
+pub use leader::{CoordinatorConfig, CoordinatorStatus, run};

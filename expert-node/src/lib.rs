@@ -5,7 +5,9 @@
 //! - [`validate`]: every check a dispatch must pass, each mapped to a precise gRPC status.
 //! - [`service`]: the tonic service (bidirectional data-plane stream, unary compute, info, health).
 //! - [`server`]: listening, HTTP/2 tuning and graceful drain.
+//! - [`membership`]: registration under a lease and following the coordinator's placement.
 
+pub mod membership;
 pub mod node;
 pub mod server;
 pub mod service;

@@ -1,9 +1,12 @@
 //! An expert node's state: the model shape, the experts it hosts, the placement versions it
-//! serves; and the compute of one validated dispatch.
+//! serves; the compute of one validated dispatch; and loading/unloading experts while serving
+//! (placement changes): computes hold a read lock, a load reads tensors outside the lock and
+//! inserts under a short write lock.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use moe_model::checkpoint::Checkpoint;
 use moe_model::moe::run_experts;
@@ -12,42 +15,41 @@ use moe_proto::pb;
 
 use crate::validate::Job;
 
+#[derive(Debug, Default)]
+struct Hosted {
+    store: ExpertStore,
+    pairs: BTreeMap<usize, BTreeSet<usize>>,
+    /// Served placement versions; empty means any (a node started with a static spec).
+    versions: BTreeSet<u64>,
+}
+
 /// What a node hosts and serves.
 #[derive(Debug)]
 pub struct ExpertNode {
     pub id: String,
     cfg: Config,
-    store: ExpertStore,
-    hosted: BTreeMap<usize, BTreeSet<usize>>,
-    versions: BTreeSet<u64>,
+    ckpt: Option<Arc<Checkpoint>>,
+    state: RwLock<Hosted>,
     fingerprint: String,
     draining: AtomicBool,
     in_flight: AtomicU64,
 }
 
 impl ExpertNode {
-    /// Loads the `pairs` of the model in `dir` (only their tensors are read).
-    pub fn load(
-        id: String,
-        dir: &Path,
-        pairs: &[(usize, usize)],
-        versions: BTreeSet<u64>,
-    ) -> Result<ExpertNode, ModelError> {
+    /// Loads the `pairs` of the model in `dir` (only their tensors are read); more can be loaded
+    /// later with [`ExpertNode::load_pairs`].
+    pub fn load(id: String, dir: &Path, pairs: &[(usize, usize)], versions: BTreeSet<u64>) -> Result<ExpertNode, ModelError> {
         let cfg = Config::from_dir(dir)?;
-        let ckpt = Checkpoint::open(dir, cfg.fp8_block())?;
+        let ckpt = Arc::new(Checkpoint::open(dir, cfg.fp8_block())?);
         let store = ExpertStore::load(&cfg, &ckpt, pairs)?;
         tracing::info!(node = %id, experts = pairs.len(), bytes = ckpt.bytes_read(), "experts loaded");
-        Ok(ExpertNode::from_store(id, cfg, store, pairs, versions))
+        let mut node = ExpertNode::from_store(id, cfg, store, pairs, versions);
+        node.ckpt = Some(ckpt);
+        Ok(node)
     }
 
-    /// A node over experts already in memory.
-    pub fn from_store(
-        id: String,
-        cfg: Config,
-        store: ExpertStore,
-        pairs: &[(usize, usize)],
-        versions: BTreeSet<u64>,
-    ) -> ExpertNode {
+    /// A node over experts already in memory (no checkpoint to load more from).
+    pub fn from_store(id: String, cfg: Config, store: ExpertStore, pairs: &[(usize, usize)], versions: BTreeSet<u64>) -> ExpertNode {
         let mut hosted: BTreeMap<usize, BTreeSet<usize>> = BTreeMap::new();
         for &(l, e) in pairs {
             hosted.entry(l).or_default().insert(e);
@@ -56,13 +58,21 @@ impl ExpertNode {
         ExpertNode {
             id,
             cfg,
-            store,
-            hosted,
-            versions,
+            ckpt: None,
+            state: RwLock::new(Hosted { store, pairs: hosted, versions }),
             fingerprint,
             draining: AtomicBool::new(false),
             in_flight: AtomicU64::new(0),
         }
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Hosted> {
+        // A panic under the lock leaves the maps consistent (inserts and removes are atomic).
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Hosted> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The model configuration.
@@ -72,19 +82,62 @@ impl ExpertNode {
 
     /// Whether (layer, expert) is hosted here.
     pub fn hosts(&self, layer: usize, expert: usize) -> bool {
-        self.hosted.get(&layer).is_some_and(|s| s.contains(&expert))
+        self.read().pairs.get(&layer).is_some_and(|s| s.contains(&expert))
     }
 
-    /// Placement versions served; empty means any (a node started with a static expert spec).
-    pub fn versions(&self) -> &BTreeSet<u64> {
-        &self.versions
+    /// Every hosted (layer, expert).
+    pub fn hosted(&self) -> BTreeSet<(usize, usize)> {
+        self.read().pairs.iter().flat_map(|(&l, es)| es.iter().map(move |&e| (l, e))).collect()
+    }
+
+    /// Placement versions served; empty means any.
+    pub fn versions(&self) -> BTreeSet<u64> {
+        self.read().versions.clone()
+    }
+
+    /// Sets the placement versions served.
+    pub fn set_versions(&self, versions: BTreeSet<u64>) {
+        self.write().versions = versions;
+    }
+
+    /// Loads `pairs` from the checkpoint (tensors read outside the lock) and starts hosting them.
+    pub fn load_pairs(&self, pairs: &[(usize, usize)]) -> Result<(), ModelError> {
+        if pairs.is_empty() {
+            return Ok(());
+        }
+        let ckpt = self
+            .ckpt
+            .as_ref()
+            .ok_or_else(|| ModelError::InvalidInput("this node has no checkpoint to load experts from".into()))?;
+        let loaded = ExpertStore::load(&self.cfg, ckpt, pairs)?;
+        let mut st = self.write();
+        st.store.absorb(loaded);
+        for &(l, e) in pairs {
+            st.pairs.entry(l).or_default().insert(e);
+        }
+        tracing::info!(node = %self.id, added = pairs.len(), hosted = st.store.len(), "experts loaded");
+        Ok(())
+    }
+
+    /// Stops hosting `pairs` and frees their weights.
+    pub fn unload_pairs(&self, pairs: &[(usize, usize)]) {
+        if pairs.is_empty() {
+            return;
+        }
+        let mut st = self.write();
+        for &(l, e) in pairs {
+            st.store.remove(l, e);
+            if let Some(s) = st.pairs.get_mut(&l) {
+                s.remove(&e);
+            }
+        }
+        tracing::info!(node = %self.id, removed = pairs.len(), hosted = st.store.len(), "experts unloaded");
     }
 
     /// Runs a validated job: `[tokens, hidden]` weighted sums.
     pub fn compute(&self, job: &Job) -> Result<Matrix, ModelError> {
-        run_experts(job.layer, &job.hidden, &job.assignments, |e| {
-            self.store.get(job.layer, e)
-        })
+        let st = self.read();
+        run_experts(job.layer, &job.hidden, &job.assignments, |e| st.store.get(job.layer, e))
     }
 
     /// Marks the node as draining (health reports it; streams stop taking new messages).
@@ -110,25 +163,18 @@ impl ExpertNode {
 
     /// The Info answer.
     pub fn info(&self) -> pb::InfoResponse {
+        let st = self.read();
         pb::InfoResponse {
             node_id: self.id.clone(),
             hidden_size: self.cfg.hidden_size as u32,
             n_routed_experts: self.cfg.moe().map_or(0, |m| m.n_routed_experts as u32),
-            moe_layers: self
-                .cfg
-                .moe_layers()
-                .into_iter()
-                .map(|l| l as u32)
-                .collect(),
-            hosted: self
-                .hosted
+            moe_layers: self.cfg.moe_layers().into_iter().map(|l| l as u32).collect(),
+            hosted: st
+                .pairs
                 .iter()
-                .map(|(&l, e)| pb::ExpertRange {
-                    layer: l as u32,
-                    experts: e.iter().map(|&x| x as u32).collect(),
-                })
+                .map(|(&l, e)| pb::ExpertRange { layer: l as u32, experts: e.iter().map(|&x| x as u32).collect() })
                 .collect(),
-            placement_versions: self.versions.iter().copied().collect(),
+            placement_versions: st.versions.iter().copied().collect(),
             model_fingerprint: self.fingerprint.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             backend: format!("cpu/{:?}", moe_model::kernels::kernel_choice()).to_lowercase(),

@@ -38,12 +38,13 @@ pub fn validate(req: &DispatchRequest, node: &ExpertNode) -> Result<Job, Status>
             cfg.moe_layers()
         ));
     }
-    if !node.versions().is_empty() && !node.versions().contains(&req.placement_version) {
+    let versions = node.versions();
+    if !versions.is_empty() && !versions.contains(&req.placement_version) {
         return Err(Status::failed_precondition(format!(
             "placement version {} is not served by node {} (serves {:?})",
             req.placement_version,
             node.id,
-            node.versions()
+            versions
         )));
     }
     let t = req.num_tokens as usize;

@@ -135,6 +135,11 @@ impl ExpertStore {
         self.experts.insert((layer, expert), mlp);
     }
 
+    /// Moves every expert of `other` into this store.
+    pub fn absorb(&mut self, other: ExpertStore) {
+        self.experts.extend(other.experts);
+    }
+
     /// Drops an expert; returns whether it was held.
     pub fn remove(&mut self, layer: usize, expert: usize) -> bool {
         self.experts.remove(&(layer, expert)).is_some()

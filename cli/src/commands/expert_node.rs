@@ -1,4 +1,6 @@
-//! `moe expert-node`: serve a slice of the routed experts over gRPC.
+//! `moe expert-node`: serve a slice of the routed experts over gRPC, either a static slice
+//! (`--experts SPEC` or `--placement FILE --node-id ID`) or, with `--etcd`, whatever the
+//! coordinator places on it.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -6,8 +8,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
+use moe_expert_node::membership::{MemberConfig, run_member};
 use moe_expert_node::{ExpertNode, ServerOptions};
 use moe_meta::{ExpertSpec, Placement};
+use tokio::sync::watch;
+
+use crate::cluster::ClusterArgs;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -17,6 +23,9 @@ pub struct Args {
     /// Address to listen on (port 0 picks a free port; the chosen address is printed).
     #[arg(long, env = "MOE_LISTEN", default_value = "127.0.0.1:0")]
     listen: SocketAddr,
+    /// Address routers dial (default: the listening address).
+    #[arg(long, env = "MOE_ADVERTISE")]
+    advertise: Option<String>,
     /// Experts to host: `LAYERS:EXPERTS[;...]`, e.g. `1-3:0-127` or `*:*`.
     #[arg(long, env = "MOE_EXPERTS", conflicts_with = "placement")]
     experts: Option<String>,
@@ -26,59 +35,62 @@ pub struct Args {
     /// Node id (default: node-<port>).
     #[arg(long, env = "MOE_NODE_ID")]
     node_id: Option<String>,
+    /// With --etcd: how many (layer, expert) pairs this node can hold (default: all of them).
+    #[arg(long, env = "MOE_CAPACITY")]
+    capacity: Option<usize>,
     /// Largest gRPC message, bytes.
     #[arg(long, env = "MOE_MAX_MESSAGE_BYTES", default_value_t = moe_proto::DEFAULT_MAX_MESSAGE_BYTES)]
     max_message_bytes: usize,
+    #[command(flatten)]
+    cluster: ClusterArgs,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let cfg = moe_model::Config::from_dir(&a.model)
-        .with_context(|| format!("reading {}", a.model.display()))?;
-    let n_experts = cfg
-        .moe()
-        .map(|m| m.n_routed_experts)
-        .context("the model has no routed experts")?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let cfg = moe_model::Config::from_dir(&a.model).with_context(|| format!("reading {}", a.model.display()))?;
+    let n_experts = cfg.moe().map(|m| m.n_routed_experts).context("the model has no routed experts")?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(a.listen)
-            .await
-            .with_context(|| format!("binding {}", a.listen))?;
+        let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;
         let addr = listener.local_addr()?;
-        let id = a
-            .node_id
-            .clone()
-            .unwrap_or_else(|| format!("node-{}", addr.port()));
-        let (pairs, versions) = match (&a.experts, &a.placement) {
-            (Some(spec), None) => (
-                spec.parse::<ExpertSpec>()?
-                    .pairs(&cfg.moe_layers(), n_experts)?,
-                BTreeSet::new(),
-            ),
-            (None, Some(file)) => {
+        let id = a.node_id.clone().unwrap_or_else(|| format!("node-{}", addr.port()));
+        let (pairs, versions) = match (&a.experts, &a.placement, &a.cluster.etcd) {
+            (Some(spec), None, _) => (spec.parse::<ExpertSpec>()?.pairs(&cfg.moe_layers(), n_experts)?, BTreeSet::new()),
+            (None, Some(file), _) => {
                 let p = Placement::from_file(file, &cfg.moe_layers(), n_experts)?;
                 let spec: ExpertSpec = p.node(&id)?.experts.parse()?;
-                (
-                    spec.pairs(&cfg.moe_layers(), n_experts)?,
-                    [p.version].into(),
-                )
+                (spec.pairs(&cfg.moe_layers(), n_experts)?, [p.version].into())
             }
-            _ => bail!("give --experts SPEC or --placement FILE --node-id ID"),
+            (None, None, Some(_)) => (Vec::new(), BTreeSet::new()),
+            _ => bail!("give --experts SPEC, --placement FILE --node-id ID, or --etcd URL"),
         };
         let dir = a.model.clone();
-        let node =
-            tokio::task::spawn_blocking(move || ExpertNode::load(id, &dir, &pairs, versions))
-                .await??;
+        let node = tokio::task::spawn_blocking(move || ExpertNode::load(id, &dir, &pairs, versions)).await??;
         let node = Arc::new(node);
+        let (stop, stopped) = watch::channel(false);
+        let member = if a.cluster.etcd.is_some() {
+            let store = a.cluster.connect().await?;
+            let member = MemberConfig {
+                keys: a.cluster.keys(),
+                addr: a.advertise.clone().unwrap_or_else(|| addr.to_string()),
+                capacity: a.capacity.unwrap_or(cfg.moe_layers().len() * n_experts),
+                lease_ttl: a.cluster.ttl(),
+            };
+            Some(tokio::spawn(run_member(node.clone(), store, member, stopped.clone())))
+        } else {
+            None
+        };
         // Tests and scripts read this line to learn the port.
         println!("expert node {} listening on {addr}", node.id);
         tracing::info!(node = %node.id, %addr, "serving");
-        let opts = ServerOptions {
-            max_message_bytes: a.max_message_bytes,
+        let opts = ServerOptions { max_message_bytes: a.max_message_bytes };
+        let shutdown = async move {
+            crate::signal::shutdown().await;
+            let _ = stop.send(true);
         };
-        moe_expert_node::serve(node, listener, opts, crate::signal::shutdown()).await?;
+        moe_expert_node::serve(node, listener, opts, shutdown).await?;
+        if let Some(m) = member {
+            let _ = m.await;
+        }
         tracing::info!("stopped");
         Ok(())
     })

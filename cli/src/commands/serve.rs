@@ -49,6 +49,8 @@ pub struct RouterArgs {
     serve: ServeArgs,
     #[command(flatten)]
     remote: crate::engine::RemoteArgs,
+    #[command(flatten)]
+    cluster: crate::cluster::ClusterArgs,
 }
 
 impl ServeArgs {
@@ -69,9 +71,12 @@ pub fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
 
 /// `moe router`.
 pub fn run_router(a: RouterArgs) -> anyhow::Result<()> {
+    if a.cluster.etcd.is_some() {
+        return run_coordinated_router(a);
+    }
     anyhow::ensure!(
         a.remote.experts_at.is_some(),
-        "moe router needs --experts-at (use moe serve for local experts)"
+        "moe router needs --etcd (a coordinated cluster) or --experts-at (static nodes); moe serve runs experts locally"
     );
     let rt = runtime()?;
     let (backbone, experts) =
@@ -82,18 +87,14 @@ pub fn run_router(a: RouterArgs) -> anyhow::Result<()> {
     run(a.serve, Engine::remote(backbone, experts), ready, rt)
 }
 
-fn check_nodes(experts: &RemoteExperts) -> Result<(), String> {
-    let down: Vec<&str> = experts
-        .clients()
-        .iter()
-        .filter(|c| !c.is_up())
-        .map(|c| c.addr())
-        .collect();
-    if down.is_empty() {
-        Ok(())
-    } else {
-        Err(format!("expert nodes unreachable: {}", down.join(", ")))
+/// Ready when a placement is routed and every node of it is reachable.
+pub fn check_nodes(experts: &RemoteExperts) -> Result<(), String> {
+    let routes = experts.routes();
+    if routes.placement.is_none() {
+        return Err("no placement yet".into());
     }
+    let down: Vec<&str> = routes.clients.iter().filter(|c| !c.is_up()).map(|c| c.addr()).collect();
+    if down.is_empty() { Ok(()) } else { Err(format!("expert nodes unreachable: {}", down.join(", "))) }
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -150,4 +151,33 @@ fn run(
         moe_router::http::serve(listener, state, crate::signal::shutdown()).await?;
         Ok(())
     })
+}
+
+/// `moe router --etcd`: the placement and node addresses come from the coordinator.
+fn run_coordinated_router(a: RouterArgs) -> anyhow::Result<()> {
+    let rt = runtime()?;
+    let dir = a.serve.model_dir()?;
+    let backbone = crate::progress::load_backbone(&dir)?;
+    let (moe_layers, n_experts) = crate::cluster::model_shape(&dir)?;
+    let opts = moe_router::DispatchOptions {
+        wire: a.remote.wire,
+        timeout: std::time::Duration::from_millis(a.remote.dispatch_timeout_ms),
+        max_message_bytes: a.remote.max_message_bytes,
+        ..Default::default()
+    };
+    let experts = Arc::new(RemoteExperts::empty(backbone.config().hidden_size, opts, rt.handle().clone()));
+    let store = rt.block_on(a.cluster.connect())?;
+    let follow = moe_router::dispatch::follow::FollowConfig {
+        keys: a.cluster.keys(),
+        id: crate::cluster::process_id("router", a.serve.listen.port()),
+        addr: a.serve.listen.to_string(),
+        moe_layers,
+        n_experts,
+        lease_ttl: a.cluster.ttl(),
+    };
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    rt.spawn(moe_router::dispatch::follow::follow(store, follow, experts.clone(), stopped));
+    let probe = experts.clone();
+    let ready = Arc::new(move || check_nodes(&probe));
+    run(a.serve, Engine::remote(backbone, experts), ready, rt)
 }

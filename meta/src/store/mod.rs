@@ -112,3 +112,17 @@ pub trait MetaStore: Send + Sync + 'static {
         from_revision: i64,
     ) -> BoxFut<'_, Result<BoxStream<'static, Result<WatchEvent>>>>;
 }
+
+/// Waits until `f` holds for the watched value (false if the sender went away). Unlike
+/// `Receiver::wait_for`, the future is `Send`: no borrow of the value lives across an await.
+pub async fn wait_until<T>(rx: &mut tokio::sync::watch::Receiver<T>, f: impl Fn(&T) -> bool) -> bool {
+    loop {
+        let ok = f(&rx.borrow_and_update());
+        if ok {
+            return true;
+        }
+        if rx.changed().await.is_err() {
+            return false;
+        }
+    }
+}

@@ -2,12 +2,16 @@
 //! ([`plan`]), send every node its tokens once on its stream, concurrently ([`client`]), let the
 //! engine compute the shared expert meanwhile, then combine the partial sums. A node that fails,
 //! answers with a retryable code, or misses the deadline has its entries re-planned onto other
-//! replicas; when none is left the step fails with an error naming the layer, token and expert.
+//! replicas. When no live replica is left, the step waits (bounded by `replacement_wait`) for a
+//! new placement from the coordinator ([`follow`]) and re-plans; only then does it fail, naming
+//! the layer, token and expert.
 
 pub mod client;
+pub mod follow;
 pub mod plan;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use moe_meta::Placement;
@@ -16,7 +20,7 @@ use moe_model::{ExpertBackend, Matrix, ModelError, PendingExperts};
 use moe_proto::pb::{DispatchRequest, DispatchResponse, Dtype};
 use moe_proto::tensor;
 use tokio::runtime::Handle;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tonic::{Code, Status};
 
 pub use client::ExpertClient;
@@ -31,6 +35,8 @@ pub struct DispatchOptions {
     pub timeout: Duration,
     /// Largest gRPC message.
     pub max_message_bytes: usize,
+    /// How long a step whose experts have no live replica waits for a new placement.
+    pub replacement_wait: Duration,
 }
 
 impl Default for DispatchOptions {
@@ -39,6 +45,7 @@ impl Default for DispatchOptions {
             wire: Dtype::Bf16,
             timeout: Duration::from_secs(30),
             max_message_bytes: moe_proto::DEFAULT_MAX_MESSAGE_BYTES,
+            replacement_wait: Duration::from_secs(30),
         }
     }
 }
@@ -46,29 +53,14 @@ impl Default for DispatchOptions {
 /// Why a dispatch failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DispatchError {
-    #[error(
-        "no live replica of expert {expert} (layer {layer}, token {token}); last failure: {last}"
-    )]
-    NoReplica {
-        layer: usize,
-        token: usize,
-        expert: usize,
-        last: String,
-    },
+    #[error("no live replica of expert {expert} (layer {layer}, token {token}); last failure: {last}")]
+    NoReplica { layer: usize, token: usize, expert: usize, last: String },
+    #[error("no placement yet (waited {0:?} for the coordinator)")]
+    NoPlacement(Duration),
     #[error("node {addr} rejected layer {layer}: {code:?}: {message}")]
-    Rejected {
-        addr: String,
-        layer: usize,
-        code: Code,
-        message: String,
-    },
+    Rejected { addr: String, layer: usize, code: Code, message: String },
     #[error("node {addr} returned {got} bytes for {tokens} tokens at layer {layer}")]
-    BadReply {
-        addr: String,
-        layer: usize,
-        tokens: usize,
-        got: usize,
-    },
+    BadReply { addr: String, layer: usize, tokens: usize, got: usize },
     #[error("not every node connected within {0:?}: {1}")]
     NotReady(Duration, String),
     #[error("node {addr} does not match the placement: {why}")]
@@ -77,119 +69,128 @@ pub enum DispatchError {
 
 impl DispatchError {
     fn into_model(self, layer: usize) -> ModelError {
-        ModelError::Experts {
-            layer,
-            reason: self.to_string(),
-        }
+        ModelError::Experts { layer, reason: self.to_string() }
     }
+}
+
+/// A placement with a client per node (index = placement node index).
+#[derive(Debug)]
+pub struct Routes {
+    pub placement: Option<Placement>,
+    pub clients: Vec<ExpertClient>,
 }
 
 /// Routed experts on expert nodes.
 #[derive(Debug)]
 pub struct RemoteExperts {
     handle: Handle,
-    clients: Vec<ExpertClient>,
-    placement: Placement,
     hidden: usize,
     opts: DispatchOptions,
+    routes: RwLock<Arc<Routes>>,
+    by_addr: Mutex<HashMap<String, ExpertClient>>,
+    version: watch::Sender<u64>,
 }
 
 struct InFlight {
     work: NodeWork,
     rx: oneshot::Receiver<Result<DispatchResponse, Status>>,
     sent: std::time::Instant,
+    client: ExpertClient,
 }
 
 impl RemoteExperts {
-    /// Connects to the placement's nodes at `addrs` (index = node index) on `handle`'s runtime.
-    pub fn new(
-        placement: Placement,
-        addrs: Vec<String>,
-        hidden: usize,
-        opts: DispatchOptions,
-        handle: Handle,
-    ) -> RemoteExperts {
-        let _guard = handle.enter();
-        let clients = addrs
-            .into_iter()
-            .map(|a| ExpertClient::spawn(a, opts.max_message_bytes))
-            .collect();
+    /// Routes by a static `placement` to the nodes at `addrs` (index = node index).
+    pub fn new(placement: Placement, addrs: Vec<String>, hidden: usize, opts: DispatchOptions, handle: Handle) -> RemoteExperts {
+        let r = RemoteExperts::empty(hidden, opts, handle);
+        r.install(Some(placement), addrs);
+        r
+    }
+
+    /// No placement yet: dispatches wait until [`RemoteExperts::update`] brings one.
+    pub fn empty(hidden: usize, opts: DispatchOptions, handle: Handle) -> RemoteExperts {
         RemoteExperts {
             handle,
-            clients,
-            placement,
             hidden,
             opts,
+            routes: RwLock::new(Arc::new(Routes { placement: None, clients: Vec::new() })),
+            by_addr: Mutex::new(HashMap::new()),
+            version: watch::channel(0).0,
         }
     }
 
-    /// The node clients, by node index.
-    pub fn clients(&self) -> &[ExpertClient] {
-        &self.clients
+    fn install(&self, placement: Option<Placement>, addrs: Vec<String>) {
+        let _guard = self.handle.enter();
+        let clients: Vec<ExpertClient> = {
+            let mut cache = self.by_addr.lock().unwrap_or_else(|p| p.into_inner());
+            addrs
+                .iter()
+                .map(|a| cache.entry(a.clone()).or_insert_with(|| ExpertClient::spawn(a.clone(), self.opts.max_message_bytes)).clone())
+                .collect()
+        };
+        let v = placement.as_ref().map_or(0, |p| p.version);
+        *self.routes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Routes { placement, clients });
+        self.version.send_replace(v);
+    }
+
+    /// Switches to a new placement; node addresses come from the placement's entries.
+    pub fn update(&self, placement: Placement) {
+        let addrs = placement.nodes.iter().map(|n| n.address.clone().unwrap_or_default()).collect();
+        tracing::info!(version = placement.version, nodes = placement.nodes.len(), "placement switched");
+        self.install(Some(placement), addrs);
+    }
+
+    /// The current routes.
+    pub fn routes(&self) -> Arc<Routes> {
+        self.routes.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The placement version routed with (0: none or static).
+    pub fn placement_version(&self) -> u64 {
+        *self.version.borrow()
+    }
+
+    /// The current node clients, by node index.
+    pub fn clients(&self) -> Vec<ExpertClient> {
+        self.routes().clients.clone()
+    }
+
+    /// Waits until the routes change from version `seen`, up to `within`.
+    fn wait_for_new_routes(&self, seen: u64, within: Duration) -> bool {
+        let mut rx = self.version.subscribe();
+        self.handle.block_on(async {
+            tokio::time::timeout(within, rx.wait_for(|v| *v != seen)).await.is_ok_and(|r| r.is_ok())
+        })
     }
 
     /// Waits until every node's stream is up and each node hosts what the placement says.
-    pub async fn ready(
-        &self,
-        within: Duration,
-        fingerprint: Option<&str>,
-    ) -> Result<(), DispatchError> {
+    pub async fn ready(&self, within: Duration, fingerprint: Option<&str>) -> Result<(), DispatchError> {
         let deadline = tokio::time::Instant::now() + within;
-        while self.clients.iter().any(|c| !c.is_up()) {
+        let routes = self.routes();
+        while routes.clients.iter().any(|c| !c.is_up()) {
             if tokio::time::Instant::now() >= deadline {
-                let down: Vec<&str> = self
-                    .clients
-                    .iter()
-                    .filter(|c| !c.is_up())
-                    .map(|c| c.addr())
-                    .collect();
-                return Err(DispatchError::NotReady(
-                    within,
-                    format!("down: {}", down.join(", ")),
-                ));
+                let down: Vec<&str> = routes.clients.iter().filter(|c| !c.is_up()).map(|c| c.addr()).collect();
+                return Err(DispatchError::NotReady(within, format!("down: {}", down.join(", "))));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        for (n, c) in self.clients.iter().enumerate() {
-            let info = c.info().await.map_err(|s| DispatchError::Mismatch {
-                addr: c.addr().into(),
-                why: s.to_string(),
-            })?;
-            let mismatch = |why: String| DispatchError::Mismatch {
-                addr: c.addr().into(),
-                why,
-            };
+        let Some(placement) = &routes.placement else { return Ok(()) };
+        for (n, c) in routes.clients.iter().enumerate() {
+            let info = c.info().await.map_err(|s| DispatchError::Mismatch { addr: c.addr().into(), why: s.to_string() })?;
+            let mismatch = |why: String| DispatchError::Mismatch { addr: c.addr().into(), why };
             if let Some(fp) = fingerprint
                 && info.model_fingerprint != fp
             {
-                return Err(mismatch(format!(
-                    "model fingerprint {} differs from {fp}",
-                    info.model_fingerprint
-                )));
+                return Err(mismatch(format!("model fingerprint {} differs from {fp}", info.model_fingerprint)));
             }
             if info.hidden_size as usize != self.hidden {
-                return Err(mismatch(format!(
-                    "hidden size {} differs from {}",
-                    info.hidden_size, self.hidden
-                )));
+                return Err(mismatch(format!("hidden size {} differs from {}", info.hidden_size, self.hidden)));
             }
-            let hosted: BTreeSet<(usize, usize)> = info
-                .hosted
-                .iter()
-                .flat_map(|r| {
-                    r.experts
-                        .iter()
-                        .map(move |&e| (r.layer as usize, e as usize))
-                })
-                .collect();
+            let hosted: BTreeSet<(usize, usize)> =
+                info.hosted.iter().flat_map(|r| r.experts.iter().map(move |&e| (r.layer as usize, e as usize))).collect();
             for &layer in &info.moe_layers {
                 for expert in 0..info.n_routed_experts as usize {
-                    if self.placement.replicas(layer as usize, expert).contains(&n)
-                        && !hosted.contains(&(layer as usize, expert))
-                    {
-                        return Err(mismatch(format!(
-                            "it does not host expert {expert} of layer {layer}"
-                        )));
+                    if placement.replicas(layer as usize, expert).contains(&n) && !hosted.contains(&(layer as usize, expert)) {
+                        return Err(mismatch(format!("it does not host expert {expert} of layer {layer}")));
                     }
                 }
             }
@@ -197,13 +198,13 @@ impl RemoteExperts {
         Ok(())
     }
 
-    fn send(&self, layer: usize, x: &Matrix, work: NodeWork, parent: &tracing::Span) -> InFlight {
+    fn send(&self, routes: &Routes, layer: usize, x: &Matrix, work: NodeWork, parent: &tracing::Span) -> InFlight {
         let span = tracing::info_span!(parent: parent, "moe.dispatch.node", node = work.node, tokens = work.tokens.len());
         let rows = x.gather_rows(&work.tokens);
         let req = DispatchRequest {
             request_id: 0,
             layer: layer as u32,
-            placement_version: self.placement.version,
+            placement_version: routes.placement.as_ref().map_or(0, |p| p.version),
             num_tokens: work.tokens.len() as u32,
             dtype: self.opts.wire as i32,
             hidden: tensor::encode(&rows.data, self.opts.wire),
@@ -212,10 +213,50 @@ impl RemoteExperts {
             weights: tensor::encode(&work.weights, Dtype::F32),
             traceparent: moe_meta::telemetry::traceparent(&span),
         };
-        InFlight {
-            rx: self.clients[work.node].send(req),
-            work,
-            sent: std::time::Instant::now(),
+        let client = routes.clients[work.node].clone();
+        InFlight { rx: client.send(req), work, sent: std::time::Instant::now(), client }
+    }
+
+    /// Plans `entries` on the current routes, waiting for a new placement (bounded) while some
+    /// expert has no usable replica, then sends.
+    fn plan_and_send(
+        &self,
+        layer: usize,
+        x: &Matrix,
+        entries: &[(usize, u32, f32)],
+        excluded: &BTreeSet<String>,
+        last: &str,
+        span: &tracing::Span,
+    ) -> Result<Vec<InFlight>, DispatchError> {
+        let deadline = std::time::Instant::now() + self.opts.replacement_wait;
+        loop {
+            let routes = self.routes();
+            let seen = routes.placement.as_ref().map_or(0, |p| p.version);
+            let outcome = match &routes.placement {
+                None => Err(DispatchError::NoPlacement(self.opts.replacement_wait)),
+                Some(p) => plan::plan(p, layer, entries, |n| {
+                    routes.clients[n].is_up() && !excluded.contains(routes.clients[n].addr())
+                })
+                .map_err(|u| DispatchError::NoReplica {
+                    layer,
+                    token: u.token,
+                    expert: u.expert,
+                    last: if last.is_empty() { "every replica is down".into() } else { last.to_string() },
+                }),
+            };
+            match outcome {
+                Ok(works) => return Ok(works.into_iter().map(|w| self.send(&routes, layer, x, w, span)).collect()),
+                Err(e) => {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        return Err(e);
+                    }
+                    tracing::warn!(layer, error = %e, "waiting for a new placement");
+                    if !self.wait_for_new_routes(seen, left) {
+                        return Err(e);
+                    }
+                }
+            }
         }
     }
 }
@@ -230,95 +271,51 @@ struct Pending<'a> {
 }
 
 fn retryable(code: Code) -> bool {
-    !matches!(
-        code,
-        Code::InvalidArgument | Code::OutOfRange | Code::Unimplemented
-    )
+    !matches!(code, Code::InvalidArgument | Code::OutOfRange | Code::Unimplemented)
 }
 
 impl ExpertBackend for RemoteExperts {
-    fn dispatch<'a>(
-        &'a self,
-        layer: usize,
-        x: &'a Matrix,
-        routing: &'a Routing,
-    ) -> moe_model::Result<Box<dyn PendingExperts + 'a>> {
+    fn dispatch<'a>(&'a self, layer: usize, x: &'a Matrix, routing: &'a Routing) -> moe_model::Result<Box<dyn PendingExperts + 'a>> {
         let span = tracing::info_span!("moe.dispatch", layer, tokens = x.rows);
         let entries = plan::entries(routing);
-        let works = plan::plan(&self.placement, layer, &entries, |n| {
-            self.clients[n].is_up()
-        })
-        .map_err(|u| {
-            DispatchError::NoReplica {
-                layer,
-                token: u.token,
-                expert: u.expert,
-                last: "every replica is down".into(),
-            }
-            .into_model(layer)
-        })?;
-        let inflight = works
-            .into_iter()
-            .map(|w| self.send(layer, x, w, &span))
-            .collect();
-        Ok(Box::new(Pending {
-            experts: self,
-            layer,
-            x,
-            inflight,
-            span,
-        }))
+        let inflight = self.plan_and_send(layer, x, &entries, &BTreeSet::new(), "", &span).map_err(|e| e.into_model(layer))?;
+        Ok(Box::new(Pending { experts: self, layer, x, inflight, span }))
     }
 }
 
 impl PendingExperts for Pending<'_> {
     fn wait(self: Box<Self>) -> moe_model::Result<Matrix> {
-        let Pending {
-            experts,
-            layer,
-            x,
-            mut inflight,
-            span,
-        } = *self;
+        let Pending { experts, layer, x, mut inflight, span } = *self;
         let _enter = span.enter();
         let hidden = experts.hidden;
         let size = tensor::dtype_size(experts.opts.wire);
         let mut out = Matrix::zeros(x.rows, hidden);
-        let mut excluded: BTreeSet<usize> = BTreeSet::new();
+        let mut excluded: BTreeSet<String> = BTreeSet::new();
         let mut last = String::new();
-        for _attempt in 0..=experts.clients.len() {
+        loop {
             let timeout = experts.opts.timeout;
-            let mut results: Vec<(NodeWork, Result<DispatchResponse, Status>)> =
-                experts.handle.block_on(async {
-                    let waits = inflight.drain(..).map(|f| async move {
-                        let r = match tokio::time::timeout(timeout, f.rx).await {
-                            Ok(Ok(r)) => r,
-                            Ok(Err(_)) => Err(Status::unavailable("client actor stopped")),
-                            Err(_) => Err(Status::deadline_exceeded(format!(
-                                "no answer within {timeout:?}"
-                            ))),
-                        };
-                        let addr = experts.clients[f.work.node].addr().to_string();
-                        metrics::histogram!(crate::metrics::DISPATCH_LATENCY, "node" => addr)
-                            .record(f.sent.elapsed().as_secs_f64());
-                        (f.work, r)
-                    });
-                    futures::future::join_all(waits).await
+            let mut results: Vec<(NodeWork, ExpertClient, Result<DispatchResponse, Status>)> = experts.handle.block_on(async {
+                let waits = inflight.drain(..).map(|f| async move {
+                    let r = match tokio::time::timeout(timeout, f.rx).await {
+                        Ok(Ok(r)) => r,
+                        Ok(Err(_)) => Err(Status::unavailable("client actor stopped")),
+                        Err(_) => Err(Status::deadline_exceeded(format!("no answer within {timeout:?}"))),
+                    };
+                    metrics::histogram!(crate::metrics::DISPATCH_LATENCY, "node" => f.client.addr().to_string())
+                        .record(f.sent.elapsed().as_secs_f64());
+                    (f.work, f.client, r)
                 });
-            results.sort_by_key(|(w, _)| w.node);
+                futures::future::join_all(waits).await
+            });
+            results.sort_by(|a, b| a.1.addr().cmp(b.1.addr()));
             let mut retry: Vec<(usize, u32, f32)> = Vec::new();
-            for (work, res) in results {
-                let addr = experts.clients[work.node].addr().to_string();
+            for (work, client, res) in results {
+                let addr = client.addr().to_string();
                 let status = match res {
                     Ok(resp) if resp.code == 0 => {
                         if resp.output.len() != work.tokens.len() * hidden * size {
-                            return Err(DispatchError::BadReply {
-                                addr,
-                                layer,
-                                tokens: work.tokens.len(),
-                                got: resp.output.len(),
-                            }
-                            .into_model(layer));
+                            return Err(DispatchError::BadReply { addr, layer, tokens: work.tokens.len(), got: resp.output.len() }
+                                .into_model(layer));
                         }
                         for (i, &tok) in work.tokens.iter().enumerate() {
                             let row = &resp.output[i * hidden * size..(i + 1) * hidden * size];
@@ -330,19 +327,13 @@ impl PendingExperts for Pending<'_> {
                     Err(status) => status,
                 };
                 if !retryable(status.code()) {
-                    return Err(DispatchError::Rejected {
-                        addr,
-                        layer,
-                        code: status.code(),
-                        message: status.message().into(),
-                    }
-                    .into_model(layer));
+                    return Err(DispatchError::Rejected { addr, layer, code: status.code(), message: status.message().into() }
+                        .into_model(layer));
                 }
                 tracing::warn!(node = %addr, layer, code = ?status.code(), message = status.message(), "re-routing a node's tokens");
-                metrics::counter!(crate::metrics::DISPATCH_FAILOVERS, "node" => addr.clone())
-                    .increment(1);
+                metrics::counter!(crate::metrics::DISPATCH_FAILOVERS, "node" => addr.clone()).increment(1);
                 last = format!("node {addr}: {:?}: {}", status.code(), status.message());
-                excluded.insert(work.node);
+                excluded.insert(addr);
                 for (t, &tok) in work.tokens.iter().enumerate() {
                     for e in work.offsets[t] as usize..work.offsets[t + 1] as usize {
                         retry.push((tok, work.experts[e], work.weights[e]));
@@ -353,29 +344,7 @@ impl PendingExperts for Pending<'_> {
                 return Ok(out);
             }
             retry.sort_by_key(|&(t, e, _)| (t, e));
-            let works = plan::plan(&experts.placement, layer, &retry, |n| {
-                !excluded.contains(&n) && experts.clients[n].is_up()
-            })
-            .map_err(|u| {
-                DispatchError::NoReplica {
-                    layer,
-                    token: u.token,
-                    expert: u.expert,
-                    last: last.clone(),
-                }
-                .into_model(layer)
-            })?;
-            inflight = works
-                .into_iter()
-                .map(|w| experts.send(layer, x, w, &span))
-                .collect();
+            inflight = experts.plan_and_send(layer, x, &retry, &excluded, &last, &span).map_err(|e| e.into_model(layer))?;
         }
-        Err(DispatchError::NoReplica {
-            layer,
-            token: 0,
-            expert: 0,
-            last,
-        }
-        .into_model(layer))
     }
 }

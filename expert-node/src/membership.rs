@@ -1,0 +1,163 @@
+//! An expert node in a coordinated cluster: register under a lease, follow the placement, load
+//! what the pending and active placements give this node, acknowledge a version once everything
+//! it needs is loaded, serve the versions routers may still use, and unload experts only once
+//! every router routes with a placement that no longer needs them.
+//!
+//! A node that loses its lease stops acknowledging and serving new versions (it only keeps the
+//! active one) and registers again with a new lease.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use moe_meta::records::{self, AckRecord, Keys, NodeRecord, PlacementRecord, RouterRecord};
+use moe_meta::store::lease::LeaseKeeper;
+use moe_meta::store::mirror::{Snapshot, mirror};
+use moe_meta::store::{MetaStore, StoreError};
+use moe_meta::store::wait_until;
+use tokio::sync::watch;
+
+use crate::node::ExpertNode;
+
+/// How the node takes part in the cluster.
+#[derive(Debug, Clone)]
+pub struct MemberConfig {
+    pub keys: Keys,
+    /// The address routers dial.
+    pub addr: String,
+    /// (layer, expert) pairs this node can hold.
+    pub capacity: usize,
+    pub lease_ttl: Duration,
+}
+
+fn placement(snap: &Snapshot, key: &str) -> Option<PlacementRecord> {
+    let kv = snap.entries.get(key)?;
+    records::decode(key, &kv.value).map_err(|e| tracing::warn!(error = %e, "ignoring placement")).ok()
+}
+
+/// Lowest placement version any router reports (None: no router registered).
+fn min_router_version(snap: &Snapshot) -> Option<u64> {
+    snap.entries
+        .iter()
+        .filter_map(|(k, kv)| records::decode::<RouterRecord>(k, &kv.value).ok())
+        .map(|r| r.placement_version)
+        .min()
+}
+
+/// One pass: load, serve, acknowledge, unload. Returns the version acknowledged.
+async fn reconcile(
+    node: &Arc<ExpertNode>,
+    store: &Arc<dyn MetaStore>,
+    cfg: &MemberConfig,
+    placements: &Snapshot,
+    routers: &Snapshot,
+    lease: i64,
+) -> Result<Option<u64>, StoreError> {
+    let active = placement(placements, &cfg.keys.active());
+    let pending = placement(placements, &cfg.keys.pending());
+    let mut desired: BTreeSet<(usize, usize)> = BTreeSet::new();
+    for p in [&active, &pending].into_iter().flatten() {
+        desired.extend(p.pairs_of(&node.id));
+    }
+    let hosted = node.hosted();
+    let missing: Vec<(usize, usize)> = desired.difference(&hosted).copied().collect();
+    if !missing.is_empty() {
+        let n = node.clone();
+        let loaded = tokio::task::spawn_blocking(move || n.load_pairs(&missing)).await;
+        match loaded {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(node = %node.id, error = %e, "cannot load experts");
+                return Ok(None);
+            }
+            Err(e) => {
+                tracing::error!(node = %node.id, error = %e, "load task failed");
+                return Ok(None);
+            }
+        }
+    }
+    // Serve every version from the oldest one a router may still use up to the newest.
+    let active_v = active.as_ref().map(|p| p.version);
+    let newest = pending.as_ref().map(|p| p.version).max(active_v);
+    if let Some(newest) = newest {
+        let oldest = min_router_version(routers).map_or(active_v.unwrap_or(newest), |r| r.min(active_v.unwrap_or(newest)));
+        node.set_versions((oldest.min(newest)..=newest).collect());
+    }
+    // Acknowledge the newest version whose experts are all here.
+    let acked = newest;
+    if let Some(v) = acked {
+        let rec = records::encode(&AckRecord { version: v });
+        store.put(&cfg.keys.ack(&node.id), rec, Some(lease)).await?;
+    }
+    // Unload what no placement needs once every router routes with the active version.
+    if let Some(av) = active_v
+        && pending.is_none()
+        && min_router_version(routers).is_none_or(|r| r >= av)
+    {
+        let extra: Vec<(usize, usize)> = node.hosted().difference(&desired).copied().collect();
+        node.unload_pairs(&extra);
+    }
+    Ok(acked)
+}
+
+/// Registers `node` and follows the placement until `shutdown` resolves.
+pub async fn run_member(
+    node: Arc<ExpertNode>,
+    store: Arc<dyn MetaStore>,
+    cfg: MemberConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut placements = mirror(store.clone(), cfg.keys.placement());
+    let mut routers = mirror(store.clone(), cfg.keys.routers());
+    let record = NodeRecord {
+        id: node.id.clone(),
+        addr: cfg.addr.clone(),
+        capacity: cfg.capacity as u32,
+        backend: node.info().backend,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let lease = match LeaseKeeper::start(store.clone(), cfg.lease_ttl).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(node = %node.id, error = %e, "cannot get a lease; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        if let Err(e) = store.put(&cfg.keys.node(&node.id), records::encode(&record), Some(lease.id)).await {
+            tracing::warn!(node = %node.id, error = %e, "cannot register; retrying");
+            tokio::time::sleep(backoff).await;
+            continue;
+        }
+        backoff = Duration::from_millis(100);
+        tracing::info!(node = %node.id, lease = lease.id, "registered");
+        let mut lost = lease.lost();
+        loop {
+            let (p, r) = (placements.borrow_and_update().clone(), routers.borrow_and_update().clone());
+            if p.revision > 0
+                && let Err(e) = reconcile(&node, &store, &cfg, &p, &r, lease.id).await
+            {
+                tracing::warn!(node = %node.id, error = %e, "reconcile failed");
+            }
+            tokio::select! {
+                _ = placements.changed() => {}
+                _ = routers.changed() => {}
+                _ = wait_until(&mut lost, |l| *l) => break,
+                _ = wait_until(&mut shutdown, |s| *s) => {
+                    let _ = store.revoke(lease.id).await;
+                    return;
+                }
+            }
+        }
+        // Lease lost: keep serving only the active version until registered again.
+        let active = placement(&placements.borrow(), &cfg.keys.active()).map(|p| p.version);
+        node.set_versions(active.into_iter().collect());
+        tracing::warn!(node = %node.id, "lease lost; registering again");
+    }
+}

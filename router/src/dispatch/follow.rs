@@ -1,0 +1,81 @@
+//! A router in a coordinated cluster: register under a lease (with the placement version it
+//! routes with), follow `placement/active`, switch the dispatch routes, then report the new
+//! version, which is what lets nodes unload experts the new placement moved away. Re-registers
+//! after losing its lease; keeps routing with the last active placement while the store is
+//! unreachable.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use moe_meta::records::{self, Keys, PlacementRecord, RouterRecord};
+use moe_meta::store::MetaStore;
+use moe_meta::store::lease::LeaseKeeper;
+use moe_meta::store::mirror::mirror;
+use moe_meta::store::wait_until;
+use tokio::sync::watch;
+
+use super::RemoteExperts;
+
+/// How the router takes part in the cluster.
+#[derive(Debug, Clone)]
+pub struct FollowConfig {
+    pub keys: Keys,
+    pub id: String,
+    /// The HTTP address clients use (informational).
+    pub addr: String,
+    pub moe_layers: Vec<usize>,
+    pub n_experts: usize,
+    pub lease_ttl: Duration,
+}
+
+/// Follows the active placement until `shutdown` becomes true.
+pub async fn follow(store: Arc<dyn MetaStore>, cfg: FollowConfig, experts: Arc<RemoteExperts>, mut shutdown: watch::Receiver<bool>) {
+    let mut placements = mirror(store.clone(), cfg.keys.placement());
+    let record = |v: u64| records::encode(&RouterRecord { id: cfg.id.clone(), addr: cfg.addr.clone(), placement_version: v });
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let lease = match LeaseKeeper::start(store.clone(), cfg.lease_ttl).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(router = %cfg.id, error = %e, "cannot get a lease; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                    _ = wait_until(&mut shutdown, |s| *s) => return,
+                }
+            }
+        };
+        let mut lost = lease.lost();
+        let mut reported = None;
+        loop {
+            let snap = placements.borrow_and_update().clone();
+            let key = cfg.keys.active();
+            if let Some(kv) = snap.entries.get(&key) {
+                match records::decode::<PlacementRecord>(&key, &kv.value).map(|r| r.to_placement(&cfg.moe_layers, cfg.n_experts)) {
+                    Ok(Ok(p)) if p.version != experts.placement_version() => experts.update(p),
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::error!(error = %e, "the active placement does not fit the model"),
+                    Err(e) => tracing::error!(error = %e, "cannot decode the active placement"),
+                }
+            }
+            let v = experts.placement_version();
+            if reported != Some(v) {
+                match store.put(&cfg.keys.router(&cfg.id), record(v), Some(lease.id)).await {
+                    Ok(_) => reported = Some(v),
+                    Err(e) => tracing::warn!(router = %cfg.id, error = %e, "cannot report the placement version"),
+                }
+            }
+            tokio::select! {
+                _ = placements.changed() => {}
+                _ = wait_until(&mut lost, |l| *l) => break,
+                _ = tokio::time::sleep(Duration::from_secs(1)), if reported != Some(v) => {}
+                _ = wait_until(&mut shutdown, |s| *s) => {
+                    let _ = store.revoke(lease.id).await;
+                    return;
+                }
+            }
+        }
+        tracing::warn!(router = %cfg.id, "lease lost; registering again");
+    }
+}
