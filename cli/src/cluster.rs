@@ -44,19 +44,28 @@ impl ClusterArgs {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        Err(anyhow::anyhow!("cannot reach etcd at {url}: {}", last.map(|e| e.to_string()).unwrap_or_default()))
+        Err(anyhow::anyhow!(
+            "cannot reach etcd at {url}: {}",
+            last.map(|e| e.to_string()).unwrap_or_default()
+        ))
     }
 }
 
 /// A unique id for a process of `role`.
 pub fn process_id(role: &str, port: u16) -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
     format!("{role}-{port}-{:x}{:x}", std::process::id(), nanos % 0xffff)
 }
 
 /// MoE layers and routed-expert count of the model in `dir`.
 pub fn model_shape(dir: &Path) -> anyhow::Result<(Vec<usize>, usize)> {
-    let cfg = moe_model::Config::from_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
-    let n = cfg.moe().map(|m| m.n_routed_experts).context("the model has no routed experts")?;
+    let cfg =
+        moe_model::Config::from_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+    let n = cfg
+        .moe()
+        .map(|m| m.n_routed_experts)
+        .context("the model has no routed experts")?;
     Ok((cfg.moe_layers(), n))
 }

@@ -40,6 +40,8 @@ enum Command {
     Bench(commands::bench::Args),
     /// A coordinator replica (membership and placement on etcd).
     Coordinator(commands::coordinator::Args),
+    /// A whole local cluster in one process: coordinator, expert nodes, router.
+    Up(commands::up::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -69,5 +71,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Router(a) => commands::serve::run_router(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Coordinator(a) => commands::coordinator::run(a),
+        Command::Up(a) => commands::up::run(a),
     }
 }

@@ -12,8 +12,8 @@ use moe_meta::records::{self, AckRecord, Keys, NodeRecord, PlacementRecord};
 use moe_meta::store::election::{Leadership, campaign};
 use moe_meta::store::lease::LeaseKeeper;
 use moe_meta::store::mirror::{Snapshot, mirror};
-use moe_meta::store::{MetaStore, Op, StoreError};
 use moe_meta::store::wait_until;
+use moe_meta::store::{MetaStore, Op, StoreError};
 use tokio::sync::watch;
 
 use crate::plan::{NodeSlot, plan};
@@ -52,14 +52,20 @@ enum TermEnd {
 }
 
 fn decode_placement(store_key: &str, value: &[u8]) -> Option<PlacementRecord> {
-    records::decode(store_key, value).map_err(|e| tracing::warn!(error = %e, "ignoring placement")).ok()
+    records::decode(store_key, value)
+        .map_err(|e| tracing::warn!(error = %e, "ignoring placement"))
+        .ok()
 }
 
 fn live_nodes(snap: &Snapshot) -> Vec<NodeSlot> {
     snap.entries
         .iter()
         .filter_map(|(k, kv)| records::decode::<NodeRecord>(k, &kv.value).ok())
-        .map(|n| NodeSlot { id: n.id, addr: n.addr, capacity: n.capacity as usize })
+        .map(|n| NodeSlot {
+            id: n.id,
+            addr: n.addr,
+            capacity: n.capacity as usize,
+        })
         .collect()
 }
 
@@ -127,20 +133,49 @@ async fn lead(
     loop {
         let noticed = Instant::now();
         let live = live_nodes(&nodes.borrow_and_update());
-        let active = store.get(&cfg.keys.active()).await?.and_then(|kv| decode_placement(&kv.key, &kv.value));
-        let pending = store.get(&cfg.keys.pending()).await?.and_then(|kv| decode_placement(&kv.key, &kv.value));
+        let active = store
+            .get(&cfg.keys.active())
+            .await?
+            .and_then(|kv| decode_placement(&kv.key, &kv.value));
+        let pending = store
+            .get(&cfg.keys.pending())
+            .await?
+            .and_then(|kv| decode_placement(&kv.key, &kv.value));
         if let Some(a) = &active {
             status.send_modify(|s| s.active_version = a.version);
         }
         if !live.is_empty() {
-            match plan(active.as_ref(), &live, &cfg.moe_layers, cfg.n_experts, cfg.min_replicas) {
+            match plan(
+                active.as_ref(),
+                &live,
+                &cfg.moe_layers,
+                cfg.n_experts,
+                cfg.min_replicas,
+            ) {
                 Ok(next) if active.as_ref().is_none_or(|a| a.nodes != next.nodes) => {
-                    let version = active.as_ref().map_or(0, |a| a.version).max(pending.as_ref().map_or(0, |p| p.version)) + 1;
-                    let rec = PlacementRecord { version, nodes: next.nodes };
-                    tracing::info!(version, nodes = live.len(), moved = next.moved, "rolling out a placement");
+                    let version = active
+                        .as_ref()
+                        .map_or(0, |a| a.version)
+                        .max(pending.as_ref().map_or(0, |p| p.version))
+                        + 1;
+                    let rec = PlacementRecord {
+                        version,
+                        nodes: next.nodes,
+                    };
+                    tracing::info!(
+                        version,
+                        nodes = live.len(),
+                        moved = next.moved,
+                        "rolling out a placement"
+                    );
                     if rollout(store, cfg, leadership, &rec, &mut nodes, &mut acks).await? {
                         let took = noticed.elapsed();
-                        tracing::info!(version, moved = next.moved, ms = took.as_millis() as u64, "placement active");
+                        tracing::info!(
+                            version,
+                            moved = next.moved,
+                            ms = took.as_millis() as u64,
+                            "placement active"
+                        );
                         status.send_modify(|s| {
                             s.active_version = version;
                             s.last_moved = next.moved;
@@ -169,7 +204,11 @@ async fn rollout(
     nodes: &mut watch::Receiver<Arc<Snapshot>>,
     acks: &mut watch::Receiver<Arc<Snapshot>>,
 ) -> Result<bool, TermEnd> {
-    let put = Op::Put { key: cfg.keys.pending(), value: records::encode(rec), lease: None };
+    let put = Op::Put {
+        key: cfg.keys.pending(),
+        value: records::encode(rec),
+        lease: None,
+    };
     if !store.txn(vec![leadership.fence()], vec![put]).await? {
         return Err(TermEnd::Deposed);
     }
@@ -203,7 +242,11 @@ async fn rollout(
         }
     }
     let ops = vec![
-        Op::Put { key: cfg.keys.active(), value: records::encode(rec), lease: None },
+        Op::Put {
+            key: cfg.keys.active(),
+            value: records::encode(rec),
+            lease: None,
+        },
         Op::Delete(cfg.keys.pending()),
     ];
     if !store.txn(vec![leadership.fence()], ops).await? {

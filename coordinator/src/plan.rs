@@ -29,8 +29,15 @@ pub struct NodeSlot {
 pub enum PlanError {
     #[error("no live expert node")]
     NoNodes,
-    #[error("{needed} expert slots are needed ({pairs} experts × {replicas} replicas) but the nodes have {available}")]
-    Capacity { needed: usize, pairs: usize, replicas: usize, available: usize },
+    #[error(
+        "{needed} expert slots are needed ({pairs} experts × {replicas} replicas) but the nodes have {available}"
+    )]
+    Capacity {
+        needed: usize,
+        pairs: usize,
+        replicas: usize,
+        available: usize,
+    },
 }
 
 /// The outcome of a plan.
@@ -44,7 +51,8 @@ pub struct Plan {
 type Pair = (u16, u16);
 
 fn mix((l, e): Pair, node: usize) -> u64 {
-    let mut h = (u64::from(l) << 32 | u64::from(e) << 8 | node as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut h =
+        (u64::from(l) << 32 | u64::from(e) << 8 | node as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     h ^= h >> 29;
     h.wrapping_mul(0xBF58_476D_1CE4_E5B9)
 }
@@ -62,11 +70,19 @@ pub fn plan(
     }
     let mut nodes: Vec<NodeSlot> = nodes.to_vec();
     nodes.sort_by(|a, b| a.id.cmp(&b.id));
-    let pairs: Vec<Pair> = moe_layers.iter().flat_map(|&l| (0..n_experts).map(move |e| (l as u16, e as u16))).collect();
+    let pairs: Vec<Pair> = moe_layers
+        .iter()
+        .flat_map(|&l| (0..n_experts).map(move |e| (l as u16, e as u16)))
+        .collect();
     let replicas = min_replicas.clamp(1, nodes.len());
     let available: usize = nodes.iter().map(|n| n.capacity).sum();
     if pairs.len() * replicas > available {
-        return Err(PlanError::Capacity { needed: pairs.len() * replicas, pairs: pairs.len(), replicas, available });
+        return Err(PlanError::Capacity {
+            needed: pairs.len() * replicas,
+            pairs: pairs.len(),
+            replicas,
+            available,
+        });
     }
     let mut held: Vec<BTreeSet<Pair>> = nodes
         .iter()
@@ -74,7 +90,13 @@ pub fn plan(
             let valid: BTreeSet<Pair> = pairs.iter().copied().collect();
             current
                 .and_then(|c| c.nodes.iter().find(|p| p.id == n.id))
-                .map(|p| p.experts.iter().copied().filter(|x| valid.contains(x)).collect())
+                .map(|p| {
+                    p.experts
+                        .iter()
+                        .copied()
+                        .filter(|x| valid.contains(x))
+                        .collect()
+                })
                 .unwrap_or_default()
         })
         .collect();
@@ -88,7 +110,9 @@ pub fn plan(
     // 2. capacity
     for (i, n) in nodes.iter().enumerate() {
         while held[i].len() > n.capacity {
-            let Some(&drop) = held[i].iter().max_by_key(|p| (count[p], **p)) else { break };
+            let Some(&drop) = held[i].iter().max_by_key(|p| (count[p], **p)) else {
+                break;
+            };
             held[i].remove(&drop);
             if let Some(c) = count.get_mut(&drop) {
                 *c -= 1;
@@ -111,9 +135,8 @@ pub fn plan(
             }
         }
     }
-    // 4. balance
-    loop {
-        let Some(max) = (0..nodes.len()).max_by_key(|&i| (held[i].len(), std::cmp::Reverse(i))) else { break };
+    // 4. balance (nodes is non-empty, so there is always a fullest node)
+    while let Some(max) = (0..nodes.len()).max_by_key(|&i| (held[i].len(), std::cmp::Reverse(i))) {
         let Some(min) = (0..nodes.len())
             .filter(|&i| held[i].len() < nodes[i].capacity)
             .min_by_key(|&i| (held[i].len(), i))
@@ -123,17 +146,30 @@ pub fn plan(
         if held[max].len() <= held[min].len() + 1 {
             break;
         }
-        let Some(&p) = held[max].iter().find(|p| !held[min].contains(p)) else { break };
+        let Some(&p) = held[max].iter().find(|p| !held[min].contains(p)) else {
+            break;
+        };
         held[max].remove(&p);
         held[min].insert(p);
     }
-    let moved = held.iter().zip(&before).map(|(h, b)| h.difference(b).count()).sum();
+    let moved = held
+        .iter()
+        .zip(&before)
+        .map(|(h, b)| h.difference(b).count())
+        .sum();
     let placed = nodes
         .iter()
         .zip(held)
-        .map(|(n, h)| PlacedNode { id: n.id.clone(), addr: n.addr.clone(), experts: h.into_iter().collect() })
+        .map(|(n, h)| PlacedNode {
+            id: n.id.clone(),
+            addr: n.addr.clone(),
+            experts: h.into_iter().collect(),
+        })
         .collect();
-    Ok(Plan { nodes: placed, moved })
+    Ok(Plan {
+        nodes: placed,
+        moved,
+    })
 }
 
 #[cfg(test)]
@@ -141,11 +177,20 @@ mod tests {
     use super::*;
 
     fn slots(n: usize, cap: usize) -> Vec<NodeSlot> {
-        (0..n).map(|i| NodeSlot { id: format!("n{i}"), addr: format!("a{i}"), capacity: cap }).collect()
+        (0..n)
+            .map(|i| NodeSlot {
+                id: format!("n{i}"),
+                addr: format!("a{i}"),
+                capacity: cap,
+            })
+            .collect()
     }
 
     fn record(p: &Plan) -> PlacementRecord {
-        PlacementRecord { version: 1, nodes: p.nodes.clone() }
+        PlacementRecord {
+            version: 1,
+            nodes: p.nodes.clone(),
+        }
     }
 
     fn check_cover(p: &Plan, layers: &[usize], n: usize, replicas: usize) {
@@ -163,7 +208,10 @@ mod tests {
         let p = plan(None, &slots(4, 1000), &[1, 2, 3], 256, 2).expect("fits");
         check_cover(&p, &[1, 2, 3], 256, 2);
         let loads: Vec<usize> = p.nodes.iter().map(|n| n.experts.len()).collect();
-        assert!(loads.iter().max().expect("max") - loads.iter().min().expect("min") <= 1, "{loads:?}");
+        assert!(
+            loads.iter().max().expect("max") - loads.iter().min().expect("min") <= 1,
+            "{loads:?}"
+        );
         assert_eq!(p.moved, 3 * 256 * 2);
     }
 
@@ -175,7 +223,11 @@ mod tests {
         let next = plan(Some(&record(&first)), &survivors, &[1, 2, 3], 256, 2).expect("fits");
         check_cover(&next, &[1, 2, 3], 256, 2);
         // The lost replicas are re-created; balancing may move a few more (well under 10%).
-        assert!(next.moved >= lost && next.moved <= lost + lost / 10, "moved {} for {lost} lost", next.moved);
+        assert!(
+            next.moved >= lost && next.moved <= lost + lost / 10,
+            "moved {} for {lost} lost",
+            next.moved
+        );
     }
 
     #[test]
@@ -193,7 +245,10 @@ mod tests {
             .zip(&next.nodes)
             .map(|(a, b)| a.experts.iter().filter(|x| !b.experts.contains(x)).count())
             .sum();
-        eprintln!("incremental moves {} vs from-scratch difference {differ}", next.moved);
+        eprintln!(
+            "incremental moves {} vs from-scratch difference {differ}",
+            next.moved
+        );
         assert!(next.moved * 2 < differ);
     }
 
@@ -202,13 +257,31 @@ mod tests {
         let mut nodes = slots(3, 300);
         nodes[0].capacity = 0; // a node that can hold nothing
         let err = plan(None, &nodes, &[1, 2, 3], 256, 1).expect_err("768 pairs > 600 slots");
-        assert!(matches!(err, PlanError::Capacity { needed: 768, available: 600, .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                PlanError::Capacity {
+                    needed: 768,
+                    available: 600,
+                    ..
+                }
+            ),
+            "{err}"
+        );
         nodes[1].capacity = 500;
         let p = plan(None, &nodes, &[1, 2, 3], 256, 1).expect("fits in 800");
         assert!(p.nodes[0].experts.is_empty());
-        assert!(p.nodes.iter().zip(&nodes).all(|(p, n)| p.experts.len() <= n.capacity));
+        assert!(
+            p.nodes
+                .iter()
+                .zip(&nodes)
+                .all(|(p, n)| p.experts.len() <= n.capacity)
+        );
         check_cover(&p, &[1, 2, 3], 256, 1);
-        assert_eq!(plan(None, &[], &[1], 4, 1).expect_err("no nodes"), PlanError::NoNodes);
+        assert_eq!(
+            plan(None, &[], &[1], 4, 1).expect_err("no nodes"),
+            PlanError::NoNodes
+        );
     }
 
     #[test]

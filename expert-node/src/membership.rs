@@ -13,8 +13,8 @@ use std::time::Duration;
 use moe_meta::records::{self, AckRecord, Keys, NodeRecord, PlacementRecord, RouterRecord};
 use moe_meta::store::lease::LeaseKeeper;
 use moe_meta::store::mirror::{Snapshot, mirror};
-use moe_meta::store::{MetaStore, StoreError};
 use moe_meta::store::wait_until;
+use moe_meta::store::{MetaStore, StoreError};
 use tokio::sync::watch;
 
 use crate::node::ExpertNode;
@@ -32,7 +32,9 @@ pub struct MemberConfig {
 
 fn placement(snap: &Snapshot, key: &str) -> Option<PlacementRecord> {
     let kv = snap.entries.get(key)?;
-    records::decode(key, &kv.value).map_err(|e| tracing::warn!(error = %e, "ignoring placement")).ok()
+    records::decode(key, &kv.value)
+        .map_err(|e| tracing::warn!(error = %e, "ignoring placement"))
+        .ok()
 }
 
 /// Lowest placement version any router reports (None: no router registered).
@@ -80,7 +82,9 @@ async fn reconcile(
     let active_v = active.as_ref().map(|p| p.version);
     let newest = pending.as_ref().map(|p| p.version).max(active_v);
     if let Some(newest) = newest {
-        let oldest = min_router_version(routers).map_or(active_v.unwrap_or(newest), |r| r.min(active_v.unwrap_or(newest)));
+        let oldest = min_router_version(routers).map_or(active_v.unwrap_or(newest), |r| {
+            r.min(active_v.unwrap_or(newest))
+        });
         node.set_versions((oldest.min(newest)..=newest).collect());
     }
     // Acknowledge the newest version whose experts are all here.
@@ -130,7 +134,14 @@ pub async fn run_member(
                 continue;
             }
         };
-        if let Err(e) = store.put(&cfg.keys.node(&node.id), records::encode(&record), Some(lease.id)).await {
+        if let Err(e) = store
+            .put(
+                &cfg.keys.node(&node.id),
+                records::encode(&record),
+                Some(lease.id),
+            )
+            .await
+        {
             tracing::warn!(node = %node.id, error = %e, "cannot register; retrying");
             tokio::time::sleep(backoff).await;
             continue;
@@ -139,7 +150,10 @@ pub async fn run_member(
         tracing::info!(node = %node.id, lease = lease.id, "registered");
         let mut lost = lease.lost();
         loop {
-            let (p, r) = (placements.borrow_and_update().clone(), routers.borrow_and_update().clone());
+            let (p, r) = (
+                placements.borrow_and_update().clone(),
+                routers.borrow_and_update().clone(),
+            );
             if p.revision > 0
                 && let Err(e) = reconcile(&node, &store, &cfg, &p, &r, lease.id).await
             {

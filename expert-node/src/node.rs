@@ -38,7 +38,12 @@ pub struct ExpertNode {
 impl ExpertNode {
     /// Loads the `pairs` of the model in `dir` (only their tensors are read); more can be loaded
     /// later with [`ExpertNode::load_pairs`].
-    pub fn load(id: String, dir: &Path, pairs: &[(usize, usize)], versions: BTreeSet<u64>) -> Result<ExpertNode, ModelError> {
+    pub fn load(
+        id: String,
+        dir: &Path,
+        pairs: &[(usize, usize)],
+        versions: BTreeSet<u64>,
+    ) -> Result<ExpertNode, ModelError> {
         let cfg = Config::from_dir(dir)?;
         let ckpt = Arc::new(Checkpoint::open(dir, cfg.fp8_block())?);
         let store = ExpertStore::load(&cfg, &ckpt, pairs)?;
@@ -49,7 +54,13 @@ impl ExpertNode {
     }
 
     /// A node over experts already in memory (no checkpoint to load more from).
-    pub fn from_store(id: String, cfg: Config, store: ExpertStore, pairs: &[(usize, usize)], versions: BTreeSet<u64>) -> ExpertNode {
+    pub fn from_store(
+        id: String,
+        cfg: Config,
+        store: ExpertStore,
+        pairs: &[(usize, usize)],
+        versions: BTreeSet<u64>,
+    ) -> ExpertNode {
         let mut hosted: BTreeMap<usize, BTreeSet<usize>> = BTreeMap::new();
         for &(l, e) in pairs {
             hosted.entry(l).or_default().insert(e);
@@ -59,7 +70,11 @@ impl ExpertNode {
             id,
             cfg,
             ckpt: None,
-            state: RwLock::new(Hosted { store, pairs: hosted, versions }),
+            state: RwLock::new(Hosted {
+                store,
+                pairs: hosted,
+                versions,
+            }),
             fingerprint,
             draining: AtomicBool::new(false),
             in_flight: AtomicU64::new(0),
@@ -82,12 +97,19 @@ impl ExpertNode {
 
     /// Whether (layer, expert) is hosted here.
     pub fn hosts(&self, layer: usize, expert: usize) -> bool {
-        self.read().pairs.get(&layer).is_some_and(|s| s.contains(&expert))
+        self.read()
+            .pairs
+            .get(&layer)
+            .is_some_and(|s| s.contains(&expert))
     }
 
     /// Every hosted (layer, expert).
     pub fn hosted(&self) -> BTreeSet<(usize, usize)> {
-        self.read().pairs.iter().flat_map(|(&l, es)| es.iter().map(move |&e| (l, e))).collect()
+        self.read()
+            .pairs
+            .iter()
+            .flat_map(|(&l, es)| es.iter().map(move |&e| (l, e)))
+            .collect()
     }
 
     /// Placement versions served; empty means any.
@@ -105,10 +127,9 @@ impl ExpertNode {
         if pairs.is_empty() {
             return Ok(());
         }
-        let ckpt = self
-            .ckpt
-            .as_ref()
-            .ok_or_else(|| ModelError::InvalidInput("this node has no checkpoint to load experts from".into()))?;
+        let ckpt = self.ckpt.as_ref().ok_or_else(|| {
+            ModelError::InvalidInput("this node has no checkpoint to load experts from".into())
+        })?;
         let loaded = ExpertStore::load(&self.cfg, ckpt, pairs)?;
         let mut st = self.write();
         st.store.absorb(loaded);
@@ -137,7 +158,9 @@ impl ExpertNode {
     /// Runs a validated job: `[tokens, hidden]` weighted sums.
     pub fn compute(&self, job: &Job) -> Result<Matrix, ModelError> {
         let st = self.read();
-        run_experts(job.layer, &job.hidden, &job.assignments, |e| st.store.get(job.layer, e))
+        run_experts(job.layer, &job.hidden, &job.assignments, |e| {
+            st.store.get(job.layer, e)
+        })
     }
 
     /// Marks the node as draining (health reports it; streams stop taking new messages).
@@ -168,11 +191,19 @@ impl ExpertNode {
             node_id: self.id.clone(),
             hidden_size: self.cfg.hidden_size as u32,
             n_routed_experts: self.cfg.moe().map_or(0, |m| m.n_routed_experts as u32),
-            moe_layers: self.cfg.moe_layers().into_iter().map(|l| l as u32).collect(),
+            moe_layers: self
+                .cfg
+                .moe_layers()
+                .into_iter()
+                .map(|l| l as u32)
+                .collect(),
             hosted: st
                 .pairs
                 .iter()
-                .map(|(&l, e)| pb::ExpertRange { layer: l as u32, experts: e.iter().map(|&x| x as u32).collect() })
+                .map(|(&l, e)| pb::ExpertRange {
+                    layer: l as u32,
+                    experts: e.iter().map(|&x| x as u32).collect(),
+                })
                 .collect(),
             placement_versions: st.versions.iter().copied().collect(),
             model_fingerprint: self.fingerprint.clone(),

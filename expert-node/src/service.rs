@@ -58,7 +58,12 @@ async fn handle(node: Arc<ExpertNode>, req: DispatchRequest) -> Result<DispatchR
         })
         .await
         .map_err(|e| Status::internal(format!("compute task failed: {e}")))?;
-        let out = result.map_err(|e| Status::internal(e.to_string()))?;
+        // An expert unloaded between validation and compute (a placement switch) is the same
+        // condition as one not hosted: the router re-routes.
+        let out = result.map_err(|e| match e {
+            moe_model::ModelError::Experts { .. } => Status::failed_precondition(e.to_string()),
+            other => Status::internal(other.to_string()),
+        })?;
         Ok(DispatchResponse {
             request_id: req.request_id,
             code: 0,

@@ -2,7 +2,10 @@
 //! code that says whose fault it is. `InvalidArgument`: the message contradicts itself or the
 //! model (buffer sizes, CSR offsets, layer or expert out of range, non-finite values).
 //! `FailedPrecondition`: a well-formed message this node cannot serve now (an expert it does not
-//! host, a placement version it does not know) — the router should re-route, not retry as is.
+//! host, a placement version newer than any it knows) — the router should re-route, not retry
+//! as is. Older placement versions are accepted: expert weights do not change between versions,
+//! so hosting the requested experts is what makes an answer correct, and routers still finishing
+//! a step on the previous placement must not fail during a switch.
 
 use moe_model::{Assignments, Matrix};
 use moe_proto::pb::{DispatchRequest, Dtype};
@@ -38,13 +41,12 @@ pub fn validate(req: &DispatchRequest, node: &ExpertNode) -> Result<Job, Status>
             cfg.moe_layers()
         ));
     }
-    let versions = node.versions();
-    if !versions.is_empty() && !versions.contains(&req.placement_version) {
+    if let Some(&newest) = node.versions().iter().next_back()
+        && req.placement_version > newest
+    {
         return Err(Status::failed_precondition(format!(
-            "placement version {} is not served by node {} (serves {:?})",
-            req.placement_version,
-            node.id,
-            versions
+            "placement version {} is newer than node {} knows (newest {newest})",
+            req.placement_version, node.id
         )));
     }
     let t = req.num_tokens as usize;

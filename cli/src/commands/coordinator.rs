@@ -26,15 +26,38 @@ pub struct Args {
     cluster: ClusterArgs,
 }
 
-pub fn config(model: &std::path::Path, min_replicas: usize, id: String, cluster: &ClusterArgs, ack_timeout: Duration) -> anyhow::Result<CoordinatorConfig> {
+pub fn config(
+    model: &std::path::Path,
+    min_replicas: usize,
+    id: String,
+    cluster: &ClusterArgs,
+    ack_timeout: Duration,
+) -> anyhow::Result<CoordinatorConfig> {
     let (moe_layers, n_experts) = model_shape(model)?;
-    Ok(CoordinatorConfig { id, keys: cluster.keys(), moe_layers, n_experts, min_replicas, lease_ttl: cluster.ttl(), ack_timeout })
+    Ok(CoordinatorConfig {
+        id,
+        keys: cluster.keys(),
+        moe_layers,
+        n_experts,
+        min_replicas,
+        lease_ttl: cluster.ttl(),
+        ack_timeout,
+    })
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let id = a.id.clone().unwrap_or_else(|| process_id("coordinator", 0));
-    let cfg = config(&a.model, a.min_replicas, id.clone(), &a.cluster, Duration::from_millis(a.ack_timeout_ms))?;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let cfg = config(
+        &a.model,
+        a.min_replicas,
+        id.clone(),
+        &a.cluster,
+        Duration::from_millis(a.ack_timeout_ms),
+    )?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let store = a.cluster.connect().await?;
         let (status, mut rx) = watch::channel(CoordinatorStatus::default());

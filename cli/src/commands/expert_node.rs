@@ -46,25 +46,46 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let cfg = moe_model::Config::from_dir(&a.model).with_context(|| format!("reading {}", a.model.display()))?;
-    let n_experts = cfg.moe().map(|m| m.n_routed_experts).context("the model has no routed experts")?;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let cfg = moe_model::Config::from_dir(&a.model)
+        .with_context(|| format!("reading {}", a.model.display()))?;
+    let n_experts = cfg
+        .moe()
+        .map(|m| m.n_routed_experts)
+        .context("the model has no routed experts")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;
+        let listener = tokio::net::TcpListener::bind(a.listen)
+            .await
+            .with_context(|| format!("binding {}", a.listen))?;
         let addr = listener.local_addr()?;
-        let id = a.node_id.clone().unwrap_or_else(|| format!("node-{}", addr.port()));
+        let id = a
+            .node_id
+            .clone()
+            .unwrap_or_else(|| format!("node-{}", addr.port()));
         let (pairs, versions) = match (&a.experts, &a.placement, &a.cluster.etcd) {
-            (Some(spec), None, _) => (spec.parse::<ExpertSpec>()?.pairs(&cfg.moe_layers(), n_experts)?, BTreeSet::new()),
+            (Some(spec), None, _) => (
+                spec.parse::<ExpertSpec>()?
+                    .pairs(&cfg.moe_layers(), n_experts)?,
+                BTreeSet::new(),
+            ),
             (None, Some(file), _) => {
                 let p = Placement::from_file(file, &cfg.moe_layers(), n_experts)?;
                 let spec: ExpertSpec = p.node(&id)?.experts.parse()?;
-                (spec.pairs(&cfg.moe_layers(), n_experts)?, [p.version].into())
+                (
+                    spec.pairs(&cfg.moe_layers(), n_experts)?,
+                    [p.version].into(),
+                )
             }
             (None, None, Some(_)) => (Vec::new(), BTreeSet::new()),
             _ => bail!("give --experts SPEC, --placement FILE --node-id ID, or --etcd URL"),
         };
         let dir = a.model.clone();
-        let node = tokio::task::spawn_blocking(move || ExpertNode::load(id, &dir, &pairs, versions)).await??;
+        let node =
+            tokio::task::spawn_blocking(move || ExpertNode::load(id, &dir, &pairs, versions))
+                .await??;
         let node = Arc::new(node);
         let (stop, stopped) = watch::channel(false);
         let member = if a.cluster.etcd.is_some() {
@@ -75,14 +96,21 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 capacity: a.capacity.unwrap_or(cfg.moe_layers().len() * n_experts),
                 lease_ttl: a.cluster.ttl(),
             };
-            Some(tokio::spawn(run_member(node.clone(), store, member, stopped.clone())))
+            Some(tokio::spawn(run_member(
+                node.clone(),
+                store,
+                member,
+                stopped.clone(),
+            )))
         } else {
             None
         };
         // Tests and scripts read this line to learn the port.
         println!("expert node {} listening on {addr}", node.id);
         tracing::info!(node = %node.id, %addr, "serving");
-        let opts = ServerOptions { max_message_bytes: a.max_message_bytes };
+        let opts = ServerOptions {
+            max_message_bytes: a.max_message_bytes,
+        };
         let shutdown = async move {
             crate::signal::shutdown().await;
             let _ = stop.send(true);

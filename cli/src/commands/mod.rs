@@ -7,3 +7,4 @@ pub mod gen_model;
 pub mod generate;
 pub mod logits;
 pub mod serve;
+pub mod up;

@@ -19,10 +19,10 @@ pub struct ServeArgs {
     /// Model directory (config.json, safetensors, tokenizer files); default: the generated
     /// `tiny` preset.
     #[arg(long, env = "MOE_MODEL")]
-    model: Option<PathBuf>,
+    pub model: Option<PathBuf>,
     /// Address of the HTTP API (port 0 picks one; the address is printed).
     #[arg(long, env = "MOE_LISTEN", default_value = "127.0.0.1:8000")]
-    listen: SocketAddr,
+    pub listen: SocketAddr,
     /// Model name clients use (default: the model directory's name).
     #[arg(long, env = "MOE_SERVED_MODEL_NAME")]
     served_model_name: Option<String>,
@@ -54,7 +54,7 @@ pub struct RouterArgs {
 }
 
 impl ServeArgs {
-    fn model_dir(&self) -> anyhow::Result<PathBuf> {
+    pub fn model_dir(&self) -> anyhow::Result<PathBuf> {
         match &self.model {
             Some(dir) => Ok(dir.clone()),
             None => crate::commands::gen_model::cached_preset(moe_model::presets::Preset::Tiny),
@@ -93,8 +93,17 @@ pub fn check_nodes(experts: &RemoteExperts) -> Result<(), String> {
     if routes.placement.is_none() {
         return Err("no placement yet".into());
     }
-    let down: Vec<&str> = routes.clients.iter().filter(|c| !c.is_up()).map(|c| c.addr()).collect();
-    if down.is_empty() { Ok(()) } else { Err(format!("expert nodes unreachable: {}", down.join(", "))) }
+    let down: Vec<&str> = routes
+        .clients
+        .iter()
+        .filter(|c| !c.is_up())
+        .map(|c| c.addr())
+        .collect();
+    if down.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("expert nodes unreachable: {}", down.join(", ")))
+    }
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -110,6 +119,24 @@ fn run(
     ready: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
     rt: tokio::runtime::Runtime,
 ) -> anyhow::Result<()> {
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(a.listen)
+            .await
+            .with_context(|| format!("binding {}", a.listen))?;
+        let state = app_state(&a, engine, ready)?;
+        println!("listening on {}", listener.local_addr()?);
+        moe_router::http::serve(listener, state, crate::signal::shutdown()).await?;
+        Ok(())
+    })
+}
+
+/// The API state: tokenizer, limits, metrics, and the scheduler started on `engine` (call
+/// inside the runtime).
+pub fn app_state(
+    a: &ServeArgs,
+    engine: Engine,
+    ready: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
+) -> anyhow::Result<AppState> {
     let dir = a.model_dir()?;
     let codec = Arc::new(TextCodec::from_dir(&dir).map_err(anyhow::Error::msg)?);
     let cfg = engine.config().clone();
@@ -124,7 +151,6 @@ fn run(
         dir.file_name()
             .map_or_else(|| "model".to_string(), |n| n.to_string_lossy().into_owned())
     });
-    let metrics = moe_router::metrics::install();
     let limits = Limits {
         model_name: name,
         vocab: cfg.vocab_size,
@@ -134,22 +160,14 @@ fn run(
         kv_cache_tokens = sched_cfg.kv_cache_tokens,
         "scheduler limits"
     );
-    rt.block_on(async move {
-        let scheduler = Scheduler::start(engine, codec.clone(), sched_cfg);
-        let state = AppState {
-            scheduler,
-            codec,
-            limits,
-            metrics,
-            ready,
-            max_body_bytes: a.max_body_bytes,
-        };
-        let listener = tokio::net::TcpListener::bind(a.listen)
-            .await
-            .with_context(|| format!("binding {}", a.listen))?;
-        println!("listening on {}", listener.local_addr()?);
-        moe_router::http::serve(listener, state, crate::signal::shutdown()).await?;
-        Ok(())
+    let scheduler = Scheduler::start(engine, codec.clone(), sched_cfg);
+    Ok(AppState {
+        scheduler,
+        codec,
+        limits,
+        metrics: moe_router::metrics::install(),
+        ready,
+        max_body_bytes: a.max_body_bytes,
     })
 }
 
@@ -165,7 +183,11 @@ fn run_coordinated_router(a: RouterArgs) -> anyhow::Result<()> {
         max_message_bytes: a.remote.max_message_bytes,
         ..Default::default()
     };
-    let experts = Arc::new(RemoteExperts::empty(backbone.config().hidden_size, opts, rt.handle().clone()));
+    let experts = Arc::new(RemoteExperts::empty(
+        backbone.config().hidden_size,
+        opts,
+        rt.handle().clone(),
+    ));
     let store = rt.block_on(a.cluster.connect())?;
     let follow = moe_router::dispatch::follow::FollowConfig {
         keys: a.cluster.keys(),
@@ -176,7 +198,12 @@ fn run_coordinated_router(a: RouterArgs) -> anyhow::Result<()> {
         lease_ttl: a.cluster.ttl(),
     };
     let (_stop, stopped) = tokio::sync::watch::channel(false);
-    rt.spawn(moe_router::dispatch::follow::follow(store, follow, experts.clone(), stopped));
+    rt.spawn(moe_router::dispatch::follow::follow(
+        store,
+        follow,
+        experts.clone(),
+        stopped,
+    ));
     let probe = experts.clone();
     let ready = Arc::new(move || check_nodes(&probe));
     run(a.serve, Engine::remote(backbone, experts), ready, rt)

@@ -115,7 +115,10 @@ pub trait MetaStore: Send + Sync + 'static {
 
 /// Waits until `f` holds for the watched value (false if the sender went away). Unlike
 /// `Receiver::wait_for`, the future is `Send`: no borrow of the value lives across an await.
-pub async fn wait_until<T>(rx: &mut tokio::sync::watch::Receiver<T>, f: impl Fn(&T) -> bool) -> bool {
+pub async fn wait_until<T>(
+    rx: &mut tokio::sync::watch::Receiver<T>,
+    f: impl Fn(&T) -> bool,
+) -> bool {
     loop {
         let ok = f(&rx.borrow_and_update());
         if ok {

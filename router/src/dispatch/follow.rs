@@ -29,9 +29,20 @@ pub struct FollowConfig {
 }
 
 /// Follows the active placement until `shutdown` becomes true.
-pub async fn follow(store: Arc<dyn MetaStore>, cfg: FollowConfig, experts: Arc<RemoteExperts>, mut shutdown: watch::Receiver<bool>) {
+pub async fn follow(
+    store: Arc<dyn MetaStore>,
+    cfg: FollowConfig,
+    experts: Arc<RemoteExperts>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut placements = mirror(store.clone(), cfg.keys.placement());
-    let record = |v: u64| records::encode(&RouterRecord { id: cfg.id.clone(), addr: cfg.addr.clone(), placement_version: v });
+    let record = |v: u64| {
+        records::encode(&RouterRecord {
+            id: cfg.id.clone(),
+            addr: cfg.addr.clone(),
+            placement_version: v,
+        })
+    };
     loop {
         if *shutdown.borrow() {
             return;
@@ -52,18 +63,27 @@ pub async fn follow(store: Arc<dyn MetaStore>, cfg: FollowConfig, experts: Arc<R
             let snap = placements.borrow_and_update().clone();
             let key = cfg.keys.active();
             if let Some(kv) = snap.entries.get(&key) {
-                match records::decode::<PlacementRecord>(&key, &kv.value).map(|r| r.to_placement(&cfg.moe_layers, cfg.n_experts)) {
+                match records::decode::<PlacementRecord>(&key, &kv.value)
+                    .map(|r| r.to_placement(&cfg.moe_layers, cfg.n_experts))
+                {
                     Ok(Ok(p)) if p.version != experts.placement_version() => experts.update(p),
                     Ok(Ok(_)) => {}
-                    Ok(Err(e)) => tracing::error!(error = %e, "the active placement does not fit the model"),
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "the active placement does not fit the model")
+                    }
                     Err(e) => tracing::error!(error = %e, "cannot decode the active placement"),
                 }
             }
             let v = experts.placement_version();
             if reported != Some(v) {
-                match store.put(&cfg.keys.router(&cfg.id), record(v), Some(lease.id)).await {
+                match store
+                    .put(&cfg.keys.router(&cfg.id), record(v), Some(lease.id))
+                    .await
+                {
                     Ok(_) => reported = Some(v),
-                    Err(e) => tracing::warn!(router = %cfg.id, error = %e, "cannot report the placement version"),
+                    Err(e) => {
+                        tracing::warn!(router = %cfg.id, error = %e, "cannot report the placement version")
+                    }
                 }
             }
             tokio::select! {

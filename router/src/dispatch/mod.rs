@@ -53,14 +53,31 @@ impl Default for DispatchOptions {
 /// Why a dispatch failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DispatchError {
-    #[error("no live replica of expert {expert} (layer {layer}, token {token}); last failure: {last}")]
-    NoReplica { layer: usize, token: usize, expert: usize, last: String },
+    #[error(
+        "no live replica of expert {expert} (layer {layer}, token {token}); last failure: {last}"
+    )]
+    NoReplica {
+        layer: usize,
+        token: usize,
+        expert: usize,
+        last: String,
+    },
     #[error("no placement yet (waited {0:?} for the coordinator)")]
     NoPlacement(Duration),
     #[error("node {addr} rejected layer {layer}: {code:?}: {message}")]
-    Rejected { addr: String, layer: usize, code: Code, message: String },
+    Rejected {
+        addr: String,
+        layer: usize,
+        code: Code,
+        message: String,
+    },
     #[error("node {addr} returned {got} bytes for {tokens} tokens at layer {layer}")]
-    BadReply { addr: String, layer: usize, tokens: usize, got: usize },
+    BadReply {
+        addr: String,
+        layer: usize,
+        tokens: usize,
+        got: usize,
+    },
     #[error("not every node connected within {0:?}: {1}")]
     NotReady(Duration, String),
     #[error("node {addr} does not match the placement: {why}")]
@@ -69,7 +86,10 @@ pub enum DispatchError {
 
 impl DispatchError {
     fn into_model(self, layer: usize) -> ModelError {
-        ModelError::Experts { layer, reason: self.to_string() }
+        ModelError::Experts {
+            layer,
+            reason: self.to_string(),
+        }
     }
 }
 
@@ -100,7 +120,13 @@ struct InFlight {
 
 impl RemoteExperts {
     /// Routes by a static `placement` to the nodes at `addrs` (index = node index).
-    pub fn new(placement: Placement, addrs: Vec<String>, hidden: usize, opts: DispatchOptions, handle: Handle) -> RemoteExperts {
+    pub fn new(
+        placement: Placement,
+        addrs: Vec<String>,
+        hidden: usize,
+        opts: DispatchOptions,
+        handle: Handle,
+    ) -> RemoteExperts {
         let r = RemoteExperts::empty(hidden, opts, handle);
         r.install(Some(placement), addrs);
         r
@@ -112,7 +138,10 @@ impl RemoteExperts {
             handle,
             hidden,
             opts,
-            routes: RwLock::new(Arc::new(Routes { placement: None, clients: Vec::new() })),
+            routes: RwLock::new(Arc::new(Routes {
+                placement: None,
+                clients: Vec::new(),
+            })),
             by_addr: Mutex::new(HashMap::new()),
             version: watch::channel(0).0,
         }
@@ -124,24 +153,43 @@ impl RemoteExperts {
             let mut cache = self.by_addr.lock().unwrap_or_else(|p| p.into_inner());
             addrs
                 .iter()
-                .map(|a| cache.entry(a.clone()).or_insert_with(|| ExpertClient::spawn(a.clone(), self.opts.max_message_bytes)).clone())
+                .map(|a| {
+                    cache
+                        .entry(a.clone())
+                        .or_insert_with(|| {
+                            ExpertClient::spawn(a.clone(), self.opts.max_message_bytes)
+                        })
+                        .clone()
+                })
                 .collect()
         };
         let v = placement.as_ref().map_or(0, |p| p.version);
-        *self.routes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Routes { placement, clients });
+        *self.routes.write().unwrap_or_else(|p| p.into_inner()) =
+            Arc::new(Routes { placement, clients });
         self.version.send_replace(v);
     }
 
     /// Switches to a new placement; node addresses come from the placement's entries.
     pub fn update(&self, placement: Placement) {
-        let addrs = placement.nodes.iter().map(|n| n.address.clone().unwrap_or_default()).collect();
-        tracing::info!(version = placement.version, nodes = placement.nodes.len(), "placement switched");
+        let addrs = placement
+            .nodes
+            .iter()
+            .map(|n| n.address.clone().unwrap_or_default())
+            .collect();
+        tracing::info!(
+            version = placement.version,
+            nodes = placement.nodes.len(),
+            "placement switched"
+        );
         self.install(Some(placement), addrs);
     }
 
     /// The current routes.
     pub fn routes(&self) -> Arc<Routes> {
-        self.routes.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The placement version routed with (0: none or static).
@@ -158,39 +206,78 @@ impl RemoteExperts {
     fn wait_for_new_routes(&self, seen: u64, within: Duration) -> bool {
         let mut rx = self.version.subscribe();
         self.handle.block_on(async {
-            tokio::time::timeout(within, rx.wait_for(|v| *v != seen)).await.is_ok_and(|r| r.is_ok())
+            tokio::time::timeout(within, rx.wait_for(|v| *v != seen))
+                .await
+                .is_ok_and(|r| r.is_ok())
         })
     }
 
     /// Waits until every node's stream is up and each node hosts what the placement says.
-    pub async fn ready(&self, within: Duration, fingerprint: Option<&str>) -> Result<(), DispatchError> {
+    pub async fn ready(
+        &self,
+        within: Duration,
+        fingerprint: Option<&str>,
+    ) -> Result<(), DispatchError> {
         let deadline = tokio::time::Instant::now() + within;
         let routes = self.routes();
         while routes.clients.iter().any(|c| !c.is_up()) {
             if tokio::time::Instant::now() >= deadline {
-                let down: Vec<&str> = routes.clients.iter().filter(|c| !c.is_up()).map(|c| c.addr()).collect();
-                return Err(DispatchError::NotReady(within, format!("down: {}", down.join(", "))));
+                let down: Vec<&str> = routes
+                    .clients
+                    .iter()
+                    .filter(|c| !c.is_up())
+                    .map(|c| c.addr())
+                    .collect();
+                return Err(DispatchError::NotReady(
+                    within,
+                    format!("down: {}", down.join(", ")),
+                ));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let Some(placement) = &routes.placement else { return Ok(()) };
+        let Some(placement) = &routes.placement else {
+            return Ok(());
+        };
         for (n, c) in routes.clients.iter().enumerate() {
-            let info = c.info().await.map_err(|s| DispatchError::Mismatch { addr: c.addr().into(), why: s.to_string() })?;
-            let mismatch = |why: String| DispatchError::Mismatch { addr: c.addr().into(), why };
+            let info = c.info().await.map_err(|s| DispatchError::Mismatch {
+                addr: c.addr().into(),
+                why: s.to_string(),
+            })?;
+            let mismatch = |why: String| DispatchError::Mismatch {
+                addr: c.addr().into(),
+                why,
+            };
             if let Some(fp) = fingerprint
                 && info.model_fingerprint != fp
             {
-                return Err(mismatch(format!("model fingerprint {} differs from {fp}", info.model_fingerprint)));
+                return Err(mismatch(format!(
+                    "model fingerprint {} differs from {fp}",
+                    info.model_fingerprint
+                )));
             }
             if info.hidden_size as usize != self.hidden {
-                return Err(mismatch(format!("hidden size {} differs from {}", info.hidden_size, self.hidden)));
+                return Err(mismatch(format!(
+                    "hidden size {} differs from {}",
+                    info.hidden_size, self.hidden
+                )));
             }
-            let hosted: BTreeSet<(usize, usize)> =
-                info.hosted.iter().flat_map(|r| r.experts.iter().map(move |&e| (r.layer as usize, e as usize))).collect();
+            let hosted: BTreeSet<(usize, usize)> = info
+                .hosted
+                .iter()
+                .flat_map(|r| {
+                    r.experts
+                        .iter()
+                        .map(move |&e| (r.layer as usize, e as usize))
+                })
+                .collect();
             for &layer in &info.moe_layers {
                 for expert in 0..info.n_routed_experts as usize {
-                    if placement.replicas(layer as usize, expert).contains(&n) && !hosted.contains(&(layer as usize, expert)) {
-                        return Err(mismatch(format!("it does not host expert {expert} of layer {layer}")));
+                    if placement.replicas(layer as usize, expert).contains(&n)
+                        && !hosted.contains(&(layer as usize, expert))
+                    {
+                        return Err(mismatch(format!(
+                            "it does not host expert {expert} of layer {layer}"
+                        )));
                     }
                 }
             }
@@ -198,7 +285,14 @@ impl RemoteExperts {
         Ok(())
     }
 
-    fn send(&self, routes: &Routes, layer: usize, x: &Matrix, work: NodeWork, parent: &tracing::Span) -> InFlight {
+    fn send(
+        &self,
+        routes: &Routes,
+        layer: usize,
+        x: &Matrix,
+        work: NodeWork,
+        parent: &tracing::Span,
+    ) -> InFlight {
         let span = tracing::info_span!(parent: parent, "moe.dispatch.node", node = work.node, tokens = work.tokens.len());
         let rows = x.gather_rows(&work.tokens);
         let req = DispatchRequest {
@@ -214,7 +308,12 @@ impl RemoteExperts {
             traceparent: moe_meta::telemetry::traceparent(&span),
         };
         let client = routes.clients[work.node].clone();
-        InFlight { rx: client.send(req), work, sent: std::time::Instant::now(), client }
+        InFlight {
+            rx: client.send(req),
+            work,
+            sent: std::time::Instant::now(),
+            client,
+        }
     }
 
     /// Plans `entries` on the current routes, waiting for a new placement (bounded) while some
@@ -229,6 +328,7 @@ impl RemoteExperts {
         span: &tracing::Span,
     ) -> Result<Vec<InFlight>, DispatchError> {
         let deadline = std::time::Instant::now() + self.opts.replacement_wait;
+        let mut warned = false;
         loop {
             let routes = self.routes();
             let seen = routes.placement.as_ref().map_or(0, |p| p.version);
@@ -241,20 +341,31 @@ impl RemoteExperts {
                     layer,
                     token: u.token,
                     expert: u.expert,
-                    last: if last.is_empty() { "every replica is down".into() } else { last.to_string() },
+                    last: if last.is_empty() {
+                        "every replica is down".into()
+                    } else {
+                        last.to_string()
+                    },
                 }),
             };
             match outcome {
-                Ok(works) => return Ok(works.into_iter().map(|w| self.send(&routes, layer, x, w, span)).collect()),
+                Ok(works) => {
+                    return Ok(works
+                        .into_iter()
+                        .map(|w| self.send(&routes, layer, x, w, span))
+                        .collect());
+                }
                 Err(e) => {
                     let left = deadline.saturating_duration_since(std::time::Instant::now());
                     if left.is_zero() {
                         return Err(e);
                     }
-                    tracing::warn!(layer, error = %e, "waiting for a new placement");
-                    if !self.wait_for_new_routes(seen, left) {
-                        return Err(e);
+                    if !warned {
+                        tracing::warn!(layer, error = %e, "waiting for a replica to come up or a new placement");
+                        warned = true;
                     }
+                    // Wake on a new placement, or re-check soon: a replica's stream may reconnect.
+                    self.wait_for_new_routes(seen, left.min(Duration::from_millis(50)));
                 }
             }
         }
@@ -271,26 +382,49 @@ struct Pending<'a> {
 }
 
 fn retryable(code: Code) -> bool {
-    !matches!(code, Code::InvalidArgument | Code::OutOfRange | Code::Unimplemented)
+    !matches!(
+        code,
+        Code::InvalidArgument | Code::OutOfRange | Code::Unimplemented
+    )
 }
 
 impl ExpertBackend for RemoteExperts {
-    fn dispatch<'a>(&'a self, layer: usize, x: &'a Matrix, routing: &'a Routing) -> moe_model::Result<Box<dyn PendingExperts + 'a>> {
+    fn dispatch<'a>(
+        &'a self,
+        layer: usize,
+        x: &'a Matrix,
+        routing: &'a Routing,
+    ) -> moe_model::Result<Box<dyn PendingExperts + 'a>> {
         let span = tracing::info_span!("moe.dispatch", layer, tokens = x.rows);
         let entries = plan::entries(routing);
-        let inflight = self.plan_and_send(layer, x, &entries, &BTreeSet::new(), "", &span).map_err(|e| e.into_model(layer))?;
-        Ok(Box::new(Pending { experts: self, layer, x, inflight, span }))
+        let inflight = self
+            .plan_and_send(layer, x, &entries, &BTreeSet::new(), "", &span)
+            .map_err(|e| e.into_model(layer))?;
+        Ok(Box::new(Pending {
+            experts: self,
+            layer,
+            x,
+            inflight,
+            span,
+        }))
     }
 }
 
 impl PendingExperts for Pending<'_> {
     fn wait(self: Box<Self>) -> moe_model::Result<Matrix> {
-        let Pending { experts, layer, x, mut inflight, span } = *self;
+        let Pending {
+            experts,
+            layer,
+            x,
+            mut inflight,
+            span,
+        } = *self;
         let _enter = span.enter();
         let hidden = experts.hidden;
         let size = tensor::dtype_size(experts.opts.wire);
         let mut out = Matrix::zeros(x.rows, hidden);
         let mut excluded: BTreeSet<String> = BTreeSet::new();
+        let mut stale: HashMap<String, usize> = HashMap::new();
         let mut last = String::new();
         loop {
             let timeout = experts.opts.timeout;
@@ -314,8 +448,13 @@ impl PendingExperts for Pending<'_> {
                 let status = match res {
                     Ok(resp) if resp.code == 0 => {
                         if resp.output.len() != work.tokens.len() * hidden * size {
-                            return Err(DispatchError::BadReply { addr, layer, tokens: work.tokens.len(), got: resp.output.len() }
-                                .into_model(layer));
+                            return Err(DispatchError::BadReply {
+                                addr,
+                                layer,
+                                tokens: work.tokens.len(),
+                                got: resp.output.len(),
+                            }
+                            .into_model(layer));
                         }
                         for (i, &tok) in work.tokens.iter().enumerate() {
                             let row = &resp.output[i * hidden * size..(i + 1) * hidden * size];
@@ -327,13 +466,26 @@ impl PendingExperts for Pending<'_> {
                     Err(status) => status,
                 };
                 if !retryable(status.code()) {
-                    return Err(DispatchError::Rejected { addr, layer, code: status.code(), message: status.message().into() }
-                        .into_model(layer));
+                    return Err(DispatchError::Rejected {
+                        addr,
+                        layer,
+                        code: status.code(),
+                        message: status.message().into(),
+                    }
+                    .into_model(layer));
                 }
                 tracing::warn!(node = %addr, layer, code = ?status.code(), message = status.message(), "re-routing a node's tokens");
-                metrics::counter!(crate::metrics::DISPATCH_FAILOVERS, "node" => addr.clone()).increment(1);
+                metrics::counter!(crate::metrics::DISPATCH_FAILOVERS, "node" => addr.clone())
+                    .increment(1);
                 last = format!("node {addr}: {:?}: {}", status.code(), status.message());
-                excluded.insert(addr);
+                // A node that is down or failing is avoided for the rest of the step. One that
+                // disagrees with our placement (FailedPrecondition: a switch in progress) is
+                // retried on the current routes, and avoided only if it keeps disagreeing.
+                let disagreements = stale.entry(addr.clone()).or_default();
+                *disagreements += 1;
+                if status.code() != Code::FailedPrecondition || *disagreements > 3 {
+                    excluded.insert(addr);
+                }
                 for (t, &tok) in work.tokens.iter().enumerate() {
                     for e in work.offsets[t] as usize..work.offsets[t + 1] as usize {
                         retry.push((tok, work.experts[e], work.weights[e]));
@@ -344,7 +496,9 @@ impl PendingExperts for Pending<'_> {
                 return Ok(out);
             }
             retry.sort_by_key(|&(t, e, _)| (t, e));
-            inflight = experts.plan_and_send(layer, x, &retry, &excluded, &last, &span).map_err(|e| e.into_model(layer))?;
+            inflight = experts
+                .plan_and_send(layer, x, &retry, &excluded, &last, &span)
+                .map_err(|e| e.into_model(layer))?;
         }
     }
 }
