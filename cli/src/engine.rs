@@ -27,6 +27,10 @@ pub struct RemoteArgs {
     /// Deadline of one node's answer, milliseconds.
     #[arg(long, env = "MOE_DISPATCH_TIMEOUT_MS", default_value_t = 30_000)]
     pub dispatch_timeout_ms: u64,
+    /// How long a step whose experts have no live replica waits for one (or a new placement)
+    /// before failing, milliseconds.
+    #[arg(long, env = "MOE_REPLACEMENT_WAIT_MS", default_value_t = 30_000)]
+    pub replacement_wait_ms: u64,
     /// Largest gRPC message to or from a node, bytes.
     #[arg(long, env = "MOE_MAX_MESSAGE_BYTES", default_value_t = moe_proto::DEFAULT_MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
@@ -125,7 +129,7 @@ pub fn load_remote(
         wire: remote.wire,
         timeout: Duration::from_millis(remote.dispatch_timeout_ms),
         max_message_bytes: remote.max_message_bytes,
-        ..Default::default()
+        replacement_wait: Duration::from_millis(remote.replacement_wait_ms),
     };
     let experts = RemoteExperts::new(
         placement,

@@ -160,12 +160,14 @@ pub fn app_state(
         kv_cache_tokens = sched_cfg.kv_cache_tokens,
         "scheduler limits"
     );
+    // The recorder first: the scheduler publishes gauges as it starts.
+    let metrics = moe_router::metrics::install();
     let scheduler = Scheduler::start(engine, codec.clone(), sched_cfg);
     Ok(AppState {
         scheduler,
         codec,
         limits,
-        metrics: moe_router::metrics::install(),
+        metrics,
         ready,
         max_body_bytes: a.max_body_bytes,
     })
@@ -181,7 +183,7 @@ fn run_coordinated_router(a: RouterArgs) -> anyhow::Result<()> {
         wire: a.remote.wire,
         timeout: std::time::Duration::from_millis(a.remote.dispatch_timeout_ms),
         max_message_bytes: a.remote.max_message_bytes,
-        ..Default::default()
+        replacement_wait: std::time::Duration::from_millis(a.remote.replacement_wait_ms),
     };
     let experts = Arc::new(RemoteExperts::empty(
         backbone.config().hidden_size,
