@@ -560,7 +560,16 @@ async fn router_answers_503_when_experts_are_unavailable() {
     let addrs = format!("{},{}", n0.addr, n1.addr);
     let s = server(
         "router",
-        &["--model", m, "--experts-at", &addrs, "--wire", "f32"],
+        &[
+            "--model",
+            m,
+            "--experts-at",
+            &addrs,
+            "--wire",
+            "f32",
+            "--replacement-wait-ms",
+            "300",
+        ],
     );
     let c = reqwest::Client::new();
     let g = golden("tiny-dsv3");
