@@ -42,6 +42,12 @@ enum Command {
     Coordinator(commands::coordinator::Args),
     /// A whole local cluster in one process: coordinator, expert nodes, router.
     Up(commands::up::Args),
+    /// Inspect a coordinated cluster.
+    #[command(subcommand)]
+    Cluster(commands::cluster_cmd::ClusterCommand),
+    /// Inspect the placement of a coordinated cluster.
+    #[command(subcommand)]
+    Placement(commands::cluster_cmd::PlacementCommand),
 }
 
 fn main() -> std::process::ExitCode {
@@ -72,5 +78,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(a) => commands::bench::run(a),
         Command::Coordinator(a) => commands::coordinator::run(a),
         Command::Up(a) => commands::up::run(a),
+        Command::Cluster(c) => commands::cluster_cmd::run_cluster(c),
+        Command::Placement(c) => commands::cluster_cmd::run_placement(c),
     }
 }

@@ -188,7 +188,34 @@ async fn coordinated_cluster_survives_failures_and_scales() {
         );
     }
 
-    // 2. SIGKILL a node while 32 requests generate: all complete with the same tokens.
+    // 2. A fifth node joins: it gets a fair share, few experts move, no request fails.
+    let during: Vec<_> = (0..8)
+        .map(|k| {
+            let (c, a) = (c.clone(), r.proc.addr.clone());
+            let i = PROMPTS[k % 2];
+            tokio::spawn(async move { (i, greedy(&c, &a, i).await) })
+        })
+        .collect();
+    nodes.push(Some(node(&url, "n4")));
+    let line = tokio::task::block_in_place(|| c1.expect_line("active", Duration::from_secs(60)));
+    let moved: usize = line
+        .split("moved ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .and_then(|s| s.parse().ok())
+        .expect("moved count");
+    let full = 3 * 256 * 2; // a from-scratch placement re-assigns nearly all of these
+    eprintln!("adding a node: `{line}` ({moved} of {full} replicas moved)");
+    assert!(moved > 0 && moved <= full / 4, "moved {moved}");
+    for t in during {
+        let (i, got) = t.await.expect("join");
+        assert_eq!(
+            got.expect("no request fails during the switch"),
+            golden_ids(i)
+        );
+    }
+
+    // 3. SIGKILL a node while 32 requests generate: all complete with the same tokens.
     let requests: Vec<_> = (0..32)
         .map(|k| {
             let (c, a) = (c.clone(), r.proc.addr.clone());
@@ -234,33 +261,6 @@ async fn coordinated_cluster_survives_failures_and_scales() {
         );
     }
 
-    // 3. A fifth node joins: it gets a fair share, few experts move, no request fails.
-    let during: Vec<_> = (0..8)
-        .map(|k| {
-            let (c, a) = (c.clone(), r.proc.addr.clone());
-            let i = PROMPTS[k % 2];
-            tokio::spawn(async move { (i, greedy(&c, &a, i).await) })
-        })
-        .collect();
-    nodes.push(Some(node(&url, "n4")));
-    let line = tokio::task::block_in_place(|| c1.expect_line("active", Duration::from_secs(60)));
-    let moved: usize = line
-        .split("moved ")
-        .nth(1)
-        .and_then(|s| s.split(',').next())
-        .and_then(|s| s.parse().ok())
-        .expect("moved count");
-    let full = 3 * 256 * 2;
-    eprintln!("adding a node: `{line}` ({moved} of {full} replicas moved)");
-    assert!(moved > 0 && moved <= full / 4, "moved {moved}");
-    for t in during {
-        let (i, got) = t.await.expect("join");
-        assert_eq!(
-            got.expect("no request fails during the switch"),
-            golden_ids(i)
-        );
-    }
-
     // 4. Kill the leading coordinator: the standby leads within the TTL plus a margin, and
     //    handles the next membership change.
     let deposed = Instant::now();
@@ -298,6 +298,21 @@ async fn coordinated_cluster_survives_failures_and_scales() {
             golden_ids(i)
         );
     }
+    // The records, for people.
+    let status = moe(&["cluster", "status", "--etcd", &url]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success()
+            && text.contains("expert nodes (3)")
+            && text.contains("routers (1)"),
+        "{text}"
+    );
+    let show = moe(&["placement", "show", "--etcd", &url]);
+    let text = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        show.status.success() && text.contains("active: version") && text.contains("n4"),
+        "{text}"
+    );
     drop(nodes);
 }
 

@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod cluster_cmd;
 pub mod coordinator;
 pub mod expert_node;
 pub mod gen_model;
