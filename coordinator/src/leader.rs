@@ -39,6 +39,8 @@ pub struct CoordinatorStatus {
     pub active_version: u64,
     /// Experts moved by the last rollout.
     pub last_moved: usize,
+    /// Nodes in the active placement.
+    pub nodes: usize,
     /// Time from noticing the membership change to the active placement, last rollout.
     pub last_rollout: Duration,
 }
@@ -179,6 +181,7 @@ async fn lead(
                         status.send_modify(|s| {
                             s.active_version = version;
                             s.last_moved = next.moved;
+                            s.nodes = rec.nodes.len();
                             s.last_rollout = took;
                         });
                     }

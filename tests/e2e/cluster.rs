@@ -176,7 +176,7 @@ async fn coordinated_cluster_survives_failures_and_scales() {
     let mut nodes: Vec<Option<Role>> = (0..4).map(|i| Some(node(&url, &format!("n{i}")))).collect();
     let r = router(&url);
     let c = reqwest::Client::new();
-    c1.expect_line("active", Duration::from_secs(60));
+    c1.expect_line("active (4 nodes", Duration::from_secs(60));
     wait_ready(&c, &r.proc.addr).await;
 
     // 1. Golden greedy continuations through the HTTP API.
@@ -197,7 +197,8 @@ async fn coordinated_cluster_survives_failures_and_scales() {
         })
         .collect();
     nodes.push(Some(node(&url, "n4")));
-    let line = tokio::task::block_in_place(|| c1.expect_line("active", Duration::from_secs(60)));
+    let line =
+        tokio::task::block_in_place(|| c1.expect_line("active (5 nodes", Duration::from_secs(60)));
     let moved: usize = line
         .split("moved ")
         .nth(1)
@@ -247,7 +248,8 @@ async fn coordinated_cluster_survives_failures_and_scales() {
     }
     let killed = Instant::now();
     nodes[3] = None;
-    let line = tokio::task::block_in_place(|| c1.expect_line("active", Duration::from_secs(30)));
+    let line =
+        tokio::task::block_in_place(|| c1.expect_line("active (4 nodes", Duration::from_secs(30)));
     eprintln!(
         "kill -9 of a node → `{line}` after {:?} (lease TTL {TTL_MS} ms)",
         killed.elapsed()
@@ -271,7 +273,7 @@ async fn coordinated_cluster_survives_failures_and_scales() {
         deposed.elapsed()
     );
     nodes[0] = None;
-    tokio::task::block_in_place(|| c2.expect_line("active", Duration::from_secs(30)));
+    tokio::task::block_in_place(|| c2.expect_line("active (3 nodes", Duration::from_secs(30)));
     for i in PROMPTS {
         assert_eq!(
             greedy(&c, &r.proc.addr, i).await.expect("ok"),

@@ -78,8 +78,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 }
                 if s.active_version != last.active_version && s.leading {
                     println!(
-                        "placement {} active (moved {}, {} ms after the change)",
+                        "placement {} active ({} nodes, moved {}, {} ms after the change)",
                         s.active_version,
+                        s.nodes,
                         s.last_moved,
                         s.last_rollout.as_millis()
                     );
