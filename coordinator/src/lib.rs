@@ -2,6 +2,7 @@
 //! from node leases, placement with minimal movement ([`plan`]), and its two-phase rollout
 //! ([`leader`]).
 
+pub mod balance;
 pub mod leader;
 pub mod plan;
 

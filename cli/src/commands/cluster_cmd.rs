@@ -16,6 +16,34 @@ pub enum ClusterCommand {
 pub enum PlacementCommand {
     /// The active (and pending) placement: every node's experts as an expert spec.
     Show(ClusterArgs),
+    /// Run the placement algorithm on load traces (`moe-load-trace/v1`) and write placements
+    /// (`expert-placement/v1`, with per-replica shares) for eplb_score.py.
+    Plan(PlanArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PlanArgs {
+    /// Trace file (`moe-load-trace/v1`).
+    #[arg(long)]
+    traces: std::path::PathBuf,
+    /// GPUs (expert-parallel ranks).
+    #[arg(long)]
+    gpus: usize,
+    /// Expert slots per GPU.
+    #[arg(long)]
+    slots_per_gpu: usize,
+    /// Keep this many contiguous expert groups whole on hosts (with --nodes > 1).
+    #[arg(long, default_value_t = 1)]
+    groups: usize,
+    /// Hosts the GPUs are spread over.
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
+    /// Only traces with this many logical experts (default: every trace that fits the slots).
+    #[arg(long)]
+    experts: Option<usize>,
+    /// Output file.
+    #[arg(long)]
+    out: std::path::PathBuf,
 }
 
 fn rt() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -86,8 +114,54 @@ pub fn run_cluster(c: ClusterCommand) -> anyhow::Result<()> {
     })
 }
 
+fn plan(a: PlanArgs) -> anyhow::Result<()> {
+    use moe_coordinator::balance::{place_grouped, place_layer};
+    let text = std::fs::read_to_string(&a.traces)?;
+    let traces: serde_json::Value = serde_json::from_str(&text)?;
+    let slots = vec![a.slots_per_gpu; a.gpus];
+    let mut entries = Vec::new();
+    let mut call_ms = Vec::new();
+    for t in traces["traces"].as_array().ok_or_else(|| anyhow::anyhow!("no `traces` list"))? {
+        let id = t["trace_id"].as_str().unwrap_or_default();
+        let layers: Vec<Vec<f64>> = serde_json::from_value(t["load"].clone())?;
+        let e = layers.first().map_or(0, Vec::len);
+        if a.experts.is_some_and(|n| n != e) || e > a.gpus * a.slots_per_gpu {
+            continue;
+        }
+        let started = std::time::Instant::now();
+        let mut placed = Vec::new();
+        for loads in &layers {
+            placed.push(if a.groups > 1 && a.nodes > 1 {
+                place_grouped(loads, &slots, a.gpus / a.nodes, a.groups)?
+            } else {
+                place_layer(loads, &slots)?
+            });
+        }
+        call_ms.push(started.elapsed().as_secs_f64() * 1e3);
+        for (layer, p) in placed.iter().enumerate() {
+            entries.push(serde_json::json!({
+                "trace_id": id, "layer": layer, "num_gpus": a.gpus, "num_nodes": a.nodes,
+                "num_groups": a.groups,
+                "shape_id": format!("n{}g{}_E{e}_r{}", a.nodes, a.gpus, a.gpus * a.slots_per_gpu),
+                "algorithm": "moe-cluster",
+                "gpu_experts": p.gpus.iter().map(|g| g.iter().map(|s| s.0).collect::<Vec<_>>()).collect::<Vec<_>>(),
+                "gpu_expert_shares": p.gpus.iter().map(|g| g.iter().map(|s| s.1).collect::<Vec<_>>()).collect::<Vec<_>>(),
+                "balancedness": p.balancedness(&layers[layer]),
+            }));
+        }
+    }
+    call_ms.sort_by(f64::total_cmp);
+    let median = call_ms.get(call_ms.len() / 2).copied().unwrap_or(0.0);
+    println!("{} layer placements; median {median:.2} ms per trace call (all its layers)", entries.len());
+    std::fs::write(&a.out, serde_json::to_string(&serde_json::json!({"format": "expert-placement/v1", "placements": entries}))?)?;
+    Ok(())
+}
+
 pub fn run_placement(c: PlacementCommand) -> anyhow::Result<()> {
-    let PlacementCommand::Show(a) = c;
+    let a = match c {
+        PlacementCommand::Show(a) => a,
+        PlacementCommand::Plan(p) => return plan(p),
+    };
     rt()?.block_on(async move {
         let store = a.connect().await?;
         let keys = a.keys();
