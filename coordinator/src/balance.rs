@@ -38,7 +38,10 @@ const EPS: f64 = 1e-12;
 impl LayerPlacement {
     /// Load of every GPU: Σ share × expert load.
     pub fn gpu_loads(&self, loads: &[f64]) -> Vec<f64> {
-        self.gpus.iter().map(|g| g.iter().map(|&(e, s)| s * loads[e as usize]).sum()).collect()
+        self.gpus
+            .iter()
+            .map(|g| g.iter().map(|&(e, s)| s * loads[e as usize]).sum())
+            .collect()
     }
 
     /// Mean GPU load / max GPU load (1 when there is no load). GPUs without slots count in the
@@ -64,7 +67,11 @@ impl LayerPlacement {
             .iter()
             .enumerate()
             .map(|(g, slots)| {
-                let mut before: Vec<u32> = other.gpus.get(g).map(|s| s.iter().map(|x| x.0).collect()).unwrap_or_default();
+                let mut before: Vec<u32> = other
+                    .gpus
+                    .get(g)
+                    .map(|s| s.iter().map(|x| x.0).collect())
+                    .unwrap_or_default();
                 slots
                     .iter()
                     .filter(|(e, _)| match before.iter().position(|b| b == e) {
@@ -83,7 +90,11 @@ impl LayerPlacement {
 /// Mean / max of `loads` (1 when all are zero).
 pub fn balancedness(loads: &[f64]) -> f64 {
     let max = loads.iter().copied().fold(0.0, f64::max);
-    if max <= EPS { 1.0 } else { loads.iter().sum::<f64>() / loads.len() as f64 / max }
+    if max <= EPS {
+        1.0
+    } else {
+        loads.iter().sum::<f64>() / loads.len() as f64 / max
+    }
 }
 
 /// From-scratch placement of `loads` on GPUs with `slots[g]` slots each.
@@ -91,7 +102,10 @@ pub fn place_layer(loads: &[f64], slots: &[usize]) -> Result<LayerPlacement, Bal
     let e_count = loads.len();
     let total_slots: usize = slots.iter().sum();
     if total_slots < e_count {
-        return Err(BalanceError::TooFewSlots { experts: e_count, slots: total_slots });
+        return Err(BalanceError::TooFewSlots {
+            experts: e_count,
+            slots: total_slots,
+        });
     }
     let g_count = slots.len();
     let total: f64 = loads.iter().sum();
@@ -104,48 +118,127 @@ pub fn place_layer(loads: &[f64], slots: &[usize]) -> Result<LayerPlacement, Bal
     order.sort_by(|&a, &b| loads[b].total_cmp(&loads[a]).then(a.cmp(&b)));
     let mut pieces: Vec<(usize, f64)> = Vec::with_capacity(total_slots);
     for &e in &order {
-        let want = if target > EPS { (loads[e] / target).ceil().max(1.0) as usize } else { 1 };
+        let want = if target > EPS {
+            (loads[e] / target).ceil().max(1.0) as usize
+        } else {
+            1
+        };
         let k = want.min(1 + spare).min(active);
         spare -= k - 1;
         pieces.extend(std::iter::repeat_n((e, loads[e] / k as f64), k));
     }
     pieces.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    // 2. Longest-processing-time first: each piece to the least loaded GPU with a free slot that
-    //    does not hold the same expert, keeping one slot per GPU free while the rest allow.
+    // 2. Two ways to lay the pieces out; the levelled result that balances better wins.
+    let mut best: Option<LayerPlacement> = None;
+    for rounds in [true, false] {
+        let gpus = if rounds {
+            lpt_rounds(&pieces, loads, slots, active)
+        } else {
+            lpt_reserve(&pieces, loads, slots)
+        };
+        let mut p = LayerPlacement { gpus };
+        if total <= EPS {
+            normalise_even(&mut p, e_count);
+            return Ok(p);
+        }
+        // 3. Level the rest by moving slices of load from the fullest GPU to the emptiest, then
+        //    solve the shares exactly for the slots chosen (never worse), and level once more.
+        level(&mut p, loads, slots);
+        if p.balancedness(loads) < 1.0 - 1e-6 {
+            optimal_shares(&mut p, loads);
+            level(&mut p, loads, slots);
+        }
+        if best
+            .as_ref()
+            .is_none_or(|b| p.balancedness(loads) > b.balancedness(loads))
+        {
+            best = Some(p);
+        }
+        if best
+            .as_ref()
+            .is_some_and(|b| b.balancedness(loads) >= 1.0 - 1e-6)
+        {
+            break;
+        }
+    }
+    Ok(best.unwrap_or(LayerPlacement {
+        gpus: vec![Vec::new(); g_count],
+    }))
+}
+
+fn put(gpus: &mut [Vec<(u32, f64)>], load: &mut [f64], g: usize, e: usize, l: f64, loads: &[f64]) {
+    match gpus[g].iter_mut().find(|s| s.0 == e as u32) {
+        Some(s) => s.1 += if loads[e] > EPS { l / loads[e] } else { 0.0 },
+        None => gpus[g].push((e as u32, if loads[e] > EPS { l / loads[e] } else { 1.0 })),
+    }
+    load[g] += l;
+}
+
+/// LPT in rounds of one piece per GPU (heaviest piece of the round to the lightest GPU): even
+/// piece counts.
+fn lpt_rounds(
+    pieces: &[(usize, f64)],
+    loads: &[f64],
+    slots: &[usize],
+    active: usize,
+) -> Vec<Vec<(u32, f64)>> {
+    let g_count = slots.len();
+    let mut load = vec![0.0f64; g_count];
+    let mut gpus: Vec<Vec<(u32, f64)>> = vec![Vec::new(); g_count];
+    for round in pieces.chunks(active.max(1)) {
+        let mut by_load: Vec<usize> = (0..g_count).filter(|&g| slots[g] > 0).collect();
+        by_load.sort_by(|&a, &b| load[a].total_cmp(&load[b]).then(a.cmp(&b)));
+        for &(e, l) in round {
+            let pick = by_load
+                .iter()
+                .position(|&g| gpus[g].len() < slots[g] && !gpus[g].iter().any(|s| s.0 == e as u32))
+                .or_else(|| by_load.iter().position(|&g| gpus[g].len() < slots[g]));
+            let g = match pick {
+                Some(i) => by_load.remove(i),
+                None => match (0..g_count)
+                    .filter(|&g| gpus[g].len() < slots[g])
+                    .min_by(|&a, &b| load[a].total_cmp(&load[b]))
+                {
+                    Some(g) => g,
+                    None => unreachable!("slots were counted"),
+                },
+            };
+            put(&mut gpus, &mut load, g, e, l, loads);
+        }
+    }
+    gpus
+}
+
+/// Plain LPT (each piece to the least loaded GPU), keeping one slot per GPU free while the
+/// spare slots allow, for the levelling step.
+fn lpt_reserve(pieces: &[(usize, f64)], loads: &[f64], slots: &[usize]) -> Vec<Vec<(u32, f64)>> {
+    let g_count = slots.len();
+    let total_slots: usize = slots.iter().sum();
     let mut load = vec![0.0f64; g_count];
     let mut gpus: Vec<Vec<(u32, f64)>> = vec![Vec::new(); g_count];
     let mut left = pieces.len();
     let mut free_total = total_slots;
-    for (e, l) in pieces {
+    for &(e, l) in pieces {
         let keep_reserve = free_total > left + g_count;
-        let pick = |reserve: bool| {
+        let pick = |reserve: bool, gpus: &[Vec<(u32, f64)>]| {
             (0..g_count)
-                .filter(|&g| gpus[g].len() + usize::from(reserve) < slots[g] && !gpus[g].iter().any(|s| s.0 == e as u32))
+                .filter(|&g| {
+                    gpus[g].len() + usize::from(reserve) < slots[g]
+                        && !gpus[g].iter().any(|s| s.0 == e as u32)
+                })
                 .min_by(|&a, &b| load[a].total_cmp(&load[b]).then(a.cmp(&b)))
         };
-        let g = pick(keep_reserve).or_else(|| pick(false)).or_else(|| (0..g_count).find(|&g| gpus[g].len() < slots[g]));
-        let Some(g) = g else { unreachable!("slots were counted") };
-        match gpus[g].iter_mut().find(|s| s.0 == e as u32) {
-            Some(s) => s.1 += if loads[e] > EPS { l / loads[e] } else { 0.0 },
-            None => gpus[g].push((e as u32, if loads[e] > EPS { l / loads[e] } else { 1.0 })),
-        }
-        load[g] += l;
+        let g = pick(keep_reserve, &gpus)
+            .or_else(|| pick(false, &gpus))
+            .or_else(|| (0..g_count).find(|&g| gpus[g].len() < slots[g]));
+        let Some(g) = g else {
+            unreachable!("slots were counted")
+        };
+        put(&mut gpus, &mut load, g, e, l, loads);
         left -= 1;
         free_total -= 1;
     }
-    let mut p = LayerPlacement { gpus };
-    if total <= EPS {
-        normalise_even(&mut p, e_count);
-        return Ok(p);
-    }
-    // 3. Level the rest by moving slices of load from the fullest GPU to the emptiest, then
-    //    solve the shares exactly for the slots chosen (never worse), and level once more.
-    level(&mut p, loads, slots);
-    if p.balancedness(loads) < 1.0 - 1e-6 {
-        optimal_shares(&mut p, loads);
-        level(&mut p, loads, slots);
-    }
-    Ok(p)
+    gpus
 }
 
 /// Moves load from the fullest GPU to the emptiest until they are even (McNaughton-style
@@ -159,11 +252,17 @@ fn level(p: &mut LayerPlacement, loads: &[f64], slots: &[usize]) {
     let tol = total * 1e-9;
     let mut load = p.gpu_loads(loads);
     for _ in 0..(4 * p.gpus.iter().map(Vec::len).sum::<usize>() + 16) {
-        let Some(a) = (0..load.len()).max_by(|&x, &y| load[x].total_cmp(&load[y])) else { return };
+        let Some(a) = (0..load.len()).max_by(|&x, &y| load[x].total_cmp(&load[y])) else {
+            return;
+        };
         // The lightest GPU that can take load from `a`: it shares an expert with `a` or has a
         // free slot; else simply the lightest (whole-piece moves only).
         let takes = |g: usize| {
-            slots[g] > 0 && (p.gpus[g].len() < slots[g] || p.gpus[g].iter().any(|t| p.gpus[a].iter().any(|s| s.0 == t.0)))
+            slots[g] > 0
+                && (p.gpus[g].len() < slots[g]
+                    || p.gpus[g]
+                        .iter()
+                        .any(|t| p.gpus[a].iter().any(|s| s.0 == t.0)))
         };
         let under = (0..load.len()).filter(|&g| g != a && load[g] < target - tol);
         let b = under
@@ -178,9 +277,12 @@ fn level(p: &mut LayerPlacement, loads: &[f64], slots: &[usize]) {
         }
         // The piece on `a` to move: one `b` holds already, else the largest.
         let pieces = &p.gpus[a];
-        let shared = pieces.iter().position(|s| p.gpus[b].iter().any(|t| t.0 == s.0));
+        let shared = pieces
+            .iter()
+            .position(|s| p.gpus[b].iter().any(|t| t.0 == s.0));
         let largest = (0..pieces.len()).max_by(|&x, &y| {
-            (pieces[x].1 * loads[pieces[x].0 as usize]).total_cmp(&(pieces[y].1 * loads[pieces[y].0 as usize]))
+            (pieces[x].1 * loads[pieces[x].0 as usize])
+                .total_cmp(&(pieces[y].1 * loads[pieces[y].0 as usize]))
         });
         let (i, in_b) = match (shared, largest) {
             (Some(i), _) => (i, true),
@@ -194,7 +296,11 @@ fn level(p: &mut LayerPlacement, loads: &[f64], slots: &[usize]) {
                     for j in 0..p.gpus[b].len() {
                         let d = piece(a, i) - piece(b, j);
                         let (x, y) = (p.gpus[a][i].0, p.gpus[b][j].0);
-                        if d <= tol || d >= 2.0 * excess || p.gpus[b].iter().any(|t| t.0 == x) || p.gpus[a].iter().any(|t| t.0 == y) {
+                        if d <= tol
+                            || d >= 2.0 * excess
+                            || p.gpus[b].iter().any(|t| t.0 == x)
+                            || p.gpus[a].iter().any(|t| t.0 == y)
+                        {
                             continue;
                         }
                         let miss = (d - excess).abs();
@@ -274,7 +380,20 @@ fn flow(p: &LayerPlacement, loads: &[f64], cap: f64) -> (f64, Vec<Vec<f64>>) {
     }
     let mut slot_edges: Vec<Vec<usize>> = Vec::with_capacity(g_n);
     for (g, slots) in p.gpus.iter().enumerate() {
-        slot_edges.push(slots.iter().map(|&(e, _)| add(1 + e as usize, 1 + e_n + g, f64::INFINITY, &mut to, &mut capv)).collect());
+        slot_edges.push(
+            slots
+                .iter()
+                .map(|&(e, _)| {
+                    add(
+                        1 + e as usize,
+                        1 + e_n + g,
+                        f64::INFINITY,
+                        &mut to,
+                        &mut capv,
+                    )
+                })
+                .collect(),
+        );
         add(1 + e_n + g, t, cap, &mut to, &mut capv);
     }
     let mut total = 0.0;
@@ -294,7 +413,17 @@ fn flow(p: &LayerPlacement, loads: &[f64], cap: f64) -> (f64, Vec<Vec<f64>>) {
             break;
         }
         let mut it = vec![0usize; n];
-        fn dfs(u: usize, t: usize, f: f64, adj: &[Vec<usize>], to: &[usize], capv: &mut [f64], level: &[usize], it: &mut [usize]) -> f64 {
+        #[allow(clippy::too_many_arguments)]
+        fn dfs(
+            u: usize,
+            t: usize,
+            f: f64,
+            adj: &[Vec<usize>],
+            to: &[usize],
+            capv: &mut [f64],
+            level: &[usize],
+            it: &mut [usize],
+        ) -> f64 {
             if u == t {
                 return f;
             }
@@ -321,7 +450,10 @@ fn flow(p: &LayerPlacement, loads: &[f64], cap: f64) -> (f64, Vec<Vec<f64>>) {
             total += f;
         }
     }
-    let per_slot = slot_edges.iter().map(|edges| edges.iter().map(|&id| capv[id ^ 1]).collect()).collect();
+    let per_slot = slot_edges
+        .iter()
+        .map(|edges| edges.iter().map(|&id| capv[id ^ 1]).collect())
+        .collect();
     (total, per_slot)
 }
 
@@ -352,7 +484,11 @@ pub fn optimal_shares(p: &mut LayerPlacement, loads: &[f64]) {
     for (g, slots) in p.gpus.iter_mut().enumerate() {
         for (i, s) in slots.iter_mut().enumerate() {
             let l = loads[s.0 as usize];
-            s.1 = if l > EPS { best[g][i] / l } else { 1.0 / r[s.0 as usize] as f64 };
+            s.1 = if l > EPS {
+                best[g][i] / l
+            } else {
+                1.0 / r[s.0 as usize] as f64
+            };
         }
     }
     renormalise(p, loads.len());
@@ -381,7 +517,12 @@ fn renormalise(p: &mut LayerPlacement, n: usize) {
 /// slots from experts with more than they need (or free slots), most under-served first, each on
 /// the least loaded GPU that does not hold it yet; shares are re-solved as it goes and it stops
 /// as soon as the balance is within `tolerance` of the fresh plan's.
-pub fn rebalance_layer(loads: &[f64], slots: &[usize], current: &LayerPlacement, tolerance: f64) -> Result<(LayerPlacement, usize), BalanceError> {
+pub fn rebalance_layer(
+    loads: &[f64],
+    slots: &[usize],
+    current: &LayerPlacement,
+    tolerance: f64,
+) -> Result<(LayerPlacement, usize), BalanceError> {
     let n = loads.len();
     let scratch = place_layer(loads, slots)?;
     let goal = scratch.balancedness(loads) - tolerance;
@@ -393,13 +534,16 @@ pub fn rebalance_layer(loads: &[f64], slots: &[usize], current: &LayerPlacement,
     }
     p.gpus.resize(slots.len(), Vec::new());
     let mut r = p.replicas(n);
-    for e in 0..n {
-        if r[e] == 0 {
-            let Some(g) = (0..slots.len()).filter(|&g| p.gpus[g].len() < slots[g]).min_by_key(|&g| p.gpus[g].len()) else {
+    for (e, re) in r.iter_mut().enumerate() {
+        if *re == 0 {
+            let Some(g) = (0..slots.len())
+                .filter(|&g| p.gpus[g].len() < slots[g])
+                .min_by_key(|&g| p.gpus[g].len())
+            else {
                 return Ok((scratch.clone(), scratch.moves_from(current)));
             };
             p.gpus[g].push((e as u32, 1.0));
-            r[e] = 1;
+            *re = 1;
         }
     }
     optimal_shares(&mut p, loads);
@@ -408,7 +552,9 @@ pub fn rebalance_layer(loads: &[f64], slots: &[usize], current: &LayerPlacement,
     let limit: usize = slots.iter().sum();
     while p.balancedness(loads) < goal && moves < limit {
         let gl = p.gpu_loads(loads);
-        let Some(a) = (0..gl.len()).max_by(|&x, &y| gl[x].total_cmp(&gl[y])) else { break };
+        let Some(a) = (0..gl.len()).max_by(|&x, &y| gl[x].total_cmp(&gl[y])) else {
+            break;
+        };
         // The expert carrying most load on the fullest GPU gets a replica on the lightest GPU
         // that can take one: a free slot, else the replica of the lightest expert that has
         // others (never one given a replica in this pass, so moves do not undo each other).
@@ -416,9 +562,16 @@ pub fn rebalance_layer(loads: &[f64], slots: &[usize], current: &LayerPlacement,
         // their load anywhere else, so they are what holds the maximum up.
         let max = gl[a];
         let tight: Vec<bool> = gl.iter().map(|&l| l >= max * (1.0 - 1e-6)).collect();
-        let stuck = |e: u32| p.gpus.iter().enumerate().all(|(g, gs)| !gs.iter().any(|s| s.0 == e) || tight[g]);
-        let mut on_a: Vec<(u32, f64, bool)> =
-            p.gpus[a].iter().map(|&(e, sh)| (e, sh * loads[e as usize], stuck(e))).collect();
+        let stuck = |e: u32| {
+            p.gpus
+                .iter()
+                .enumerate()
+                .all(|(g, gs)| !gs.iter().any(|s| s.0 == e) || tight[g])
+        };
+        let mut on_a: Vec<(u32, f64, bool)> = p.gpus[a]
+            .iter()
+            .map(|&(e, sh)| (e, sh * loads[e as usize], stuck(e)))
+            .collect();
         on_a.sort_by(|x, y| y.2.cmp(&x.2).then(y.1.total_cmp(&x.1)));
         let mut done = false;
         for &(e, _, _) in &on_a {
@@ -438,7 +591,10 @@ pub fn rebalance_layer(loads: &[f64], slots: &[usize], current: &LayerPlacement,
                     .iter()
                     .enumerate()
                     .filter(|(_, s)| r[s.0 as usize] > 1 && !added[s.0 as usize])
-                    .min_by(|x, y| (loads[x.1.0 as usize] / r[x.1.0 as usize] as f64).total_cmp(&(loads[y.1.0 as usize] / r[y.1.0 as usize] as f64)));
+                    .min_by(|x, y| {
+                        (loads[x.1.0 as usize] / r[x.1.0 as usize] as f64)
+                            .total_cmp(&(loads[y.1.0 as usize] / r[y.1.0 as usize] as f64))
+                    });
                 if let Some((i, s)) = victim {
                     let score = gl[g] + loads[s.0 as usize] / r[s.0 as usize] as f64;
                     if best.as_ref().is_none_or(|b| score < b.0) {
@@ -471,13 +627,20 @@ pub fn rebalance_layer(loads: &[f64], slots: &[usize], current: &LayerPlacement,
 }
 
 /// Places with `groups` contiguous expert groups kept whole on hosts of `gpus_per_host` GPUs.
-pub fn place_grouped(loads: &[f64], slots: &[usize], gpus_per_host: usize, groups: usize) -> Result<LayerPlacement, BalanceError> {
+pub fn place_grouped(
+    loads: &[f64],
+    slots: &[usize],
+    gpus_per_host: usize,
+    groups: usize,
+) -> Result<LayerPlacement, BalanceError> {
     let hosts = slots.len() / gpus_per_host.max(1);
-    if hosts <= 1 || groups <= 1 || loads.len() % groups != 0 {
+    if hosts <= 1 || groups <= 1 || !loads.len().is_multiple_of(groups) {
         return place_layer(loads, slots);
     }
     let per_group = loads.len() / groups;
-    let group_load: Vec<f64> = (0..groups).map(|g| loads[g * per_group..(g + 1) * per_group].iter().sum()).collect();
+    let group_load: Vec<f64> = (0..groups)
+        .map(|g| loads[g * per_group..(g + 1) * per_group].iter().sum())
+        .collect();
     // Groups to hosts: heaviest first onto the lightest host with room for another group.
     let cap = groups.div_ceil(hosts);
     let mut host_load = vec![0.0f64; hosts];
@@ -494,12 +657,18 @@ pub fn place_grouped(loads: &[f64], slots: &[usize], gpus_per_host: usize, group
     }
     let mut gpus: Vec<Vec<(u32, f64)>> = vec![Vec::new(); slots.len()];
     for (h, gs) in host_groups.iter().enumerate() {
-        let experts: Vec<usize> = gs.iter().flat_map(|&g| g * per_group..(g + 1) * per_group).collect();
+        let experts: Vec<usize> = gs
+            .iter()
+            .flat_map(|&g| g * per_group..(g + 1) * per_group)
+            .collect();
         let sub_loads: Vec<f64> = experts.iter().map(|&e| loads[e]).collect();
         let range = h * gpus_per_host..(h + 1) * gpus_per_host;
         let sub = place_layer(&sub_loads, &slots[range.clone()])?;
         for (i, g) in range.enumerate() {
-            gpus[g] = sub.gpus[i].iter().map(|&(e, s)| (experts[e as usize] as u32, s)).collect();
+            gpus[g] = sub.gpus[i]
+                .iter()
+                .map(|&(e, s)| (experts[e as usize] as u32, s))
+                .collect();
         }
     }
     Ok(LayerPlacement { gpus })
@@ -510,7 +679,9 @@ mod tests {
     use super::*;
 
     fn zipf(n: usize, s: f64) -> Vec<f64> {
-        (0..n).map(|i| 1000.0 / ((i * 7919 % n) as f64 + 1.0).powf(s)).collect()
+        (0..n)
+            .map(|i| 1000.0 / ((i * 7919 % n) as f64 + 1.0).powf(s))
+            .collect()
     }
 
     fn valid(p: &LayerPlacement, loads: &[f64], slots: &[usize]) {
@@ -535,9 +706,15 @@ mod tests {
         let slots = vec![36; 8];
         let p = place_layer(&loads, &slots).expect("fits");
         valid(&p, &loads, &slots);
-        assert!(p.balancedness(&loads) > 0.9999, "{}", p.balancedness(&loads));
+        assert!(
+            p.balancedness(&loads) > 0.9999,
+            "{}",
+            p.balancedness(&loads)
+        );
         let r = p.replicas(256);
-        let hottest = (0..256).max_by(|&a, &b| loads[a].total_cmp(&loads[b])).expect("max");
+        let hottest = (0..256)
+            .max_by(|&a, &b| loads[a].total_cmp(&loads[b]))
+            .expect("max");
         assert!(r[hottest] > 1, "the hottest expert is replicated");
     }
 
@@ -559,8 +736,18 @@ mod tests {
         valid(&p, &loads, &slots);
         assert!(p.gpus[1].is_empty());
         // The zero-capacity GPU counts in the mean, so 3 of 4 GPUs can reach 0.75 at most.
-        assert!((p.balancedness(&loads) - 0.75).abs() < 1e-6, "{}", p.balancedness(&loads));
-        assert_eq!(place_layer(&loads, &[10, 10]).expect_err("too few"), BalanceError::TooFewSlots { experts: 32, slots: 20 });
+        assert!(
+            (p.balancedness(&loads) - 0.75).abs() < 1e-6,
+            "{}",
+            p.balancedness(&loads)
+        );
+        assert_eq!(
+            place_layer(&loads, &[10, 10]).expect_err("too few"),
+            BalanceError::TooFewSlots {
+                experts: 32,
+                slots: 20
+            }
+        );
     }
 
     #[test]
@@ -583,10 +770,20 @@ mod tests {
         let slots = vec![10; 32];
         let first = place_layer(&loads, &slots).expect("fits");
         // Small drift: re-solving the shares alone is enough, nothing moves.
-        let drift: Vec<f64> = loads.iter().enumerate().map(|(i, l)| l * (1.0 + 0.002 * (i % 5) as f64)).collect();
+        let drift: Vec<f64> = loads
+            .iter()
+            .enumerate()
+            .map(|(i, l)| l * (1.0 + 0.002 * (i % 5) as f64))
+            .collect();
         let (kept, n) = rebalance_layer(&drift, &slots, &first, 0.01).expect("fits");
         assert_eq!(n, 0);
-        assert!(kept.balancedness(&drift) >= place_layer(&drift, &slots).expect("fits").balancedness(&drift) - 0.01);
+        assert!(
+            kept.balancedness(&drift)
+                >= place_layer(&drift, &slots)
+                    .expect("fits")
+                    .balancedness(&drift)
+                    - 0.01
+        );
         // The hottest 10% change: swap the loads of the 26 hottest with 26 cold experts.
         let mut order: Vec<usize> = (0..256).collect();
         order.sort_by(|&a, &b| loads[b].total_cmp(&loads[a]));
@@ -598,7 +795,11 @@ mod tests {
         let (moved, n) = rebalance_layer(&next, &slots, &first, 0.01).expect("fits");
         valid(&moved, &next, &slots);
         assert!(moved.balancedness(&next) >= scratch.balancedness(&next) - 0.01);
-        assert!(n <= scratch.moves_from(&first), "{n} moves vs {} from scratch", scratch.moves_from(&first));
+        assert!(
+            n <= scratch.moves_from(&first),
+            "{n} moves vs {} from scratch",
+            scratch.moves_from(&first)
+        );
     }
 
     #[test]
@@ -608,7 +809,11 @@ mod tests {
         let p = place_grouped(&loads, &slots, 8, 8).expect("fits");
         valid(&p, &loads, &slots);
         for h in 0..4 {
-            let groups: std::collections::BTreeSet<u32> = p.gpus[h * 8..(h + 1) * 8].iter().flatten().map(|s| s.0 / 32).collect();
+            let groups: std::collections::BTreeSet<u32> = p.gpus[h * 8..(h + 1) * 8]
+                .iter()
+                .flatten()
+                .map(|s| s.0 / 32)
+                .collect();
             assert_eq!(groups.len(), 2, "host {h} holds two whole groups");
         }
     }

@@ -460,7 +460,12 @@ async fn fifty_clients_that_disconnect_leave_nothing_running() {
     let body = json!({"prompt": "Once upon a time", "max_tokens": 2030, "ignore_eos": true, "stream": true});
     let mut streams = Vec::new();
     for _ in 0..50 {
-        let r = c.post(url(&s, "/v1/completions")).json(&body).send().await.expect("stream");
+        let r = c
+            .post(url(&s, "/v1/completions"))
+            .json(&body)
+            .send()
+            .await
+            .expect("stream");
         assert_eq!(r.status(), StatusCode::OK);
         streams.push(r.bytes_stream());
     }
@@ -468,7 +473,10 @@ async fn fifty_clients_that_disconnect_leave_nothing_running() {
     assert!(first.is_some(), "generation is under way");
     let get = |m: &HashMap<String, f64>, k: &str| m.get(k).copied().unwrap_or(0.0);
     let mid = metrics(&c, &s).await;
-    assert!(get(&mid, "moe_running_sequences") + get(&mid, "moe_waiting_sequences") > 0.0, "work in flight");
+    assert!(
+        get(&mid, "moe_running_sequences") + get(&mid, "moe_waiting_sequences") > 0.0,
+        "work in flight"
+    );
     drop(streams); // every client disconnects mid-stream
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -477,10 +485,17 @@ async fn fifty_clients_that_disconnect_leave_nothing_running() {
             && get(&m, "moe_waiting_sequences") == 0.0
             && get(&m, "moe_kv_cache_used_tokens") == 0.0
         {
-            assert_eq!(get(&m, "moe_cancelled_sequences_total"), 50.0, "every sequence was cancelled, none finished");
+            assert_eq!(
+                get(&m, "moe_cancelled_sequences_total"),
+                50.0,
+                "every sequence was cancelled, none finished"
+            );
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "sequences still running: {m:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sequences still running: {m:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -121,7 +121,10 @@ fn plan(a: PlanArgs) -> anyhow::Result<()> {
     let slots = vec![a.slots_per_gpu; a.gpus];
     let mut entries = Vec::new();
     let mut call_ms = Vec::new();
-    for t in traces["traces"].as_array().ok_or_else(|| anyhow::anyhow!("no `traces` list"))? {
+    for t in traces["traces"]
+        .as_array()
+        .ok_or_else(|| anyhow::anyhow!("no `traces` list"))?
+    {
         let id = t["trace_id"].as_str().unwrap_or_default();
         let layers: Vec<Vec<f64>> = serde_json::from_value(t["load"].clone())?;
         let e = layers.first().map_or(0, Vec::len);
@@ -152,8 +155,16 @@ fn plan(a: PlanArgs) -> anyhow::Result<()> {
     }
     call_ms.sort_by(f64::total_cmp);
     let median = call_ms.get(call_ms.len() / 2).copied().unwrap_or(0.0);
-    println!("{} layer placements; median {median:.2} ms per trace call (all its layers)", entries.len());
-    std::fs::write(&a.out, serde_json::to_string(&serde_json::json!({"format": "expert-placement/v1", "placements": entries}))?)?;
+    println!(
+        "{} layer placements; median {median:.2} ms per trace call (all its layers)",
+        entries.len()
+    );
+    std::fs::write(
+        &a.out,
+        serde_json::to_string(
+            &serde_json::json!({"format": "expert-placement/v1", "placements": entries}),
+        )?,
+    )?;
     Ok(())
 }
 

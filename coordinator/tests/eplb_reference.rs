@@ -1,0 +1,80 @@
+//! The placement algorithm on the EPLB reference traces (`tests/fixtures/eplb`, numbers computed
+//! by DeepSeek's EPLB): same slot budget, DeepSeek's balancedness metric.
+
+use std::collections::BTreeMap;
+
+use moe_coordinator::balance::{LayerPlacement, place_layer};
+use serde_json::Value;
+
+fn fixture(name: &str) -> Value {
+    let path = format!(
+        "{}/../tests/fixtures/eplb/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("json")
+}
+
+fn valid(p: &LayerPlacement, n: usize, slots: usize) {
+    assert!(p.gpus.iter().all(|g| g.len() <= slots));
+    let mut sum = vec![0.0; n];
+    for g in &p.gpus {
+        for &(e, s) in g {
+            sum[e as usize] += s;
+        }
+    }
+    assert!(
+        sum.iter().all(|s| (s - 1.0).abs() < 1e-9),
+        "every expert placed, shares sum to 1"
+    );
+}
+
+#[test]
+fn balances_at_least_as_well_as_eplb_on_most_shapes() {
+    let traces = fixture("traces_dev.json");
+    let reference = fixture("reference_dev.json");
+    // (shape, dist) → (ours, EPLB global, naive) sums and count.
+    let mut table: BTreeMap<(String, String), (f64, f64, f64, usize)> = BTreeMap::new();
+    let by_trace: BTreeMap<&str, &Value> = traces["traces"]
+        .as_array()
+        .expect("traces")
+        .iter()
+        .map(|t| (t["trace_id"].as_str().expect("id"), t))
+        .collect();
+    for row in reference["results"].as_array().expect("results") {
+        if row["num_groups"] != 1 {
+            continue;
+        }
+        let t = by_trace[row["trace_id"].as_str().expect("id")];
+        let layer = row["layer"].as_u64().expect("layer") as usize;
+        let loads: Vec<f64> = serde_json::from_value(t["load"][layer].clone()).expect("loads");
+        let gpus = row["num_gpus"].as_u64().expect("gpus") as usize;
+        let per_gpu = row["num_replicas"].as_u64().expect("r") as usize / gpus;
+        let p = place_layer(&loads, &vec![per_gpu; gpus]).expect("fits");
+        valid(&p, loads.len(), per_gpu);
+        let key = (
+            row["shape_id"].as_str().expect("shape").to_string(),
+            row["dist"].as_str().expect("dist").to_string(),
+        );
+        let e = table.entry(key).or_default();
+        e.0 += p.balancedness(&loads);
+        e.1 += row["eplb_balancedness"].as_f64().expect("eplb");
+        e.2 += row["naive_balancedness"].as_f64().expect("naive");
+        e.3 += 1;
+    }
+    let mut behind = Vec::new();
+    for ((shape, dist), (ours, eplb, naive, n)) in &table {
+        let (ours, eplb, naive) = (ours / *n as f64, eplb / *n as f64, naive / *n as f64);
+        eprintln!("{shape:<18} {dist:<8} ours {ours:.4}  EPLB {eplb:.4}  naive {naive:.4}");
+        assert!(ours > naive, "{shape} {dist}: worse than no replication");
+        if ours + 1e-4 < eplb {
+            behind.push(format!("{shape} {dist}: {ours:.4} < {eplb:.4}"));
+        }
+    }
+    // Known gap (see the issue note): 64 GPUs with a saturated hottest expert (zipf 1.0).
+    assert!(
+        behind
+            .iter()
+            .all(|b| b.contains("g64") && b.contains("zipf1.0")),
+        "behind EPLB: {behind:?}"
+    );
+}
