@@ -3,30 +3,11 @@
 
 use std::collections::BTreeMap;
 
-use moe_coordinator::balance::{LayerPlacement, place_layer};
+mod common;
+
+use common::{fixture, valid};
+use moe_coordinator::balance::place_layer;
 use serde_json::Value;
-
-fn fixture(name: &str) -> Value {
-    let path = format!(
-        "{}/../tests/fixtures/eplb/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("json")
-}
-
-fn valid(p: &LayerPlacement, n: usize, slots: usize) {
-    assert!(p.gpus.iter().all(|g| g.len() <= slots));
-    let mut sum = vec![0.0; n];
-    for g in &p.gpus {
-        for &(e, s) in g {
-            sum[e as usize] += s;
-        }
-    }
-    assert!(
-        sum.iter().all(|s| (s - 1.0).abs() < 1e-9),
-        "every expert placed, shares sum to 1"
-    );
-}
 
 #[test]
 fn balances_at_least_as_well_as_eplb_everywhere() {
