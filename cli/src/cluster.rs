@@ -22,6 +22,9 @@ pub struct ClusterArgs {
     /// Lease TTL of registrations and leadership, milliseconds.
     #[arg(long, env = "MOE_LEASE_TTL_MS", default_value_t = 3000)]
     pub lease_ttl_ms: u64,
+    /// Routers: how often to publish token counts per (layer, expert), milliseconds.
+    #[arg(long, env = "MOE_LOAD_PUBLISH_MS", default_value_t = 5000)]
+    pub load_publish_ms: u64,
 }
 
 impl ClusterArgs {

@@ -49,7 +49,7 @@ pub enum Engine {
     Local(Model),
     Remote {
         backbone: Backbone,
-        experts: RemoteExperts,
+        experts: Box<RemoteExperts>,
         _rt: tokio::runtime::Runtime,
     },
 }
@@ -67,7 +67,7 @@ impl Engine {
         let (backbone, experts) = load_remote(dir, remote, rt.handle())?;
         Ok(Engine::Remote {
             backbone,
-            experts,
+            experts: Box::new(experts),
             _rt: rt,
         })
     }
@@ -95,7 +95,7 @@ impl Engine {
             Engine::Local(m) => m.forward(seqs, mode, None),
             Engine::Remote {
                 backbone, experts, ..
-            } => backbone.forward(seqs, experts, mode, None),
+            } => backbone.forward(seqs, experts.as_ref(), mode, None),
         }
     }
 }

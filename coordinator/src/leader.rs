@@ -4,6 +4,13 @@
 //! loaded what it needs), then make it `active` and drop `pending` in one transaction. Every
 //! write is fenced on the election key, so a deposed leader cannot write. Losing the lease (or
 //! the store) ends the term; the coordinator campaigns again.
+//!
+//! With load-driven rebalancing on ([`RebalanceConfig::threshold`] > 0), every interval it also
+//! folds the routers' load records into a moving average, measures each layer's balancedness
+//! under the active placement, and re-places the layers below the threshold one at a time, each
+//! as its own two-phase rollout, so nodes load one layer's new replicas at a time and serving
+//! never stops. Membership changes come first: load rebalancing waits until the active
+//! placement covers exactly the live nodes.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,7 +23,12 @@ use moe_meta::store::wait_until;
 use moe_meta::store::{MetaStore, Op, StoreError};
 use tokio::sync::watch;
 
+use std::collections::BTreeMap;
+
+use moe_meta::records::LoadRecord;
+
 use crate::plan::{NodeSlot, plan};
+use crate::rebalance::{LoadTracker, RebalanceConfig, rebalance};
 
 /// What the coordinator needs to know.
 #[derive(Debug, Clone)]
@@ -30,6 +42,18 @@ pub struct CoordinatorConfig {
     pub lease_ttl: Duration,
     /// Longest wait for nodes to acknowledge a pending placement before re-planning.
     pub ack_timeout: Duration,
+    pub rebalance: RebalanceConfig,
+}
+
+/// One load-driven re-placement of a layer.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LayerRebalance {
+    pub layer: usize,
+    pub version: u64,
+    /// Balancedness under the smoothed load before and after.
+    pub before: f64,
+    pub after: f64,
+    pub moved: usize,
 }
 
 /// What the coordinator reports (for `moe up`, metrics and tests).
@@ -43,6 +67,11 @@ pub struct CoordinatorStatus {
     pub nodes: usize,
     /// Time from noticing the membership change to the active placement, last rollout.
     pub last_rollout: Duration,
+    /// Balancedness per MoE layer under the smoothed load and the active placement.
+    pub balancedness: BTreeMap<usize, f64>,
+    pub last_rebalance: Option<LayerRebalance>,
+    /// Load-driven rounds that changed the placement.
+    pub rebalance_rounds: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +161,11 @@ async fn lead(
     let mut acks = mirror(store.clone(), cfg.keys.acks());
     let _ = wait_until(&mut nodes, |s| s.revision > 0).await;
     let _ = wait_until(&mut acks, |s| s.revision > 0).await;
+    let loads = mirror(store.clone(), cfg.keys.loads());
+    let mut tracker = LoadTracker::default();
+    let mut tick = tokio::time::interval(cfg.rebalance.interval.max(Duration::from_millis(10)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut quiet_until = tokio::time::Instant::now();
     loop {
         let noticed = Instant::now();
         let live = live_nodes(&nodes.borrow_and_update());
@@ -146,7 +180,7 @@ async fn lead(
         if let Some(a) = &active {
             status.send_modify(|s| s.active_version = a.version);
         }
-        if !live.is_empty() {
+        if !live.is_empty() && active.as_ref().is_none_or(|a| !same_members(a, &live)) {
             match plan(
                 active.as_ref(),
                 &live,
@@ -191,10 +225,142 @@ async fn lead(
                 Err(e) => tracing::warn!(error = %e, "no placement fits the live nodes"),
             }
         }
-        if nodes.changed().await.is_err() {
-            return Ok(());
+        tokio::select! {
+            r = nodes.changed() => if r.is_err() {
+                return Ok(());
+            },
+            _ = tick.tick(), if cfg.rebalance.threshold > 0.0 => {
+                let records: Vec<LoadRecord> = loads
+                    .borrow()
+                    .entries
+                    .iter()
+                    .filter_map(|(k, kv)| records::decode(k, &kv.value).ok())
+                    .collect();
+                tracker.update(&records, cfg.n_experts, cfg.rebalance.alpha);
+                if let Some(a) = &active {
+                    let quiet = tokio::time::Instant::now() < quiet_until;
+                    if rebalance_round(store, cfg, leadership, status, a, &live, &tracker, quiet, &mut nodes, &mut acks).await? {
+                        quiet_until = tokio::time::Instant::now() + cfg.rebalance.cooldown;
+                        status.send_modify(|s| s.rebalance_rounds += 1);
+                    }
+                }
+            }
         }
     }
+}
+
+/// Whether `active` places exactly the live nodes, at their addresses.
+fn same_members(active: &PlacementRecord, live: &[NodeSlot]) -> bool {
+    active.nodes.len() == live.len()
+        && active
+            .nodes
+            .iter()
+            .all(|n| live.iter().any(|l| l.id == n.id && l.addr == n.addr))
+}
+
+/// Measures every layer's balance under the smoothed load and, unless `quiet`, re-places the
+/// layers below the threshold, worst first, one rollout each. Returns whether anything changed.
+#[allow(clippy::too_many_arguments)]
+async fn rebalance_round(
+    store: &Arc<dyn MetaStore>,
+    cfg: &CoordinatorConfig,
+    leadership: &Leadership,
+    status: &watch::Sender<CoordinatorStatus>,
+    active: &PlacementRecord,
+    live: &[NodeSlot],
+    tracker: &LoadTracker,
+    quiet: bool,
+    nodes: &mut watch::Receiver<Arc<Snapshot>>,
+    acks: &mut watch::Receiver<Arc<Snapshot>>,
+) -> Result<bool, TermEnd> {
+    let Ok(placement) = active.to_placement(&cfg.moe_layers, cfg.n_experts) else {
+        return Ok(false);
+    };
+    let mut worst: Vec<(f64, usize)> = Vec::new();
+    let mut measured = BTreeMap::new();
+    for (&layer, rate) in &tracker.rate {
+        let b = moe_meta::balancedness(&placement.node_loads(layer, rate));
+        measured.insert(layer, b);
+        let enough = tracker.tokens.get(&layer).copied().unwrap_or(0) >= cfg.rebalance.min_tokens;
+        if b < cfg.rebalance.threshold && enough {
+            worst.push((b, layer));
+        }
+    }
+    status.send_modify(|s| s.balancedness = measured);
+    if quiet || worst.is_empty() || !same_members(active, live) {
+        return Ok(false);
+    }
+    worst.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let layers = cfg.moe_layers.len().max(1);
+    let slots: Vec<usize> = active
+        .nodes
+        .iter()
+        .map(|n| {
+            live.iter()
+                .find(|l| l.id == n.id)
+                .map_or(0, |l| l.capacity / layers)
+        })
+        .collect();
+    let pending = store
+        .get(&cfg.keys.pending())
+        .await?
+        .and_then(|kv| decode_placement(&kv.key, &kv.value))
+        .map_or(0, |p| p.version);
+    let mut rec = active.clone();
+    let mut changed = false;
+    for (_, layer) in worst {
+        let Some(mut change) = rebalance(
+            &rec,
+            layer,
+            &tracker.rate[&layer],
+            &slots,
+            cfg.rebalance.tolerance,
+        ) else {
+            continue;
+        };
+        if change.after < change.before + 0.01 {
+            continue;
+        }
+        let started = Instant::now();
+        let version = rec.version.max(pending) + 1;
+        change.record.version = version;
+        tracing::info!(
+            layer,
+            version,
+            before = change.before,
+            after = change.after,
+            moved = change.moved,
+            "rebalancing a layer"
+        );
+        if !rollout(store, cfg, leadership, &change.record, nodes, acks).await? {
+            return Ok(changed);
+        }
+        let done = LayerRebalance {
+            layer,
+            version,
+            before: change.before,
+            after: change.after,
+            moved: change.moved,
+        };
+        tracing::info!(
+            layer,
+            version,
+            moved = change.moved,
+            ms = started.elapsed().as_millis() as u64,
+            "layer rebalanced"
+        );
+        status.send_modify(|s| {
+            s.active_version = version;
+            s.last_moved = change.moved;
+            s.nodes = change.record.nodes.len();
+            s.last_rollout = started.elapsed();
+            s.balancedness.insert(layer, change.after);
+            s.last_rebalance = Some(done);
+        });
+        rec = change.record;
+        changed = true;
+    }
+    Ok(changed)
 }
 
 /// Phase 1: pending; wait for every node's ack; phase 2: active. Returns false when membership

@@ -5,5 +5,7 @@
 pub mod balance;
 pub mod leader;
 pub mod plan;
+pub mod rebalance;
 
 pub use leader::{CoordinatorConfig, CoordinatorStatus, run};
+pub use rebalance::RebalanceConfig;

@@ -164,12 +164,65 @@ pub fn plan(
             id: n.id.clone(),
             addr: n.addr.clone(),
             experts: h.into_iter().collect(),
+            shares: Vec::new(),
         })
         .collect();
+    let placed = carry_shares(current, placed);
     Ok(Plan {
         nodes: placed,
         moved,
     })
+}
+
+/// Keeps the current replica shares of every expert whose set of replica nodes is unchanged;
+/// the others split evenly until the next load-driven rebalance.
+pub fn carry_shares(
+    current: Option<&PlacementRecord>,
+    mut next: Vec<PlacedNode>,
+) -> Vec<PlacedNode> {
+    let Some(current) = current else {
+        return next;
+    };
+    let holders = |nodes: &[PlacedNode]| {
+        let mut m: BTreeMap<Pair, BTreeSet<String>> = BTreeMap::new();
+        for n in nodes {
+            for &p in &n.experts {
+                m.entry(p).or_default().insert(n.id.clone());
+            }
+        }
+        m
+    };
+    let (before, after) = (holders(&current.nodes), holders(&next));
+    let mut any = false;
+    for n in &mut next {
+        let Some(old) = current.nodes.iter().find(|c| c.id == n.id) else {
+            continue;
+        };
+        if old.shares.len() != old.experts.len() {
+            continue;
+        }
+        let share: BTreeMap<Pair, u32> = old
+            .experts
+            .iter()
+            .copied()
+            .zip(old.shares.iter().copied())
+            .collect();
+        n.shares = n
+            .experts
+            .iter()
+            .map(|p| match before.get(p) == after.get(p) {
+                true => share.get(p).copied().unwrap_or(0),
+                false => 0,
+            })
+            .collect();
+        any |= n.shares.iter().any(|&s| s > 0);
+    }
+    if !any {
+        for n in &mut next {
+            n.shares.clear();
+        }
+    }
+    next
 }
 
 #[cfg(test)]

@@ -75,6 +75,7 @@ impl World {
             min_replicas: 2,
             lease_ttl: TTL,
             ack_timeout: Duration::from_secs(3600),
+            rebalance: Default::default(),
         };
         let (status, rx) = watch::channel(CoordinatorStatus::default());
         let (stop, stopped) = watch::channel(false);

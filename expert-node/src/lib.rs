@@ -11,6 +11,7 @@ pub mod membership;
 pub mod node;
 pub mod server;
 pub mod service;
+pub mod stats;
 pub mod validate;
 
 pub use node::ExpertNode;

@@ -33,6 +33,8 @@ pub struct ExpertNode {
     fingerprint: String,
     draining: AtomicBool,
     in_flight: AtomicU64,
+    /// Tokens and compute time per (layer, expert).
+    pub stats: crate::stats::NodeStats,
 }
 
 impl ExpertNode {
@@ -78,6 +80,7 @@ impl ExpertNode {
             fingerprint,
             draining: AtomicBool::new(false),
             in_flight: AtomicU64::new(0),
+            stats: Default::default(),
         }
     }
 

@@ -64,6 +64,8 @@ async fn handle(node: Arc<ExpertNode>, req: DispatchRequest) -> Result<DispatchR
             moe_model::ModelError::Experts { .. } => Status::failed_precondition(e.to_string()),
             other => Status::internal(other.to_string()),
         })?;
+        node.stats
+            .record(job.layer, &req.expert_ids, started.elapsed());
         Ok(DispatchResponse {
             request_id: req.request_id,
             code: 0,

@@ -9,5 +9,5 @@ pub mod store;
 pub mod telemetry;
 pub mod testing;
 
-pub use placement::{NodeEntry, Placement, PlacementError};
+pub use placement::{NodeEntry, Placement, PlacementError, balancedness};
 pub use spec::ExpertSpec;

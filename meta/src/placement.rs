@@ -59,6 +59,8 @@ pub struct Placement {
     pub version: u64,
     pub nodes: Vec<NodeEntry>,
     table: BTreeMap<usize, Vec<Vec<usize>>>,
+    /// Replica shares (parts per million, parallel to the replicas) where they are uneven.
+    shares: BTreeMap<(usize, usize), Vec<u32>>,
 }
 
 impl Placement {
@@ -106,6 +108,7 @@ impl Placement {
             version,
             nodes,
             table,
+            shares: BTreeMap::new(),
         })
     }
 
@@ -139,6 +142,61 @@ impl Placement {
             .get(&layer)
             .and_then(|e| e.get(expert))
             .map_or(&[], Vec::as_slice)
+    }
+
+    /// Sets replica shares from (layer, expert, node index, parts per million). An expert keeps
+    /// shares only when every replica of it has a positive one; otherwise it splits evenly.
+    pub fn set_shares(&mut self, shares: impl IntoIterator<Item = (usize, usize, usize, u32)>) {
+        let mut by_pair: BTreeMap<(usize, usize), Vec<(usize, u32)>> = BTreeMap::new();
+        for (l, e, n, s) in shares {
+            by_pair.entry((l, e)).or_default().push((n, s));
+        }
+        self.shares = by_pair
+            .into_iter()
+            .filter_map(|((l, e), given)| {
+                let replicas = self.replicas(l, e);
+                let out: Option<Vec<u32>> = replicas
+                    .iter()
+                    .map(|n| {
+                        given
+                            .iter()
+                            .find(|g| g.0 == *n)
+                            .map(|g| g.1)
+                            .filter(|&s| s > 0)
+                    })
+                    .collect();
+                out.filter(|v| v.len() > 1).map(|v| ((l, e), v))
+            })
+            .collect();
+    }
+
+    /// The shares of (layer, expert)'s replicas, parallel to [`Placement::replicas`]; `None`
+    /// when they split evenly.
+    pub fn shares(&self, layer: usize, expert: usize) -> Option<&[u32]> {
+        self.shares.get(&(layer, expert)).map(Vec::as_slice)
+    }
+
+    /// Each node's load in `layer` when expert `e` gets `loads[e]` tokens, split over its
+    /// replicas by their shares (evenly without).
+    pub fn node_loads(&self, layer: usize, loads: &[f64]) -> Vec<f64> {
+        let mut out = vec![0.0; self.nodes.len()];
+        for (e, &l) in loads.iter().enumerate() {
+            let replicas = self.replicas(layer, e);
+            match self.shares(layer, e) {
+                Some(shares) => {
+                    let total: f64 = shares.iter().map(|&s| f64::from(s)).sum();
+                    for (&n, &s) in replicas.iter().zip(shares) {
+                        out[n] += l * f64::from(s) / total;
+                    }
+                }
+                None => {
+                    for &n in replicas {
+                        out[n] += l / replicas.len() as f64;
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// The entry of the node named `id`.
@@ -182,6 +240,15 @@ impl Placement {
     }
 }
 
+/// DeepSeek's balancedness of per-node loads: mean / max (1 when there is no load).
+pub fn balancedness(node_loads: &[f64]) -> f64 {
+    let max = node_loads.iter().copied().fold(0.0, f64::max);
+    if max <= 0.0 {
+        return 1.0;
+    }
+    node_loads.iter().sum::<f64>() / node_loads.len() as f64 / max
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,6 +279,20 @@ mod tests {
             err.to_string(),
             "placement does not cover 8 (layer, expert) pairs, e.g. layer 1 expert 4"
         );
+    }
+
+    #[test]
+    fn shares_hold_only_where_every_replica_has_one() {
+        let mut p = Placement::new(1, vec![node("a", "1:0-3"), node("b", "1:2-3")], &[1], 4)
+            .expect("covers");
+        p.set_shares([(1, 2, 0, 700_000), (1, 2, 1, 300_000), (1, 3, 1, 500_000)]);
+        assert_eq!(p.shares(1, 2), Some(&[700_000, 300_000][..]));
+        assert_eq!(p.shares(1, 3), None, "node a has no share of expert 3");
+        assert_eq!(p.shares(1, 0), None);
+        let loads = p.node_loads(1, &[1.0, 1.0, 10.0, 4.0]);
+        assert_eq!(loads, vec![2.0 + 7.0 + 2.0, 3.0 + 2.0]);
+        assert!((balancedness(&loads) - 8.0 / 11.0).abs() < 1e-12);
+        assert_eq!(balancedness(&[0.0, 0.0]), 1.0);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! | `routers/<id>` | router, under its lease | [`RouterRecord`] |
 //! | `placement/pending`, `placement/active` | coordinator, fenced | [`PlacementRecord`] |
 //! | `placement/acks/<node>` | expert node, under its lease | [`AckRecord`] |
+//! | `loads/<router>` | router, under its lease | [`LoadRecord`] |
 //! | `election/coordinator` | coordinators | the leader's id (plain text) |
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -15,7 +16,7 @@ use crate::placement::{NodeEntry, Placement, PlacementError};
 use crate::store::StoreError;
 
 /// Current record format.
-pub const FORMAT: u8 = 1;
+pub const FORMAT: u8 = 2;
 
 /// The keys of one cluster.
 #[derive(Debug, Clone)]
@@ -57,6 +58,12 @@ impl Keys {
     pub fn ack(&self, node: &str) -> String {
         format!("{}placement/acks/{node}", self.root)
     }
+    pub fn loads(&self) -> String {
+        format!("{}loads/", self.root)
+    }
+    pub fn load(&self, router: &str) -> String {
+        format!("{}loads/{router}", self.root)
+    }
     pub fn election(&self) -> String {
         format!("{}election/coordinator", self.root)
     }
@@ -94,6 +101,23 @@ pub struct PlacedNode {
     pub id: String,
     pub addr: String,
     pub experts: Vec<(u16, u16)>,
+    /// Share of each pair's tokens this replica should take, in parts per million, parallel to
+    /// `experts`; empty when every expert here is split evenly over its replicas.
+    #[serde(default)]
+    pub shares: Vec<u32>,
+}
+
+/// Parts per million: the unit of replica shares.
+pub const SHARE_UNIT: u32 = 1_000_000;
+
+/// Tokens a router routed per (layer, expert) over its sliding window.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadRecord {
+    pub router: String,
+    /// Length of the window the counts cover, milliseconds.
+    pub window_ms: u64,
+    /// Per MoE layer, token count per logical expert.
+    pub layers: Vec<(u16, Vec<u32>)>,
 }
 
 /// A node's acknowledgement that it has loaded a placement version.
@@ -144,7 +168,14 @@ impl PlacementRecord {
                 experts: spec_of(&n.experts),
             })
             .collect();
-        Placement::new(self.version, nodes, moe_layers, n_experts)
+        let mut p = Placement::new(self.version, nodes, moe_layers, n_experts)?;
+        p.set_shares(self.nodes.iter().enumerate().flat_map(|(ni, n)| {
+            n.experts
+                .iter()
+                .zip(&n.shares)
+                .map(move |(&(l, e), &s)| (l as usize, e as usize, ni, s))
+        }));
+        Ok(p)
     }
 
     /// The pairs of node `id` (empty if absent).
@@ -192,6 +223,7 @@ mod tests {
                 id: "a".into(),
                 addr: "127.0.0.1:1".into(),
                 experts: vec![(1, 0), (1, 1), (2, 5)],
+                shares: vec![],
             }],
         };
         let bytes = encode(&p);

@@ -37,6 +37,13 @@ pub const KV_USAGE: &str = "moe_kv_cache_usage_ratio";
 pub const CANCELLED: &str = "moe_cancelled_sequences_total";
 /// Dispatch round trip to one expert node, by `node`.
 pub const DISPATCH_LATENCY: &str = "moe_dispatch_latency_seconds";
+/// (token, expert) pairs sent to one expert node, by `node`.
+pub const DISPATCH_PAIRS: &str = "moe_dispatch_expert_tokens_total";
+/// Balancedness (mean node load / max node load) of one MoE layer over the router's load
+/// window under the active placement and its shares, by `layer`.
+pub const LAYER_BALANCEDNESS: &str = "moe_expert_load_balancedness";
+/// Share of a layer's tokens taken by its hottest expert over the window, by `layer`.
+pub const HOTTEST_SHARE: &str = "moe_expert_load_hottest_share";
 /// Dispatches re-routed away from a failed node, by `node`.
 pub const DISPATCH_FAILOVERS: &str = "moe_dispatch_failovers_total";
 

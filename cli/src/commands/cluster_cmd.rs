@@ -1,6 +1,8 @@
 //! `moe cluster status` and `moe placement show`: the records in the metadata store, for people.
 
-use moe_meta::records::{self, AckRecord, NodeRecord, PlacementRecord, RouterRecord, spec_of};
+use moe_meta::records::{
+    self, AckRecord, LoadRecord, NodeRecord, PlacementRecord, RouterRecord, spec_of,
+};
 use moe_meta::store::election::leader;
 
 use crate::cluster::ClusterArgs;
@@ -8,7 +10,8 @@ use crate::cluster::ClusterArgs;
 #[derive(Debug, clap::Subcommand)]
 pub enum ClusterCommand {
     /// Leader, nodes (address, capacity, acknowledged version), routers (version they route
-    /// with), active and pending placement versions.
+    /// with), active and pending placement versions, and the routers' load: per layer the
+    /// hottest experts, each node's share and the balancedness under the active placement.
     Status(ClusterArgs),
 }
 
@@ -110,8 +113,68 @@ pub fn run_cluster(c: ClusterCommand) -> anyhow::Result<()> {
                 r.id, r.addr, r.placement_version
             );
         }
+        let (loads, _) = store.list(&keys.loads()).await?;
+        let loads: Vec<LoadRecord> = loads
+            .iter()
+            .filter_map(|kv| records::decode(&kv.key, &kv.value).ok())
+            .collect();
+        print_loads(&loads, active.as_ref());
         Ok(())
     })
+}
+
+/// Per layer: tokens, hottest experts, node shares and balancedness under `active`.
+fn print_loads(loads: &[LoadRecord], active: Option<&PlacementRecord>) {
+    let window = loads.iter().map(|r| r.window_ms).max().unwrap_or(0);
+    println!(
+        "load ({} routers, window up to {:.1} s):",
+        loads.len(),
+        window as f64 / 1e3
+    );
+    let mut by_layer: std::collections::BTreeMap<u16, Vec<f64>> = Default::default();
+    for r in loads {
+        for (l, c) in &r.layers {
+            let sum = by_layer.entry(*l).or_insert_with(|| vec![0.0; c.len()]);
+            sum.resize(sum.len().max(c.len()), 0.0);
+            for (s, &x) in sum.iter_mut().zip(c) {
+                *s += f64::from(x);
+            }
+        }
+    }
+    for (layer, counts) in by_layer {
+        let total: f64 = counts.iter().sum();
+        if total <= 0.0 {
+            println!("  layer {layer}: no tokens");
+            continue;
+        }
+        let mut order: Vec<usize> = (0..counts.len()).collect();
+        order.sort_by(|&a, &b| counts[b].total_cmp(&counts[a]));
+        let hot: Vec<String> = order
+            .iter()
+            .take(5)
+            .map(|&e| format!("{e} ({:.1}%)", 100.0 * counts[e] / total))
+            .collect();
+        print!(
+            "  layer {layer}: {total} tokens; hottest {}",
+            hot.join(", ")
+        );
+        if let Some(p) = active {
+            let layer_p = moe_coordinator::rebalance::layer_of(p, layer as usize, counts.len());
+            let node_loads = layer_p.gpu_loads(&counts);
+            let shares: Vec<String> = p
+                .nodes
+                .iter()
+                .zip(&node_loads)
+                .map(|(n, l)| format!("{} {:.1}%", n.id, 100.0 * l / total))
+                .collect();
+            print!(
+                "; nodes {}; balancedness {:.3}",
+                shares.join(", "),
+                moe_meta::balancedness(&node_loads)
+            );
+        }
+        println!();
+    }
 }
 
 fn plan(a: PlanArgs) -> anyhow::Result<()> {

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use moe_coordinator::{CoordinatorConfig, CoordinatorStatus};
+use moe_coordinator::{CoordinatorConfig, CoordinatorStatus, RebalanceConfig};
 use tokio::sync::watch;
 
 use crate::cluster::{ClusterArgs, model_shape, process_id};
@@ -23,7 +23,55 @@ pub struct Args {
     #[arg(long, env = "MOE_COORDINATOR_ID")]
     id: Option<String>,
     #[command(flatten)]
+    rebalance: RebalanceArgs,
+    #[command(flatten)]
     cluster: ClusterArgs,
+}
+
+/// Load-driven rebalancing (hot-expert replication from the routers' load counts).
+#[derive(Debug, Clone, clap::Args)]
+pub struct RebalanceArgs {
+    /// Re-place a layer whose balancedness (mean node load / max node load) under the live load
+    /// falls below this; 0 turns it off. Only with --min-replicas 1 (the placement algorithm
+    /// decides replica counts itself).
+    #[arg(long, env = "MOE_REBALANCE_THRESHOLD", default_value_t = 0.8)]
+    rebalance_threshold: f64,
+    /// How often the load is read and checked, milliseconds.
+    #[arg(long, env = "MOE_REBALANCE_INTERVAL_MS", default_value_t = 10_000)]
+    rebalance_interval_ms: u64,
+    /// Least time between two rebalancing rounds, milliseconds.
+    #[arg(long, env = "MOE_REBALANCE_COOLDOWN_MS", default_value_t = 60_000)]
+    rebalance_cooldown_ms: u64,
+    /// Fewest tokens a layer needs in the routers' windows before its balance is judged.
+    #[arg(long, env = "MOE_REBALANCE_MIN_TOKENS", default_value_t = 10_000)]
+    rebalance_min_tokens: u64,
+    /// Weight of the newest load reading in the moving average (1: no smoothing).
+    #[arg(long, env = "MOE_REBALANCE_ALPHA", default_value_t = 0.3)]
+    rebalance_alpha: f64,
+    /// Balancedness given up (below a from-scratch plan) to move fewer experts.
+    #[arg(long, env = "MOE_REBALANCE_TOLERANCE", default_value_t = 0.01)]
+    rebalance_tolerance: f64,
+}
+
+impl RebalanceArgs {
+    fn config(&self, min_replicas: usize) -> RebalanceConfig {
+        let mut threshold = self.rebalance_threshold.clamp(0.0, 1.0);
+        if min_replicas > 1 && threshold > 0.0 {
+            tracing::warn!(
+                min_replicas,
+                "load-driven rebalancing needs --min-replicas 1; it is off"
+            );
+            threshold = 0.0;
+        }
+        RebalanceConfig {
+            threshold,
+            interval: Duration::from_millis(self.rebalance_interval_ms),
+            alpha: self.rebalance_alpha,
+            min_tokens: self.rebalance_min_tokens,
+            tolerance: self.rebalance_tolerance,
+            cooldown: Duration::from_millis(self.rebalance_cooldown_ms),
+        }
+    }
 }
 
 pub fn config(
@@ -32,6 +80,7 @@ pub fn config(
     id: String,
     cluster: &ClusterArgs,
     ack_timeout: Duration,
+    rebalance: RebalanceConfig,
 ) -> anyhow::Result<CoordinatorConfig> {
     let (moe_layers, n_experts) = model_shape(model)?;
     Ok(CoordinatorConfig {
@@ -42,6 +91,7 @@ pub fn config(
         min_replicas,
         lease_ttl: cluster.ttl(),
         ack_timeout,
+        rebalance,
     })
 }
 
@@ -53,6 +103,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         id.clone(),
         &a.cluster,
         Duration::from_millis(a.ack_timeout_ms),
+        a.rebalance.config(a.min_replicas),
     )?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -83,6 +134,26 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                         s.nodes,
                         s.last_moved,
                         s.last_rollout.as_millis()
+                    );
+                }
+                if s.last_rebalance != last.last_rebalance
+                    && let Some(r) = &s.last_rebalance
+                {
+                    println!(
+                        "layer {} rebalanced: balancedness {:.3} -> {:.3}, moved {} (placement {})",
+                        r.layer, r.before, r.after, r.moved, r.version
+                    );
+                }
+                if s.rebalance_rounds != last.rebalance_rounds {
+                    let b: Vec<String> = s
+                        .balancedness
+                        .iter()
+                        .map(|(l, b)| format!("{l}: {b:.3}"))
+                        .collect();
+                    println!(
+                        "rebalance round {} done; balancedness by layer {}",
+                        s.rebalance_rounds,
+                        b.join(", ")
                     );
                 }
                 last = s;

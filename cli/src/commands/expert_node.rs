@@ -38,6 +38,10 @@ pub struct Args {
     /// With --etcd: how many (layer, expert) pairs this node can hold (default: all of them).
     #[arg(long, env = "MOE_CAPACITY")]
     capacity: Option<usize>,
+    /// Serve Prometheus metrics (tokens and compute time per expert) over HTTP on this address
+    /// (port 0 picks one; the chosen address is printed).
+    #[arg(long, env = "MOE_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// Largest gRPC message, bytes.
     #[arg(long, env = "MOE_MAX_MESSAGE_BYTES", default_value_t = moe_proto::DEFAULT_MAX_MESSAGE_BYTES)]
     max_message_bytes: usize,
@@ -105,8 +109,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         } else {
             None
         };
-        // Tests and scripts read this line to learn the port.
+        // Tests and scripts read these lines to learn the ports.
         println!("expert node {} listening on {addr}", node.id);
+        if let Some(m) = a.metrics_listen {
+            let l = tokio::net::TcpListener::bind(m)
+                .await
+                .with_context(|| format!("binding {m}"))?;
+            println!("metrics on {}", l.local_addr()?);
+            tokio::spawn(serve_metrics(node.clone(), l));
+        }
         tracing::info!(node = %node.id, %addr, "serving");
         let opts = ServerOptions {
             max_message_bytes: a.max_message_bytes,
@@ -122,4 +133,23 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// `GET /metrics`: the node's counters in Prometheus text.
+async fn serve_metrics(node: Arc<ExpertNode>, listener: tokio::net::TcpListener) {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let node = node.clone();
+            async move {
+                (
+                    [("content-type", "text/plain; version=0.0.4")],
+                    node.stats.render(&node.id, node.in_flight()),
+                )
+            }
+        }),
+    );
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "metrics server stopped");
+    }
 }

@@ -198,6 +198,7 @@ fn run_coordinated_router(a: RouterArgs) -> anyhow::Result<()> {
         moe_layers,
         n_experts,
         lease_ttl: a.cluster.ttl(),
+        load_publish: std::time::Duration::from_millis(a.cluster.load_publish_ms),
     };
     let (_stop, stopped) = tokio::sync::watch::channel(false);
     rt.spawn(moe_router::dispatch::follow::follow(

@@ -61,6 +61,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             min_replicas: a.replicas,
             lease_ttl: ttl,
             ack_timeout: Duration::from_secs(120),
+            rebalance: Default::default(),
         };
         let mut tasks = vec![tokio::spawn(moe_coordinator::run(store.clone(), coord, status_tx, stopped.clone()))];
 
@@ -95,6 +96,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             moe_layers,
             n_experts,
             lease_ttl: ttl,
+            load_publish: Duration::from_millis(a.cluster.load_publish_ms),
         };
         tasks.push(tokio::spawn(follow(store.clone(), fcfg, experts.clone(), stopped.clone())));
         let probe = experts.clone();

@@ -72,6 +72,7 @@ pub fn rebalance_layer(
         }
     }
     candidates.push(relabel(&scratch, current, slots));
+    let fresh = scratch.clone();
     candidates.push(scratch);
     // Slot changes the goal does not need go back to what the slot held.
     if total > EPS {
@@ -86,10 +87,13 @@ pub fn rebalance_layer(
         .map(|p| (p.moves_from(current), p.balancedness(loads), p))
         .filter(|(_, b, _)| *b >= goal - 1e-9)
         .min_by(|x, y| x.0.cmp(&y.0).then(y.1.total_cmp(&x.1)));
-    match best {
-        Some((moves, _, p)) => Ok((p, moves)),
-        None => unreachable!("the fresh plan meets its own goal"),
-    }
+    // Pruning re-solves shares to a tolerance, which can leave every candidate a hair short of
+    // a zero-tolerance goal; the fresh plan meets it by definition.
+    Ok(best.map_or_else(
+        || (fresh.moves_from(current), fresh),
+        |(moves, _, p)| (moves, p),
+    ))
+    .map(|(moves, p)| (p, moves))
 }
 
 /// `current` fitted to `slots`: slots beyond a GPU's capacity dropped, experts it lacks put in

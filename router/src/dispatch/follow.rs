@@ -2,12 +2,13 @@
 //! routes with), follow `placement/active`, switch the dispatch routes, then report the new
 //! version, which is what lets nodes unload experts the new placement moved away. Re-registers
 //! after losing its lease; keeps routing with the last active placement while the store is
-//! unreachable.
+//! unreachable. Every `load_publish` it also publishes its token counts per (layer, expert)
+//! under `loads/<id>` (same lease) and sets the load gauges of `/metrics`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use moe_meta::records::{self, Keys, PlacementRecord, RouterRecord};
+use moe_meta::records::{self, Keys, LoadRecord, PlacementRecord, RouterRecord};
 use moe_meta::store::MetaStore;
 use moe_meta::store::lease::LeaseKeeper;
 use moe_meta::store::mirror::mirror;
@@ -26,6 +27,42 @@ pub struct FollowConfig {
     pub moe_layers: Vec<usize>,
     pub n_experts: usize,
     pub lease_ttl: Duration,
+    /// How often to publish load counts.
+    pub load_publish: Duration,
+}
+
+/// Publishes the router's load window and sets the load gauges.
+async fn publish_loads(
+    store: &Arc<dyn MetaStore>,
+    cfg: &FollowConfig,
+    experts: &RemoteExperts,
+    lease: i64,
+) {
+    let (covered, layers) = experts.loads.snapshot(cfg.n_experts);
+    let placement = experts.routes().placement.clone();
+    for (&layer, counts) in &layers {
+        let loads: Vec<f64> = counts.iter().map(|&c| f64::from(c)).collect();
+        let total: f64 = loads.iter().sum();
+        let hottest = loads.iter().copied().fold(0.0, f64::max);
+        let label = layer.to_string();
+        metrics::gauge!(crate::metrics::HOTTEST_SHARE, "layer" => label.clone())
+            .set(if total > 0.0 { hottest / total } else { 0.0 });
+        if let Some(p) = &placement {
+            let b = moe_meta::balancedness(&p.node_loads(layer, &loads));
+            metrics::gauge!(crate::metrics::LAYER_BALANCEDNESS, "layer" => label).set(b);
+        }
+    }
+    let rec = LoadRecord {
+        router: cfg.id.clone(),
+        window_ms: covered.as_millis() as u64,
+        layers: layers.into_iter().map(|(l, c)| (l as u16, c)).collect(),
+    };
+    if let Err(e) = store
+        .put(&cfg.keys.load(&cfg.id), records::encode(&rec), Some(lease))
+        .await
+    {
+        tracing::warn!(router = %cfg.id, error = %e, "cannot publish load counts");
+    }
 }
 
 /// Follows the active placement until `shutdown` becomes true.
@@ -59,6 +96,7 @@ pub async fn follow(
         };
         let mut lost = lease.lost();
         let mut reported = None;
+        let mut publish = tokio::time::interval(cfg.load_publish.max(Duration::from_millis(10)));
         loop {
             let snap = placements.borrow_and_update().clone();
             let key = cfg.keys.active();
@@ -88,6 +126,7 @@ pub async fn follow(
             }
             tokio::select! {
                 _ = placements.changed() => {}
+                _ = publish.tick() => publish_loads(&store, &cfg, &experts, lease.id).await,
                 _ = wait_until(&mut lost, |l| *l) => break,
                 _ = tokio::time::sleep(Duration::from_secs(1)), if reported != Some(v) => {}
                 _ = wait_until(&mut shutdown, |s| *s) => {

@@ -8,9 +8,11 @@
 
 pub mod client;
 pub mod follow;
+pub mod load;
 pub mod plan;
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -24,6 +26,7 @@ use tokio::sync::{oneshot, watch};
 use tonic::{Code, Status};
 
 pub use client::ExpertClient;
+pub use load::LoadWindow;
 use plan::NodeWork;
 
 /// Dispatch settings.
@@ -109,6 +112,9 @@ pub struct RemoteExperts {
     routes: RwLock<Arc<Routes>>,
     by_addr: Mutex<HashMap<String, ExpertClient>>,
     version: watch::Sender<u64>,
+    /// Tokens routed per (layer, expert), for load-driven placement.
+    pub loads: LoadWindow,
+    steps: AtomicU64,
 }
 
 struct InFlight {
@@ -144,6 +150,8 @@ impl RemoteExperts {
             })),
             by_addr: Mutex::new(HashMap::new()),
             version: watch::channel(0).0,
+            loads: LoadWindow::new(Duration::from_secs(60), 12),
+            steps: AtomicU64::new(0),
         }
     }
 
@@ -308,6 +316,8 @@ impl RemoteExperts {
             traceparent: moe_meta::telemetry::traceparent(&span),
         };
         let client = routes.clients[work.node].clone();
+        metrics::counter!(crate::metrics::DISPATCH_PAIRS, "node" => client.addr().to_string())
+            .increment(work.experts.len() as u64);
         InFlight {
             rx: client.send(req),
             work,
@@ -328,13 +338,14 @@ impl RemoteExperts {
         span: &tracing::Span,
     ) -> Result<Vec<InFlight>, DispatchError> {
         let deadline = std::time::Instant::now() + self.opts.replacement_wait;
+        let seed = self.steps.fetch_add(1, Ordering::Relaxed);
         let mut warned = false;
         loop {
             let routes = self.routes();
             let seen = routes.placement.as_ref().map_or(0, |p| p.version);
             let outcome = match &routes.placement {
                 None => Err(DispatchError::NoPlacement(self.opts.replacement_wait)),
-                Some(p) => plan::plan(p, layer, entries, |n| {
+                Some(p) => plan::plan(p, layer, entries, seed, |n| {
                     routes.clients[n].is_up() && !excluded.contains(routes.clients[n].addr())
                 })
                 .map_err(|u| DispatchError::NoReplica {
@@ -397,6 +408,7 @@ impl ExpertBackend for RemoteExperts {
     ) -> moe_model::Result<Box<dyn PendingExperts + 'a>> {
         let span = tracing::info_span!("moe.dispatch", layer, tokens = x.rows);
         let entries = plan::entries(routing);
+        self.loads.record(layer, &entries);
         let inflight = self
             .plan_and_send(layer, x, &entries, &BTreeSet::new(), "", &span)
             .map_err(|e| e.into_model(layer))?;

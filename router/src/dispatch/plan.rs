@@ -1,7 +1,9 @@
 //! Planning one layer's dispatch: which node computes each (token, expert), and the per-node
 //! CSR lists. A token goes to a node once with all of its experts there; among an expert's
 //! replicas the router prefers a node the token already visits, then the least loaded one in
-//! this batch, skipping nodes that are down or excluded.
+//! this batch, skipping nodes that are down or excluded. An expert whose replicas have
+//! published shares (load-balanced placements) is split by those shares instead: each
+//! (step, token, expert) hashes to a point on the usable replicas' shares.
 
 use moe_meta::Placement;
 use moe_model::gate::Routing;
@@ -25,12 +27,34 @@ pub struct Unplaceable {
     pub expert: usize,
 }
 
+fn mix(seed: u64, token: usize, expert: u32) -> u64 {
+    let mut h =
+        (seed ^ (token as u64) << 20 ^ u64::from(expert) << 44).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    h ^= h >> 31;
+    h = h.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    h ^ (h >> 29)
+}
+
+/// The replica whose share interval holds the point `at` of `[0, sum of shares)`.
+fn by_share(replicas: &[(usize, u32)], at: u64) -> Option<usize> {
+    let total: u64 = replicas.iter().map(|r| u64::from(r.1)).sum();
+    let mut point = at % total.max(1);
+    for &(n, s) in replicas {
+        if point < u64::from(s) {
+            return Some(n);
+        }
+        point -= u64::from(s);
+    }
+    replicas.last().map(|r| r.0)
+}
+
 /// Plans `entries` (token, expert, weight) of `layer` over the placement; `usable(node)` says
-/// whether a node may be used.
+/// whether a node may be used; `seed` varies the share split from step to step.
 pub fn plan(
     placement: &Placement,
     layer: usize,
     entries: &[(usize, u32, f32)],
+    seed: u64,
     usable: impl Fn(usize) -> bool,
 ) -> Result<Vec<NodeWork>, Unplaceable> {
     let n_nodes = placement.nodes.len();
@@ -46,37 +70,45 @@ pub fn plan(
             j += 1;
         }
         // Experts with fewer live replicas first, so forced nodes are known before choosing.
-        let mut mine: Vec<(u32, f32, Vec<usize>)> = Vec::with_capacity(j - i);
+        let mut mine: Vec<(u32, f32, Vec<usize>, Option<usize>)> = Vec::with_capacity(j - i);
         for &(_, expert, w) in &entries[i..j] {
-            let replicas: Vec<usize> = placement
-                .replicas(layer, expert as usize)
-                .iter()
-                .copied()
-                .filter(|&n| usable(n))
-                .collect();
+            let all = placement.replicas(layer, expert as usize);
+            let shared: Vec<(usize, u32)> = match placement.shares(layer, expert as usize) {
+                Some(shares) => all
+                    .iter()
+                    .copied()
+                    .zip(shares.iter().copied())
+                    .filter(|&(n, _)| usable(n))
+                    .collect(),
+                None => Vec::new(),
+            };
+            let replicas: Vec<usize> = all.iter().copied().filter(|&n| usable(n)).collect();
             if replicas.is_empty() {
                 return Err(Unplaceable {
                     token: tok,
                     expert: expert as usize,
                 });
             }
-            mine.push((expert, w, replicas));
+            let chosen = by_share(&shared, mix(seed, tok, expert));
+            mine.push((expert, w, replicas, chosen));
         }
-        mine.sort_by_key(|(e, _, r)| (r.len(), *e));
+        mine.sort_by_key(|(e, _, r, c)| (c.is_none(), r.len(), *e));
         let mut visited: Vec<usize> = Vec::new();
-        for (expert, w, replicas) in mine {
+        for (expert, w, replicas, chosen) in mine {
             let first = replicas[0];
-            let node = replicas
-                .iter()
-                .copied()
-                .find(|n| visited.contains(n))
-                .unwrap_or_else(|| {
-                    replicas
-                        .iter()
-                        .copied()
-                        .min_by_key(|&n| (load[n], n))
-                        .unwrap_or(first)
-                });
+            let node = chosen.unwrap_or_else(|| {
+                replicas
+                    .iter()
+                    .copied()
+                    .find(|n| visited.contains(n))
+                    .unwrap_or_else(|| {
+                        replicas
+                            .iter()
+                            .copied()
+                            .min_by_key(|&n| (load[n], n))
+                            .unwrap_or(first)
+                    })
+            });
             if !visited.contains(&node) {
                 visited.push(node);
                 load[node] += 1;
@@ -146,7 +178,7 @@ mod tests {
     fn a_token_visits_each_node_once() {
         let p = placement(&["1:0-3", "1:4-7"]);
         let e = vec![(0, 0, 0.5), (0, 1, 0.25), (0, 5, 0.25), (1, 6, 1.0)];
-        let w = plan(&p, 1, &e, |_| true).expect("placeable");
+        let w = plan(&p, 1, &e, 0, |_| true).expect("placeable");
         assert_eq!(w.len(), 2);
         assert_eq!(
             (
@@ -174,12 +206,12 @@ mod tests {
         // Expert 2 lives on both nodes; experts 0 and 7 on one each.
         let p = placement(&["1:0-3", "1:2-7"]);
         // Token 0 must visit node 1 for expert 7: expert 2 joins it there, even listed first.
-        let w = plan(&p, 1, &[(0, 2, 1.0), (0, 7, 1.0)], |_| true).expect("ok");
+        let w = plan(&p, 1, &[(0, 2, 1.0), (0, 7, 1.0)], 0, |_| true).expect("ok");
         assert_eq!(w.len(), 1);
         assert_eq!(w[0].node, 1);
         // Tokens that only want expert 2 alternate between the replicas.
         let e: Vec<_> = (0..4).map(|t| (t, 2u32, 1.0f32)).collect();
-        let w = plan(&p, 1, &e, |_| true).expect("ok");
+        let w = plan(&p, 1, &e, 0, |_| true).expect("ok");
         assert_eq!(
             w.iter().map(|x| x.tokens.len()).collect::<Vec<_>>(),
             vec![2, 2]
@@ -189,9 +221,9 @@ mod tests {
     #[test]
     fn down_nodes_are_avoided_or_reported() {
         let p = placement(&["1:0-3", "1:2-7"]);
-        let w = plan(&p, 1, &[(0, 2, 1.0)], |n| n != 1).expect("replica on node 0");
+        let w = plan(&p, 1, &[(0, 2, 1.0)], 0, |n| n != 1).expect("replica on node 0");
         assert_eq!(w[0].node, 0);
-        let err = plan(&p, 1, &[(3, 5, 1.0)], |n| n != 1).expect_err("no replica");
+        let err = plan(&p, 1, &[(3, 5, 1.0)], 0, |n| n != 1).expect_err("no replica");
         assert_eq!(
             err,
             Unplaceable {
@@ -199,5 +231,27 @@ mod tests {
                 expert: 5
             }
         );
+    }
+
+    #[test]
+    fn shares_split_an_experts_tokens_and_skip_down_replicas() {
+        let mut p = placement(&["1:0-3", "1:2-7", "1:2"]);
+        p.set_shares([(1, 2, 0, 600_000), (1, 2, 1, 300_000), (1, 2, 2, 100_000)]);
+        let e: Vec<_> = (0..10_000).map(|t| (t, 2u32, 1.0f32)).collect();
+        let count = |w: &[NodeWork]| {
+            let mut c = [0usize; 3];
+            for x in w {
+                c[x.node] += x.tokens.len();
+            }
+            c
+        };
+        let c = count(&plan(&p, 1, &e, 7, |_| true).expect("ok"));
+        for (got, want) in c.iter().zip([6000.0, 3000.0, 1000.0]) {
+            assert!((*got as f64 - want).abs() < want * 0.05, "{c:?}");
+        }
+        // Node 0 down: its share goes to the others in proportion (3:1).
+        let c = count(&plan(&p, 1, &e, 7, |n| n != 0).expect("ok"));
+        assert_eq!(c[0], 0);
+        assert!((c[1] as f64 / c[2] as f64 - 3.0).abs() < 0.3, "{c:?}");
     }
 }

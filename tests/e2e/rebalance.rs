@@ -1,0 +1,271 @@
+//! Load-driven rebalancing end to end on a real etcd: 4 expert nodes with spare slots, a router
+//! and a coordinator, driven by a skewed workload (one prompt repeated, so a few experts per
+//! layer take most tokens). The per-node token counts come from the nodes' own `/metrics`.
+//! Before: a coordinator with load rebalancing off; then a coordinator with it on takes over,
+//! replicates the hot experts layer by layer while requests run, and the same workload is
+//! measured again.
+
+mod harness;
+mod roles;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use moe_meta::testing::EtcdProcess;
+use reqwest::StatusCode;
+use roles::*;
+use serde_json::{Value, json};
+
+/// Tokens computed per (node, layer), from each node's metrics.
+async fn scrape(c: &reqwest::Client, metrics: &[String]) -> Vec<BTreeMap<usize, f64>> {
+    let mut out = Vec::new();
+    for m in metrics {
+        let text = c
+            .get(format!("http://{m}/metrics"))
+            .send()
+            .await
+            .expect("node metrics")
+            .text()
+            .await
+            .expect("text");
+        let mut per_layer = BTreeMap::new();
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix("moe_node_layer_expert_tokens_total{") else {
+                continue;
+            };
+            let layer: usize = rest
+                .split("layer=\"")
+                .nth(1)
+                .and_then(|s| s.split('"').next())
+                .and_then(|s| s.parse().ok())
+                .expect("layer label");
+            let v: f64 = rest
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .expect("value");
+            *per_layer.entry(layer).or_default() += v;
+        }
+        out.push(per_layer);
+    }
+    out
+}
+
+/// Per layer, balancedness (mean / max) of the nodes' tokens between two scrapes.
+fn imbalance(a: &[BTreeMap<usize, f64>], b: &[BTreeMap<usize, f64>]) -> BTreeMap<usize, f64> {
+    let layers: std::collections::BTreeSet<usize> =
+        b.iter().flat_map(|m| m.keys().copied()).collect();
+    layers
+        .into_iter()
+        .map(|l| {
+            let loads: Vec<f64> = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| y.get(&l).copied().unwrap_or(0.0) - x.get(&l).copied().unwrap_or(0.0))
+                .collect();
+            (l, moe_meta::balancedness(&loads))
+        })
+        .collect()
+}
+
+/// The skewed workload: `n` concurrent greedy requests for the same prompt.
+async fn workload(c: &reqwest::Client, addr: &str, n: usize) -> Vec<Result<usize, String>> {
+    let prompt: Vec<u32> = (0..24).map(|i| 40 + (i % 3)).collect();
+    let body = json!({"prompt": prompt, "max_tokens": 16, "temperature": 0, "ignore_eos": true});
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let (c, url, body) = (
+                c.clone(),
+                format!("http://{addr}/v1/completions"),
+                body.clone(),
+            );
+            tokio::spawn(async move {
+                let r = c
+                    .post(url)
+                    .json(&body)
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let status = r.status();
+                let v: Value = r.json().await.map_err(|e| e.to_string())?;
+                match status {
+                    StatusCode::OK => {
+                        Ok(v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize)
+                    }
+                    s => Err(format!("{s}: {v}")),
+                }
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.expect("join"));
+    }
+    out
+}
+
+fn all_ok(results: &[Result<usize, String>], phase: &str) {
+    for r in results {
+        assert_eq!(
+            r.as_ref().map_err(String::as_str),
+            Ok(&16),
+            "{phase}: a request failed"
+        );
+    }
+}
+
+fn mean(m: &BTreeMap<usize, f64>) -> f64 {
+    m.values().sum::<f64>() / m.len().max(1) as f64
+}
+
+/// `moe cluster status` until the router routes with the active placement.
+fn status_when_settled(url: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = harness::moe(&["cluster", "status", "--etcd", url]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let active = text
+            .split("placement: active v")
+            .nth(1)
+            .and_then(|s| s.split(',').next())
+            .map(str::to_string);
+        if let Some(v) = active
+            && text.contains(&format!("routes with v{v}"))
+            && text.contains("pending none")
+        {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the router never caught up:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skewed_load_is_rebalanced_by_replicating_hot_experts_without_failing_requests() {
+    let etcd = EtcdProcess::start();
+    let url = etcd.url();
+    let first = coordinator_with(&url, &["--min-replicas", "1", "--rebalance-threshold", "0"]);
+    first.expect_line("leading", Duration::from_secs(30));
+    // 3 MoE layers × 80 slots: 64 experts per layer and node plus 16 spare.
+    let spare = ["--capacity", "240", "--metrics-listen", "127.0.0.1:0"];
+    let nodes: Vec<Role> = (0..4)
+        .map(|i| node_with(&url, &format!("n{i}"), &spare))
+        .collect();
+    let metrics: Vec<String> = nodes
+        .iter()
+        .map(|n| {
+            let l = n.expect_line("metrics on", Duration::from_secs(10));
+            l.rsplit(' ').next().unwrap_or_default().to_string()
+        })
+        .collect();
+    let r = router_with(&url, &["--load-publish-ms", "300"]);
+    let c = reqwest::Client::new();
+    first.expect_line("active (4 nodes", Duration::from_secs(60));
+    wait_ready(&c, &r.proc.addr).await;
+
+    let s0 = scrape(&c, &metrics).await;
+    all_ok(&workload(&c, &r.proc.addr, 32).await, "before");
+    let s1 = scrape(&c, &metrics).await;
+    let before = imbalance(&s0, &s1);
+
+    // A coordinator with load rebalancing takes over while requests run.
+    drop(first);
+    let second = coordinator_with(
+        &url,
+        &[
+            "--min-replicas",
+            "1",
+            "--rebalance-threshold",
+            "0.95",
+            "--rebalance-interval-ms",
+            "300",
+            "--rebalance-min-tokens",
+            "500",
+            "--rebalance-alpha",
+            "1",
+            "--rebalance-cooldown-ms",
+            "600000",
+        ],
+    );
+    let during = {
+        let (c, a) = (c.clone(), r.proc.addr.clone());
+        tokio::spawn(async move { workload(&c, &a, 32).await })
+    };
+    // The coordinator's lines up to the end of its first round: one per re-placed layer.
+    let mut layers = Vec::new();
+    let done = tokio::task::block_in_place(|| {
+        loop {
+            let line = second
+                .lines
+                .recv_timeout(Duration::from_secs(90))
+                .expect("the coordinator finishes a rebalance round");
+            if line.contains("rebalance round 1 done") {
+                return line;
+            }
+            if line.contains("rebalanced") {
+                layers.push(line);
+            }
+        }
+    });
+    assert!(!layers.is_empty(), "no layer was re-placed");
+    all_ok(&during.await.expect("join"), "during the rebalance");
+    let status = tokio::task::block_in_place(|| status_when_settled(&url));
+
+    let s2 = scrape(&c, &metrics).await;
+    all_ok(&workload(&c, &r.proc.addr, 32).await, "after");
+    let s3 = scrape(&c, &metrics).await;
+    let after = imbalance(&s2, &s3);
+    for l in &layers {
+        eprintln!("coordinator: {l}");
+    }
+    eprintln!("coordinator: {done}");
+    for (l, b) in &before {
+        eprintln!(
+            "layer {l}: node balancedness {b:.3} before, {:.3} after",
+            after[l]
+        );
+    }
+    eprintln!("{status}");
+    assert!(
+        mean(&after) > mean(&before) + 0.1 && after.values().all(|&b| b > 0.75),
+        "before {before:?}, after {after:?}"
+    );
+    // Replicated: more slots in use than experts.
+    let show = harness::moe(&["placement", "show", "--etcd", &url]);
+    let text = String::from_utf8_lossy(&show.stdout);
+    let slots: usize = text
+        .split("active:")
+        .nth(1)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2)?.parse::<usize>().ok())
+        .sum();
+    assert!(slots > 3 * 256, "{text}");
+    assert!(
+        status.contains("hottest") && status.contains("balancedness"),
+        "{status}"
+    );
+    // Still the model's numbers.
+    for i in PROMPTS {
+        assert_eq!(
+            greedy(&c, &r.proc.addr, i).await.expect("ok"),
+            golden_ids(i)
+        );
+    }
+    let m = c
+        .get(format!("http://{}/metrics", r.proc.addr))
+        .send()
+        .await
+        .expect("router metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        m.contains("moe_expert_load_balancedness{layer=\"1\"}"),
+        "{m}"
+    );
+    drop(nodes);
+}
