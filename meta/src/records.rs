@@ -7,7 +7,7 @@
 //! | `routers/<id>` | router, under its lease | [`RouterRecord`] |
 //! | `placement/pending`, `placement/active` | coordinator, fenced | [`PlacementRecord`] |
 //! | `placement/acks/<node>` | expert node, under its lease | [`AckRecord`] |
-//! | `loads/<router>` | router, under its lease | [`LoadRecord`] |
+//! | `load/<router>` | router, under its lease | [`LoadRecord`] |
 //! | `election/coordinator` | coordinators | the leader's id (plain text) |
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -59,10 +59,10 @@ impl Keys {
         format!("{}placement/acks/{node}", self.root)
     }
     pub fn loads(&self) -> String {
-        format!("{}loads/", self.root)
+        format!("{}load/", self.root)
     }
     pub fn load(&self, router: &str) -> String {
-        format!("{}loads/{router}", self.root)
+        format!("{}load/{router}", self.root)
     }
     pub fn election(&self) -> String {
         format!("{}election/coordinator", self.root)

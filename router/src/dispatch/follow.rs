@@ -3,7 +3,7 @@
 //! version, which is what lets nodes unload experts the new placement moved away. Re-registers
 //! after losing its lease; keeps routing with the last active placement while the store is
 //! unreachable. Every `load_publish` it also publishes its token counts per (layer, expert)
-//! under `loads/<id>` (same lease) and sets the load gauges of `/metrics`.
+//! under `load/<id>` (same lease) and sets the load gauges of `/metrics`.
 
 use std::sync::Arc;
 use std::time::Duration;
