@@ -10,7 +10,8 @@
 //! under the active placement, and re-places the layers below the threshold one at a time, each
 //! as its own two-phase rollout, so nodes load one layer's new replicas at a time and serving
 //! never stops. Membership changes come first: load rebalancing waits until the active
-//! placement covers exactly the live nodes.
+//! placement covers exactly the live nodes. With `min_replicas` > 1 it keeps that floor and
+//! only adds replicas of hot experts.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,7 +29,7 @@ use std::collections::BTreeMap;
 use moe_meta::records::LoadRecord;
 
 use crate::plan::{NodeSlot, plan};
-use crate::rebalance::{LoadTracker, RebalanceConfig, rebalance};
+use crate::rebalance::{LoadTracker, RebalanceConfig, layer_slots, rebalance};
 
 /// What the coordinator needs to know.
 #[derive(Debug, Clone)]
@@ -292,14 +293,10 @@ async fn rebalance_round(
     }
     worst.sort_by(|a, b| a.0.total_cmp(&b.0));
     let layers = cfg.moe_layers.len().max(1);
-    let slots: Vec<usize> = active
+    let capacity: Vec<usize> = active
         .nodes
         .iter()
-        .map(|n| {
-            live.iter()
-                .find(|l| l.id == n.id)
-                .map_or(0, |l| l.capacity / layers)
-        })
+        .map(|n| live.iter().find(|l| l.id == n.id).map_or(0, |l| l.capacity))
         .collect();
     let pending = store
         .get(&cfg.keys.pending())
@@ -309,11 +306,13 @@ async fn rebalance_round(
     let mut rec = active.clone();
     let mut changed = false;
     for (_, layer) in worst {
+        let slots = layer_slots(&rec, layer, &capacity, layers);
         let Some(mut change) = rebalance(
             &rec,
             layer,
             &tracker.rate[&layer],
             &slots,
+            cfg.min_replicas.min(active.nodes.len()),
             cfg.rebalance.tolerance,
         ) else {
             continue;

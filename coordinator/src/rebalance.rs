@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use moe_meta::records::{LoadRecord, PlacedNode, PlacementRecord, SHARE_UNIT};
 
-use crate::balance::{LayerPlacement, rebalance_layer};
+use crate::balance::{LayerPlacement, rebalance_layer, rebalance_with_floor};
 
 /// When and how the coordinator rebalances on load.
 #[derive(Debug, Clone)]
@@ -162,25 +162,61 @@ pub struct LayerChange {
     pub record: PlacementRecord,
 }
 
-/// Re-places `layer` of `rec` for `loads` with `slots[i]` slots on node `i` (as many as it
-/// already holds if that is more). `None` when no placement fits or it does not improve.
+/// Slots node `i` may give one of `layers` MoE layers: its fair share of `capacity[i]` (or what
+/// the layer holds there already, if more), never more than the other layers leave free.
+pub fn layer_slots(
+    rec: &PlacementRecord,
+    layer: usize,
+    capacity: &[usize],
+    layers: usize,
+) -> Vec<usize> {
+    rec.nodes
+        .iter()
+        .zip(capacity)
+        .map(|(n, &cap)| {
+            let here = n
+                .experts
+                .iter()
+                .filter(|(l, _)| *l as usize == layer)
+                .count();
+            let others = n.experts.len() - here;
+            (cap / layers.max(1))
+                .max(here)
+                .min(cap.saturating_sub(others).max(here))
+        })
+        .collect()
+}
+
+/// Re-places `layer` of `rec` for `loads` with `slots[i]` slots on node `i` (see
+/// [`layer_slots`]). With `min_replicas` > 1 every expert keeps at least that many replicas
+/// ([`rebalance_with_floor`]: only spare slots and replicas above the floor change; a move must
+/// gain a tenth of `tolerance`); otherwise the algorithm decides replica counts itself
+/// ([`rebalance_layer`]). `None` when no placement fits or it does not improve.
 pub fn rebalance(
     rec: &PlacementRecord,
     layer: usize,
     loads: &[f64],
     slots: &[usize],
+    min_replicas: usize,
     tolerance: f64,
 ) -> Option<LayerChange> {
     let current = layer_of(rec, layer, loads.len());
-    let slots: Vec<usize> = slots
-        .iter()
-        .zip(&current.gpus)
-        .map(|(&s, g)| s.max(g.len()))
-        .collect();
     let before = current.balancedness(loads);
-    let (next, moved) = rebalance_layer(loads, &slots, &current, tolerance)
-        .map_err(|e| tracing::warn!(layer, error = %e, "cannot rebalance"))
-        .ok()?;
+    let (next, moved) = if min_replicas > 1 {
+        let budget = slots.iter().sum();
+        rebalance_with_floor(
+            loads,
+            slots,
+            &current,
+            min_replicas,
+            tolerance / 10.0,
+            budget,
+        )
+    } else {
+        rebalance_layer(loads, slots, &current, tolerance)
+            .map_err(|e| tracing::warn!(layer, error = %e, "cannot rebalance"))
+            .ok()?
+    };
     let after = next.balancedness(loads);
     (after > before + 1e-9).then(|| LayerChange {
         layer,
@@ -213,7 +249,7 @@ mod tests {
     fn a_hot_layer_is_replicated_and_split_by_shares_leaving_others_alone() {
         let r = rec();
         let loads = [10.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0];
-        let c = rebalance(&r, 1, &loads, &[6, 6], 0.0).expect("improves");
+        let c = rebalance(&r, 1, &loads, &[6, 6], 1, 0.0).expect("improves");
         assert!(
             c.before < 0.66 && c.after > 0.99,
             "{} → {}",
@@ -231,7 +267,17 @@ mod tests {
         let b = moe_meta::balancedness(&p.node_loads(1, &loads));
         assert!((b - c.after).abs() < 1e-3, "{b} vs {}", c.after);
         // Balanced already: nothing to do.
-        assert!(rebalance(&c.record, 1, &loads, &[6, 6], 0.0).is_none());
+        assert!(rebalance(&c.record, 1, &loads, &[6, 6], 1, 0.0).is_none());
+    }
+
+    #[test]
+    fn a_layer_gets_its_share_of_capacity_within_what_other_layers_leave() {
+        let r = rec(); // a: 4 + 8 pairs, b: 4 + 8
+        assert_eq!(layer_slots(&r, 1, &[16, 24], 2), vec![8, 12]);
+        // a: share 7, but other layers leave 6; b: share 6, but they leave 4.
+        assert_eq!(layer_slots(&r, 1, &[14, 12], 2), vec![6, 4]);
+        // Over capacity already (capacity lowered): never below what the layer holds.
+        assert_eq!(layer_slots(&r, 1, &[6, 6], 2), vec![4, 4]);
     }
 
     #[test]

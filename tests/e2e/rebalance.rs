@@ -104,6 +104,28 @@ async fn workload(c: &reqwest::Client, addr: &str, n: usize) -> Vec<Result<usize
     out
 }
 
+/// Replicas per (layer, expert) in the active placement of `moe placement show`.
+fn replica_counts(show: &str) -> BTreeMap<(usize, usize), usize> {
+    let mut counts = BTreeMap::new();
+    let active = show.split("active:").nth(1).unwrap_or_default();
+    let active = active.split("pending:").next().unwrap_or_default();
+    for line in active.lines().skip(1) {
+        let Some(spec) = line.split_whitespace().nth(4) else {
+            continue;
+        };
+        for group in spec.split(';') {
+            let Some((l, es)) = group.split_once(':') else {
+                continue;
+            };
+            for e in es.split(',') {
+                let key = (l.parse().expect("layer"), e.parse().expect("expert"));
+                *counts.entry(key).or_default() += 1;
+            }
+        }
+    }
+    counts
+}
+
 fn all_ok(results: &[Result<usize, String>], phase: &str) {
     for r in results {
         assert_eq!(
@@ -145,12 +167,27 @@ fn status_when_settled(url: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skewed_load_is_rebalanced_by_replicating_hot_experts_without_failing_requests() {
+    // 3 MoE layers × 80 slots: 64 experts per layer and node plus 16 spare.
+    rebalance_under_skew("1", "240").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_replicas_per_expert_shares_rebalance_and_none_drops_below_two() {
+    // 3 MoE layers × 144 slots: 2 × 64 experts per layer and node plus 16 spare. Two replicas
+    // of every expert leave the split of their tokens (shares) free: that may be all it takes.
+    rebalance_under_skew("2", "432").await;
+}
+
+/// `min_replicas` 1: the hot experts must gain replicas; above 1: no expert may drop below it.
+async fn rebalance_under_skew(min_replicas: &str, capacity: &str) {
     let etcd = EtcdProcess::start();
     let url = etcd.url();
-    let first = coordinator_with(&url, &["--min-replicas", "1", "--rebalance-threshold", "0"]);
+    let first = coordinator_with(
+        &url,
+        &["--min-replicas", min_replicas, "--rebalance-threshold", "0"],
+    );
     first.expect_line("leading", Duration::from_secs(30));
-    // 3 MoE layers × 80 slots: 64 experts per layer and node plus 16 spare.
-    let spare = ["--capacity", "240", "--metrics-listen", "127.0.0.1:0"];
+    let spare = ["--capacity", capacity, "--metrics-listen", "127.0.0.1:0"];
     let nodes: Vec<Role> = (0..4)
         .map(|i| node_with(&url, &format!("n{i}"), &spare))
         .collect();
@@ -243,7 +280,15 @@ async fn skewed_load_is_rebalanced_by_replicating_hot_experts_without_failing_re
         .lines()
         .filter_map(|l| l.split_whitespace().nth(2)?.parse::<usize>().ok())
         .sum();
-    assert!(slots > 3 * 256, "{text}");
+    let floor: usize = min_replicas.parse().expect("number");
+    match floor {
+        1 => assert!(slots > 3 * 256, "{text}"),
+        _ => assert!(slots >= floor * 3 * 256, "{text}"),
+    }
+    // No expert below the floor: every (layer, expert) on at least `floor` nodes.
+    let spec_counts = replica_counts(&text);
+    assert_eq!(spec_counts.len(), 3 * 256, "{text}");
+    assert!(spec_counts.values().all(|&k| k >= floor), "{spec_counts:?}");
     assert!(
         status.contains("hottest") && status.contains("balancedness"),
         "{status}"

@@ -66,8 +66,9 @@ pub fn model() -> String {
     fixture(MODEL).to_str().expect("utf8").to_string()
 }
 
+/// A coordinator for membership tests: 2 replicas, no load-driven rebalancing.
 pub fn coordinator(etcd: &str) -> Role {
-    coordinator_with(etcd, &["--min-replicas", "2"])
+    coordinator_with(etcd, &["--min-replicas", "2", "--rebalance-threshold", "0"])
 }
 
 /// A coordinator with `extra` arguments.

@@ -32,8 +32,8 @@ pub struct Args {
 #[derive(Debug, Clone, clap::Args)]
 pub struct RebalanceArgs {
     /// Re-place a layer whose balancedness (mean node load / max node load) under the live load
-    /// falls below this; 0 turns it off. Only with --min-replicas 1 (the placement algorithm
-    /// decides replica counts itself).
+    /// falls below this; 0 turns it off. With --min-replicas 1 the algorithm decides replica
+    /// counts itself; above 1 it keeps that floor and adds replicas of hot experts in spare slots.
     #[arg(long, env = "MOE_REBALANCE_THRESHOLD", default_value_t = 0.8)]
     rebalance_threshold: f64,
     /// How often the load is read and checked, milliseconds.
@@ -54,17 +54,9 @@ pub struct RebalanceArgs {
 }
 
 impl RebalanceArgs {
-    fn config(&self, min_replicas: usize) -> RebalanceConfig {
-        let mut threshold = self.rebalance_threshold.clamp(0.0, 1.0);
-        if min_replicas > 1 && threshold > 0.0 {
-            tracing::warn!(
-                min_replicas,
-                "load-driven rebalancing needs --min-replicas 1; it is off"
-            );
-            threshold = 0.0;
-        }
+    fn config(&self) -> RebalanceConfig {
         RebalanceConfig {
-            threshold,
+            threshold: self.rebalance_threshold.clamp(0.0, 1.0),
             interval: Duration::from_millis(self.rebalance_interval_ms),
             alpha: self.rebalance_alpha,
             min_tokens: self.rebalance_min_tokens,
@@ -103,7 +95,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         id.clone(),
         &a.cluster,
         Duration::from_millis(a.ack_timeout_ms),
-        a.rebalance.config(a.min_replicas),
+        a.rebalance.config(),
     )?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

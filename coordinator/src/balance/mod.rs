@@ -12,14 +12,18 @@
 //!   shares are re-solved exactly ([`optimal_shares`]).
 //! - [`optimal_shares`]: for fixed slots, the shares that minimise the largest GPU load:
 //!   bisection on the target load with a max-flow feasibility check (experts → GPUs hosting them).
-//! - [`rebalance_layer`]: from a current placement. Re-solving shares moves no weights; only if
-//!   that leaves the balance more than `tolerance` below a fresh plan are slots reassigned, one at
-//!   a time, from a redundant replica of a light expert to the expert that overloads the fullest
-//!   GPU. `tolerance` is the knob that trades balance for moves.
+//! - [`rebalance_layer`]: from a current placement, to within `tolerance` of a fresh plan's
+//!   balance with as few slot changes as it can (max-flow repair, see `migrate.rs`); re-solving
+//!   shares moves no weights, so it often needs few moves or none. `tolerance` is the knob that
+//!   trades balance for moves.
+//! - [`rebalance_with_floor`]: from a current placement that keeps every expert on at least
+//!   `min_replicas` GPUs: adds replicas of hot experts in spare slots (or over replicas above
+//!   the floor) while the balance improves.
 //! - [`place_grouped`]: keeps each of `groups` contiguous expert groups on one host
 //!   (group-limited routing then bounds the hosts a token touches), balances groups over hosts,
 //!   then places within each host.
 
+mod floor;
 mod flow;
 mod grouped;
 mod level;
@@ -27,6 +31,7 @@ mod migrate;
 #[cfg(test)]
 mod tests;
 
+pub use floor::rebalance_with_floor;
 pub use flow::optimal_shares;
 pub use grouped::place_grouped;
 pub use migrate::rebalance_layer;
