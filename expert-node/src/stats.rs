@@ -55,31 +55,29 @@ impl NodeStats {
             "# HELP moe_node_in_flight Dispatch requests being computed.\n\
              # TYPE moe_node_in_flight gauge\nmoe_node_in_flight{{node=\"{node}\"}} {in_flight}"
         );
-        let _ = writeln!(
-            out,
-            "# HELP moe_node_layer_expert_tokens_total Tokens computed per (layer, expert).\n\
-             # TYPE moe_node_layer_expert_tokens_total counter"
+        let per_expert =
+            |out: &mut String, name: &str, help: &str, value: &dyn Fn(&(u64, f64)) -> String| {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+                for ((l, e), v) in m.iter() {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{node=\"{node}\",layer=\"{l}\",expert=\"{e}\"}} {}",
+                        value(v)
+                    );
+                }
+            };
+        per_expert(
+            &mut out,
+            "moe_node_layer_expert_tokens_total",
+            "Tokens computed per (layer, expert).",
+            &|v| v.0.to_string(),
         );
-        for ((l, e), v) in m.iter() {
-            let _ = writeln!(
-                out,
-                "moe_node_layer_expert_tokens_total{{node=\"{node}\",layer=\"{l}\",expert=\"{e}\"}} {}",
-                v.0
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP moe_node_layer_expert_compute_seconds_total Compute time per (layer, expert), \
-             attributed by token share within each request.\n\
-             # TYPE moe_node_layer_expert_compute_seconds_total counter"
+        per_expert(
+            &mut out,
+            "moe_node_layer_expert_compute_seconds_total",
+            "Compute time per (layer, expert), attributed by token share within each request.",
+            &|v| format!("{:.6}", v.1),
         );
-        for ((l, e), v) in m.iter() {
-            let _ = writeln!(
-                out,
-                "moe_node_layer_expert_compute_seconds_total{{node=\"{node}\",layer=\"{l}\",expert=\"{e}\"}} {:.6}",
-                v.1
-            );
-        }
         out
     }
 }

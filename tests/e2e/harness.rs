@@ -70,9 +70,8 @@ impl Drop for Proc {
     }
 }
 
-/// Spawns `cmd` and waits (up to two minutes: model loading is the only wait) for the
-/// `listening on ADDR` line it prints when it is ready.
-fn spawn_announcing(mut cmd: Command) -> Proc {
+/// Spawns `cmd` with its stdout lines forwarded to a channel (stderr inherited).
+pub fn spawn_lines(mut cmd: Command) -> (Child, mpsc::Receiver<String>) {
     let mut child = cmd
         .env("MOE_LOG", "warn")
         .stdout(Stdio::piped())
@@ -83,14 +82,30 @@ fn spawn_announcing(mut cmd: Command) -> Proc {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(addr) = line.split("listening on ").nth(1) {
-                let _ = tx.send(addr.trim().to_string());
+            if tx.send(line).is_err() {
+                return;
             }
         }
     });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(120))
-        .expect("the process announces its address");
+    (child, rx)
+}
+
+/// Spawns `cmd` and waits (up to two minutes: model loading is the only wait) for the
+/// `listening on ADDR` line it prints when it is ready.
+fn spawn_announcing(cmd: Command) -> Proc {
+    let (child, rx) = spawn_lines(cmd);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let addr = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .expect("the process announces its address");
+        if let Some(addr) = line.split("listening on ").nth(1) {
+            break addr.trim().to_string();
+        }
+    };
+    // Keep draining stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || while rx.recv().is_ok() {});
     Proc { child, addr }
 }
 

@@ -12,9 +12,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use moe_meta::testing::EtcdProcess;
-use reqwest::StatusCode;
 use roles::*;
-use serde_json::{Value, json};
+use serde_json::json;
 
 /// Tokens computed per (node, layer), from each node's metrics.
 async fn scrape(c: &reqwest::Client, metrics: &[String]) -> Vec<BTreeMap<usize, f64>> {
@@ -74,26 +73,10 @@ async fn workload(c: &reqwest::Client, addr: &str, n: usize) -> Vec<Result<usize
     let body = json!({"prompt": prompt, "max_tokens": 16, "temperature": 0, "ignore_eos": true});
     let tasks: Vec<_> = (0..n)
         .map(|_| {
-            let (c, url, body) = (
-                c.clone(),
-                format!("http://{addr}/v1/completions"),
-                body.clone(),
-            );
+            let (c, addr, body) = (c.clone(), addr.to_string(), body.clone());
             tokio::spawn(async move {
-                let r = c
-                    .post(url)
-                    .json(&body)
-                    .send()
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let status = r.status();
-                let v: Value = r.json().await.map_err(|e| e.to_string())?;
-                match status {
-                    StatusCode::OK => {
-                        Ok(v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize)
-                    }
-                    s => Err(format!("{s}: {v}")),
-                }
+                let v = complete(&c, &addr, &body).await?;
+                Ok(v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize)
             })
         })
         .collect();

@@ -2,8 +2,7 @@
 //! on a real etcd, their stdout lines, and greedy requests against the golden outputs.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -22,22 +21,9 @@ pub struct Role {
 }
 
 pub fn role(args: &[&str]) -> Role {
-    let mut child = Command::new(moe_bin())
-        .args(args)
-        .env("MOE_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawns moe");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
+    let mut cmd = Command::new(moe_bin());
+    cmd.args(args);
+    let (child, lines) = spawn_lines(cmd);
     Role {
         proc: Proc {
             child,
@@ -73,9 +59,36 @@ pub fn coordinator(etcd: &str) -> Role {
 
 /// A coordinator with `extra` arguments.
 pub fn coordinator_with(etcd: &str, extra: &[&str]) -> Role {
+    member("coordinator", etcd, extra)
+}
+
+pub fn node(etcd: &str, id: &str) -> Role {
+    node_with(etcd, id, &[])
+}
+
+/// An expert node with `extra` arguments; its address is learnt from its stdout.
+pub fn node_with(etcd: &str, id: &str, extra: &[&str]) -> Role {
+    let mut args = vec!["--node-id", id];
+    args.extend_from_slice(extra);
+    announced(member("expert-node", etcd, &args))
+}
+
+pub fn router(etcd: &str) -> Role {
+    router_with(etcd, &[])
+}
+
+/// A router with `extra` arguments; its HTTP address is learnt from its stdout.
+pub fn router_with(etcd: &str, extra: &[&str]) -> Role {
+    let mut args = vec!["--listen", "127.0.0.1:0", "--wire", "f32"];
+    args.extend_from_slice(extra);
+    announced(member("router", etcd, &args))
+}
+
+/// `moe <command>` on the tiny model in the cluster at `etcd`, with `extra` arguments.
+fn member(command: &str, etcd: &str, extra: &[&str]) -> Role {
     let m = model();
     let mut args = vec![
-        "coordinator",
+        command,
         "--model",
         &m,
         "--etcd",
@@ -87,56 +100,9 @@ pub fn coordinator_with(etcd: &str, extra: &[&str]) -> Role {
     role(&args)
 }
 
-pub fn node(etcd: &str, id: &str) -> Role {
-    node_with(etcd, id, &[])
-}
-
-/// An expert node with `extra` arguments; its address is learnt from its stdout.
-pub fn node_with(etcd: &str, id: &str, extra: &[&str]) -> Role {
-    let m = model();
-    let mut args = vec![
-        "expert-node",
-        "--model",
-        &m,
-        "--etcd",
-        etcd,
-        "--lease-ttl-ms",
-        TTL_MS,
-        "--node-id",
-        id,
-    ];
-    args.extend_from_slice(extra);
-    let r = role(&args);
+/// `r` once it has printed `listening on ADDR`, with that address.
+fn announced(mut r: Role) -> Role {
     let line = r.expect_line("listening on", Duration::from_secs(60));
-    let mut r = r;
-    r.proc.addr = line.rsplit(' ').next().unwrap_or_default().to_string();
-    r
-}
-
-pub fn router(etcd: &str) -> Role {
-    router_with(etcd, &[])
-}
-
-/// A router with `extra` arguments; its HTTP address is learnt from its stdout.
-pub fn router_with(etcd: &str, extra: &[&str]) -> Role {
-    let m = model();
-    let mut args = vec![
-        "router",
-        "--model",
-        &m,
-        "--etcd",
-        etcd,
-        "--lease-ttl-ms",
-        TTL_MS,
-        "--listen",
-        "127.0.0.1:0",
-        "--wire",
-        "f32",
-    ];
-    args.extend_from_slice(extra);
-    let r = role(&args);
-    let line = r.expect_line("listening on", Duration::from_secs(60));
-    let mut r = r;
     r.proc.addr = line.rsplit(' ').next().unwrap_or_default().to_string();
     r
 }
@@ -159,9 +125,20 @@ pub async fn greedy(c: &reqwest::Client, addr: &str, i: usize) -> Result<Vec<u64
     let g = golden(MODEL);
     let body = json!({"prompt": g["prompts"][i]["ids"], "max_tokens": 24, "temperature": 0, "ignore_eos": true,
                       "logprobs": 0, "return_tokens_as_token_ids": true});
+    let v = complete(c, addr, &body).await?;
+    Ok(v["choices"][0]["logprobs"]["tokens"]
+        .as_array()
+        .ok_or("no tokens")?
+        .iter()
+        .filter_map(|t| t.as_str()?.strip_prefix("token_id:")?.parse().ok())
+        .collect())
+}
+
+/// POSTs `body` to `/v1/completions`: the JSON answer, or the status and body of an error.
+pub async fn complete(c: &reqwest::Client, addr: &str, body: &Value) -> Result<Value, String> {
     let r = c
         .post(format!("http://{addr}/v1/completions"))
-        .json(&body)
+        .json(body)
         .send()
         .await
         .map_err(|e| e.to_string())?;
@@ -170,12 +147,7 @@ pub async fn greedy(c: &reqwest::Client, addr: &str, i: usize) -> Result<Vec<u64
     if status != StatusCode::OK {
         return Err(format!("{status}: {v}"));
     }
-    Ok(v["choices"][0]["logprobs"]["tokens"]
-        .as_array()
-        .ok_or("no tokens")?
-        .iter()
-        .filter_map(|t| t.as_str()?.strip_prefix("token_id:")?.parse().ok())
-        .collect())
+    Ok(v)
 }
 
 pub fn golden_ids(i: usize) -> Vec<u64> {

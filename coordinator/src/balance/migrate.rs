@@ -206,6 +206,29 @@ fn slack(f: &Flow, cap: f64) -> Vec<f64> {
         .collect()
 }
 
+/// GPUs that may take a replica of `e`: outside the cut, with slots, not hosting it yet; with
+/// whether a slot is free.
+fn targets<'a>(
+    p: &'a LayerPlacement,
+    f: &'a Flow,
+    slots: &'a [usize],
+    e: usize,
+) -> impl Iterator<Item = (usize, &'a [(u32, f64)], bool)> + 'a {
+    p.gpus.iter().enumerate().filter_map(move |(g, gs)| {
+        let open = !f.gpu_stuck[g] && slots[g] > 0 && !gs.iter().any(|s| s.0 == e as u32);
+        open.then_some((g, gs.as_slice(), gs.len() < slots[g]))
+    })
+}
+
+/// Slots of `gs` whose replica may give way: its expert has others and is not stuck.
+fn victims<'a>(
+    gs: &'a [(u32, f64)],
+    r: &'a [usize],
+    f: &'a Flow,
+) -> impl Iterator<Item = usize> + 'a {
+    (0..gs.len()).filter(move |&i| r[gs[i].0 as usize] > 1 && !f.expert_stuck[gs[i].0 as usize])
+}
+
 /// [`Pick::Surplus`] moves, free slots first, then by the victim's room.
 fn surplus_moves(
     p: &LayerPlacement,
@@ -238,11 +261,8 @@ fn surplus_moves(
     // Room an expert keeps without one of its replicas.
     let room = |v: usize| (r[v] as f64 - 1.0) * cap - loads[v];
     let mut out = Vec::new();
-    for (g, gs) in p.gpus.iter().enumerate() {
-        if f.gpu_stuck[g] || slots[g] == 0 || gs.iter().any(|s| s.0 == e as u32) {
-            continue;
-        }
-        if gs.len() < slots[g] {
+    for (g, gs, free) in targets(p, f, slots, e) {
+        if free {
             out.push(Move {
                 e: e as u32,
                 g,
@@ -251,8 +271,7 @@ fn surplus_moves(
             });
             continue;
         }
-        let victim = (0..gs.len())
-            .filter(|&i| r[gs[i].0 as usize] > 1 && !f.expert_stuck[gs[i].0 as usize])
+        let victim = victims(gs, &r, f)
             .max_by(|&i, &j| room(gs[i].0 as usize).total_cmp(&room(gs[j].0 as usize)));
         if let Some(i) = victim {
             out.push(Move {
@@ -296,11 +315,8 @@ fn reroute_moves(
     }
     let mut out = Vec::new();
     for &e in stuck.iter().take(2) {
-        for (g, gs) in p.gpus.iter().enumerate() {
-            if f.gpu_stuck[g] || slots[g] == 0 || gs.iter().any(|s| s.0 == e as u32) {
-                continue;
-            }
-            if gs.len() < slots[g] {
+        for (g, gs, free) in targets(p, f, slots, e) {
+            if free {
                 out.push(Move {
                     e: e as u32,
                     g,
@@ -309,8 +325,7 @@ fn reroute_moves(
                 });
                 continue;
             }
-            let victim = (0..gs.len())
-                .filter(|&i| r[gs[i].0 as usize] > 1 && !f.expert_stuck[gs[i].0 as usize])
+            let victim = victims(gs, &r, f)
                 .map(|i| {
                     let v = gs[i].0 as usize;
                     let x = f.per_slot[g][i];
