@@ -3,6 +3,7 @@
 mod cluster;
 mod commands;
 mod engine;
+mod metrics_http;
 mod progress;
 mod signal;
 

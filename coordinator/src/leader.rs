@@ -75,6 +75,60 @@ pub struct CoordinatorStatus {
     pub rebalance_rounds: u64,
 }
 
+impl CoordinatorStatus {
+    /// Prometheus text exposition of the status, for the coordinator's `/metrics`.
+    pub fn render_metrics(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let mut gauge = |name: &str, help: &str, value: f64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
+        };
+        gauge(
+            "moe_coordinator_leading",
+            "1 while this replica leads.",
+            f64::from(u8::from(self.leading)),
+        );
+        gauge(
+            "moe_placement_active_version",
+            "Active placement version.",
+            self.active_version as f64,
+        );
+        gauge(
+            "moe_placement_nodes",
+            "Nodes in the active placement.",
+            self.nodes as f64,
+        );
+        gauge(
+            "moe_placement_last_moved",
+            "Experts the last rollout moved.",
+            self.last_moved as f64,
+        );
+        gauge(
+            "moe_placement_last_rollout_seconds",
+            "Time from the change to the active placement, last rollout.",
+            self.last_rollout.as_secs_f64(),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP moe_rebalance_rounds_total Load-driven rounds that changed the placement.\n\
+             # TYPE moe_rebalance_rounds_total counter\nmoe_rebalance_rounds_total {}",
+            self.rebalance_rounds
+        );
+        let _ = writeln!(
+            out,
+            "# HELP moe_layer_balancedness Mean / max node load of a layer under the smoothed \
+             load and the active placement.\n# TYPE moe_layer_balancedness gauge"
+        );
+        for (l, b) in &self.balancedness {
+            let _ = writeln!(out, "moe_layer_balancedness{{layer=\"{l}\"}} {b}");
+        }
+        out
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 enum TermEnd {
     #[error("store: {0}")]
@@ -213,6 +267,8 @@ async fn lead(
                             ms = took.as_millis() as u64,
                             "placement active"
                         );
+                        // The load balance of the new membership is judged at once.
+                        quiet_until = tokio::time::Instant::now();
                         status.send_modify(|s| {
                             s.active_version = version;
                             s.last_moved = next.moved;

@@ -208,6 +208,8 @@ async fn rebalance_under_skew(min_replicas: &str, capacity: &str) {
             "1",
             "--rebalance-cooldown-ms",
             "600000",
+            "--metrics-listen",
+            "127.0.0.1:0",
         ],
     );
     let during = {
@@ -216,6 +218,7 @@ async fn rebalance_under_skew(min_replicas: &str, capacity: &str) {
     };
     // The coordinator's lines up to the end of its first round: one per re-placed layer.
     let mut layers = Vec::new();
+    let mut coordinator_metrics = String::new();
     let done = tokio::task::block_in_place(|| {
         loop {
             let line = second
@@ -224,6 +227,9 @@ async fn rebalance_under_skew(min_replicas: &str, capacity: &str) {
                 .expect("the coordinator finishes a rebalance round");
             if line.contains("rebalance round 1 done") {
                 return line;
+            }
+            if let Some(addr) = line.strip_prefix("metrics on ") {
+                coordinator_metrics = addr.to_string();
             }
             if line.contains("rebalanced") {
                 layers.push(line);
@@ -293,6 +299,19 @@ async fn rebalance_under_skew(min_replicas: &str, capacity: &str) {
         .expect("text");
     assert!(
         m.contains("moe_expert_load_balancedness{layer=\"1\"}"),
+        "{m}"
+    );
+    let m = c
+        .get(format!("http://{coordinator_metrics}/metrics"))
+        .send()
+        .await
+        .expect("coordinator metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        m.contains("moe_rebalance_rounds_total 1")
+            && m.contains("moe_layer_balancedness{layer=\"3\"}"),
         "{m}"
     );
     drop(nodes);

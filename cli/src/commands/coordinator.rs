@@ -1,6 +1,7 @@
 //! `moe coordinator`: a coordinator replica (run two or more; one leads).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use moe_coordinator::{CoordinatorConfig, CoordinatorStatus, RebalanceConfig};
@@ -22,10 +23,52 @@ pub struct Args {
     /// Replica id (default: generated).
     #[arg(long, env = "MOE_COORDINATOR_ID")]
     id: Option<String>,
+    /// Serve Prometheus metrics (placement version, per-layer balancedness, rebalance rounds)
+    /// over HTTP on this address (port 0 picks one; the chosen address is printed).
+    #[arg(long, env = "MOE_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     #[command(flatten)]
     rebalance: RebalanceArgs,
     #[command(flatten)]
     cluster: ClusterArgs,
+}
+
+/// The lines a status change is reported with (tests and scripts read them).
+pub fn changes(last: &CoordinatorStatus, s: &CoordinatorStatus) -> Vec<String> {
+    let mut out = Vec::new();
+    if s.leading != last.leading {
+        out.push(if s.leading { "leading" } else { "standby" }.to_string());
+    }
+    if s.active_version != last.active_version && s.leading {
+        out.push(format!(
+            "placement {} active ({} nodes, moved {}, {} ms after the change)",
+            s.active_version,
+            s.nodes,
+            s.last_moved,
+            s.last_rollout.as_millis()
+        ));
+    }
+    if s.last_rebalance != last.last_rebalance
+        && let Some(r) = &s.last_rebalance
+    {
+        out.push(format!(
+            "layer {} rebalanced: balancedness {:.3} -> {:.3}, moved {} (placement {})",
+            r.layer, r.before, r.after, r.moved, r.version
+        ));
+    }
+    if s.rebalance_rounds != last.rebalance_rounds {
+        let b: Vec<String> = s
+            .balancedness
+            .iter()
+            .map(|(l, b)| format!("{l}: {b:.3}"))
+            .collect();
+        out.push(format!(
+            "rebalance round {} done; balancedness by layer {}",
+            s.rebalance_rounds,
+            b.join(", ")
+        ));
+    }
+    out
 }
 
 /// Load-driven rebalancing (hot-expert replication from the routers' load counts).
@@ -54,7 +97,7 @@ pub struct RebalanceArgs {
 }
 
 impl RebalanceArgs {
-    fn config(&self) -> RebalanceConfig {
+    pub fn config(&self) -> RebalanceConfig {
         RebalanceConfig {
             threshold: self.rebalance_threshold.clamp(0.0, 1.0),
             interval: Duration::from_millis(self.rebalance_interval_ms),
@@ -112,41 +155,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         // Tests and scripts read these lines.
         println!("coordinator {id} started");
         let task = tokio::spawn(moe_coordinator::run(store, cfg, status, stopped));
+        if let Some(m) = a.metrics_listen {
+            let probe = rx.clone();
+            crate::metrics_http::start(m, Arc::new(move || probe.borrow().render_metrics()))
+                .await?;
+        }
         let report = tokio::spawn(async move {
             let mut last = CoordinatorStatus::default();
             while rx.changed().await.is_ok() {
                 let s = rx.borrow().clone();
-                if s.leading != last.leading {
-                    println!("{}", if s.leading { "leading" } else { "standby" });
-                }
-                if s.active_version != last.active_version && s.leading {
-                    println!(
-                        "placement {} active ({} nodes, moved {}, {} ms after the change)",
-                        s.active_version,
-                        s.nodes,
-                        s.last_moved,
-                        s.last_rollout.as_millis()
-                    );
-                }
-                if s.last_rebalance != last.last_rebalance
-                    && let Some(r) = &s.last_rebalance
-                {
-                    println!(
-                        "layer {} rebalanced: balancedness {:.3} -> {:.3}, moved {} (placement {})",
-                        r.layer, r.before, r.after, r.moved, r.version
-                    );
-                }
-                if s.rebalance_rounds != last.rebalance_rounds {
-                    let b: Vec<String> = s
-                        .balancedness
-                        .iter()
-                        .map(|(l, b)| format!("{l}: {b:.3}"))
-                        .collect();
-                    println!(
-                        "rebalance round {} done; balancedness by layer {}",
-                        s.rebalance_rounds,
-                        b.join(", ")
-                    );
+                for line in changes(&last, &s) {
+                    println!("{line}");
                 }
                 last = s;
             }

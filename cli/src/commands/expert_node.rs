@@ -112,11 +112,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         // Tests and scripts read these lines to learn the ports.
         println!("expert node {} listening on {addr}", node.id);
         if let Some(m) = a.metrics_listen {
-            let l = tokio::net::TcpListener::bind(m)
-                .await
-                .with_context(|| format!("binding {m}"))?;
-            println!("metrics on {}", l.local_addr()?);
-            tokio::spawn(serve_metrics(node.clone(), l));
+            let n = node.clone();
+            crate::metrics_http::start(m, Arc::new(move || n.stats.render(&n.id, n.in_flight())))
+                .await?;
         }
         tracing::info!(node = %node.id, %addr, "serving");
         let opts = ServerOptions {
@@ -133,23 +131,4 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         tracing::info!("stopped");
         Ok(())
     })
-}
-
-/// `GET /metrics`: the node's counters in Prometheus text.
-async fn serve_metrics(node: Arc<ExpertNode>, listener: tokio::net::TcpListener) {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let node = node.clone();
-            async move {
-                (
-                    [("content-type", "text/plain; version=0.0.4")],
-                    node.stats.render(&node.id, node.in_flight()),
-                )
-            }
-        }),
-    );
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!(error = %e, "metrics server stopped");
-    }
 }

@@ -24,9 +24,11 @@ pub struct Args {
     /// Expert nodes to start.
     #[arg(long, env = "MOE_NODES", default_value_t = 4)]
     nodes: usize,
-    /// Replicas of every expert.
+    /// Replicas of every expert (at least; hot experts get more when load rebalancing is on).
     #[arg(long, env = "MOE_REPLICAS", default_value_t = 2)]
     replicas: usize,
+    #[command(flatten)]
+    rebalance: super::coordinator::RebalanceArgs,
     #[command(flatten)]
     serve: ServeArgs,
     #[command(flatten)]
@@ -61,7 +63,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             min_replicas: a.replicas,
             lease_ttl: ttl,
             ack_timeout: Duration::from_secs(120),
-            rebalance: Default::default(),
+            rebalance: a.rebalance.config(),
         };
         let mut tasks = vec![tokio::spawn(moe_coordinator::run(store.clone(), coord, status_tx, stopped.clone()))];
 
@@ -115,12 +117,23 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 }
                 if v > 0 && ready().is_ok() {
                     println!("ready: curl http://{http}/v1/completions -H 'content-type: application/json' -d '{{\"prompt\": \"Hello\", \"max_tokens\": 16}}'");
-                    return;
+                    break;
                 }
                 tokio::select! {
                     _ = status.changed() => {}
                     _ = tokio::time::sleep(Duration::from_millis(100)) => {}
                 }
+            }
+            // Then what load rebalancing does.
+            let mut last = status.borrow_and_update().clone();
+            while status.changed().await.is_ok() {
+                let s = status.borrow_and_update().clone();
+                for line in super::coordinator::changes(&last, &s) {
+                    if line.contains("rebalance") {
+                        println!("{line}");
+                    }
+                }
+                last = s;
             }
         });
         let shutdown = async move {
