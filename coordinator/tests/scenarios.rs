@@ -9,7 +9,7 @@ use std::time::Duration;
 use moe_coordinator::{CoordinatorConfig, CoordinatorStatus};
 use moe_expert_node::ExpertNode;
 use moe_expert_node::membership::{MemberConfig, run_member};
-use moe_meta::records::{self, Keys, PlacementRecord};
+use moe_meta::records::{self, AckRecord, Keys, PlacementRecord};
 use moe_meta::store::MetaStore;
 use moe_meta::store::memory::{MemStore, SimClock};
 use tokio::sync::watch;
@@ -52,6 +52,16 @@ impl World {
                 .expect("join");
             waited += Duration::from_millis(100);
         }
+    }
+
+    /// Whether `nodes` nodes have acknowledged version `v`, and the store's revision.
+    async fn acked(&self, v: u64, nodes: usize) -> (bool, i64) {
+        let (acks, rev) = self.store.list(&self.keys.acks()).await.expect("list");
+        let all = acks.len() == nodes
+            && acks.iter().all(|kv| {
+                records::decode::<AckRecord>(&kv.key, &kv.value).is_ok_and(|a| a.version == v)
+            });
+        (all, rev)
     }
 
     async fn active(&self) -> Option<PlacementRecord> {
@@ -145,6 +155,24 @@ async fn membership_changes_failover_and_leader_loss() {
     assert_eq!(first.nodes.len(), 4);
     covers_twice(&first);
     assert!(!s2.borrow().leading, "one leader");
+
+    // Settled: every node has acknowledged, and then nothing writes (acks live under the
+    // placement prefix every node watches; re-writing them would wake the others for ever).
+    let mut settled = w.acked(first.version, 4).await;
+    for _ in 0..100 {
+        if settled.0 {
+            break;
+        }
+        w.advance(Duration::from_millis(100)).await;
+        settled = w.acked(first.version, 4).await;
+    }
+    assert!(settled.0, "every node acknowledges the placement");
+    w.advance(Duration::from_secs(2)).await;
+    assert_eq!(
+        w.acked(first.version, 4).await.1,
+        settled.1,
+        "the store stays quiet"
+    );
 
     // A node dies: its lease expires; the new placement drops it and re-creates only its replicas.
     let v = s1.borrow().active_version;

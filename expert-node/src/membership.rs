@@ -87,11 +87,17 @@ async fn reconcile(
         });
         node.set_versions((oldest.min(newest)..=newest).collect());
     }
-    // Acknowledge the newest version whose experts are all here.
+    // Acknowledge the newest version whose experts are all here, unless that very ack is in
+    // the store under this lease already: acks live under the watched placement prefix, so
+    // writing one again would wake every node to write theirs again, without end.
     let acked = newest;
     if let Some(v) = acked {
+        let key = cfg.keys.ack(&node.id);
         let rec = records::encode(&AckRecord { version: v });
-        store.put(&cfg.keys.ack(&node.id), rec, Some(lease)).await?;
+        let stored = placements.entries.get(&key);
+        if stored.is_none_or(|kv| kv.lease != lease || kv.value != rec) {
+            store.put(&key, rec, Some(lease)).await?;
+        }
     }
     // Unload what no placement needs once every router routes with the active version.
     if let Some(av) = active_v
