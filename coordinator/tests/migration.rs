@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 mod common;
 
 use common::{fixture, valid};
-use moe_coordinator::balance::{LayerPlacement, place_layer, rebalance_layer};
+use moe_coordinator::balance::{LayerPlacement, place_layer, rebalance_layer, relabel};
 
 /// How the trace changes between the current placement and the rebalance.
 #[derive(Clone, Copy, Debug)]
@@ -48,6 +48,8 @@ struct Row {
     /// the balance goal (replicas the experts lack for no replica to exceed the goal's cap).
     moves: usize,
     fresh_moves: usize,
+    /// The fresh plan with its GPUs renumbered to overlap the current placement most.
+    aligned_moves: usize,
     bound: usize,
 }
 
@@ -96,11 +98,11 @@ fn migrate_all(change: Change) -> Vec<Row> {
         .collect();
     let mut rows = Vec::new();
     eprintln!(
-        "{change:?}: shape, dist, balance fresh / rebalanced, slots moved rebalanced / fresh"
+        "{change:?}: shape, dist, balance fresh / rebalanced, slots moved rebalanced / fresh / fresh renumbered to overlap"
     );
     for (shape, &(gpus, n, per_gpu)) in &shapes {
         let slots = vec![per_gpu; gpus];
-        let mut cells: BTreeMap<String, (f64, f64, usize, usize, usize)> = BTreeMap::new();
+        let mut cells: BTreeMap<String, (f64, f64, usize, usize, usize, usize)> = BTreeMap::new();
         for t in traces["traces"].as_array().expect("traces") {
             if t["num_logical_experts"].as_u64() != Some(n as u64) {
                 continue;
@@ -117,6 +119,7 @@ fn migrate_all(change: Change) -> Vec<Row> {
                 assert_eq!(moves, moved.moves_from(&first));
                 let (bf, bm) = (fresh.balancedness(&next), moved.balancedness(&next));
                 let fresh_moves = fresh.moves_from(&first);
+                let aligned_moves = relabel(&fresh, &first, &slots).moves_from(&first);
                 rows.push(Row {
                     shape: shape.clone(),
                     trace: id.to_string(),
@@ -125,25 +128,40 @@ fn migrate_all(change: Change) -> Vec<Row> {
                     rebalanced: bm,
                     moves,
                     fresh_moves,
+                    aligned_moves,
                     bound: moves_bound(&next, gpus, &first, bf - 0.01),
                 });
                 let c = cells.entry(dist.clone()).or_default();
-                *c = (c.0 + bf, c.1 + bm, c.2 + moves, c.3 + fresh_moves, c.4 + 1);
+                *c = (
+                    c.0 + bf,
+                    c.1 + bm,
+                    c.2 + moves,
+                    c.3 + fresh_moves,
+                    c.4 + aligned_moves,
+                    c.5 + 1,
+                );
             }
         }
-        for (dist, (bf, bm, m, fm, k)) in cells {
+        for (dist, (bf, bm, m, fm, am, k)) in cells {
             let k = k as f64;
             eprintln!(
-                "{shape:<18} {dist:<8} {:.4} / {:.4}   {m:>5} / {fm:>5}",
+                "{shape:<18} {dist:<8} {:.4} / {:.4}   {m:>5} / {fm:>5} / {am:>5}",
                 bf / k,
                 bm / k
             );
         }
     }
-    let (m, fm, b) = rows.iter().fold((0, 0, 0), |a, r| {
-        (a.0 + r.moves, a.1 + r.fresh_moves, a.2 + r.bound)
+    let (m, fm, am, b) = rows.iter().fold((0, 0, 0, 0), |a, r| {
+        (
+            a.0 + r.moves,
+            a.1 + r.fresh_moves,
+            a.2 + r.aligned_moves,
+            a.3 + r.bound,
+        )
     });
-    eprintln!("{change:?}: {m} slots moved vs {fm} by fresh plans (lower bound {b})");
+    eprintln!(
+        "{change:?}: {m} slots moved vs {fm} by fresh plans, {am} renumbered (lower bound {b})"
+    );
     rows
 }
 

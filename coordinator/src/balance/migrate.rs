@@ -397,7 +397,11 @@ fn prune(p: &mut LayerPlacement, current: &LayerPlacement, loads: &[f64], cap: f
 
 /// `fresh` with its GPUs renumbered to keep as many slots as possible where `current` has them
 /// (greedy matching on overlap, respecting capacities).
-fn relabel(fresh: &LayerPlacement, current: &LayerPlacement, slots: &[usize]) -> LayerPlacement {
+pub fn relabel(
+    fresh: &LayerPlacement,
+    current: &LayerPlacement,
+    slots: &[usize],
+) -> LayerPlacement {
     let g_n = fresh.gpus.len();
     let overlap = |a: &[(u32, f64)], b: &[(u32, f64)]| {
         a.iter().filter(|x| b.iter().any(|y| y.0 == x.0)).count()

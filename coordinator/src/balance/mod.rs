@@ -34,7 +34,7 @@ mod tests;
 pub use floor::rebalance_with_floor;
 pub use flow::optimal_shares;
 pub use grouped::place_grouped;
-pub use migrate::rebalance_layer;
+pub use migrate::{rebalance_layer, relabel};
 
 use level::{level, level_to};
 
