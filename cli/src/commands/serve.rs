@@ -64,15 +64,17 @@ impl ServeArgs {
 
 /// `moe serve`.
 pub fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
+    let listener = bind(&a)?;
     let model = crate::progress::load_model(&a.model_dir()?)?;
     let rt = runtime()?;
-    run(a, Engine::local(model), Arc::new(|| Ok(())), rt)
+    run(a, listener, Engine::local(model), Arc::new(|| Ok(())), rt)
 }
 
 /// `moe router`.
 pub fn run_router(a: RouterArgs) -> anyhow::Result<()> {
+    let listener = bind(&a.serve)?;
     if a.cluster.etcd.is_some() {
-        return run_coordinated_router(a);
+        return run_coordinated_router(a, listener);
     }
     anyhow::ensure!(
         a.remote.experts_at.is_some(),
@@ -84,7 +86,13 @@ pub fn run_router(a: RouterArgs) -> anyhow::Result<()> {
     let experts = Arc::new(experts);
     let probe = experts.clone();
     let ready = Arc::new(move || check_nodes(&probe));
-    run(a.serve, Engine::remote(backbone, experts), ready, rt)
+    run(
+        a.serve,
+        listener,
+        Engine::remote(backbone, experts),
+        ready,
+        rt,
+    )
 }
 
 /// Ready when a placement is routed and every node of it is reachable.
@@ -113,16 +121,24 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+/// Binds the API address (before loading anything, so a taken port fails fast and the real
+/// port is known to whoever registers it).
+fn bind(a: &ServeArgs) -> anyhow::Result<std::net::TcpListener> {
+    let l =
+        std::net::TcpListener::bind(a.listen).with_context(|| format!("binding {}", a.listen))?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
 fn run(
     a: ServeArgs,
+    listener: std::net::TcpListener,
     engine: Engine,
     ready: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
     rt: tokio::runtime::Runtime,
 ) -> anyhow::Result<()> {
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(a.listen)
-            .await
-            .with_context(|| format!("binding {}", a.listen))?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
         let state = app_state(&a, engine, ready)?;
         println!("listening on {}", listener.local_addr()?);
         moe_router::http::serve(listener, state, crate::signal::shutdown()).await?;
@@ -174,7 +190,7 @@ pub fn app_state(
 }
 
 /// `moe router --etcd`: the placement and node addresses come from the coordinator.
-fn run_coordinated_router(a: RouterArgs) -> anyhow::Result<()> {
+fn run_coordinated_router(a: RouterArgs, listener: std::net::TcpListener) -> anyhow::Result<()> {
     let rt = runtime()?;
     let dir = a.serve.model_dir()?;
     let backbone = crate::progress::load_backbone(&dir)?;
@@ -193,8 +209,8 @@ fn run_coordinated_router(a: RouterArgs) -> anyhow::Result<()> {
     let store = rt.block_on(a.cluster.connect())?;
     let follow = moe_router::dispatch::follow::FollowConfig {
         keys: a.cluster.keys(),
-        id: crate::cluster::process_id("router", a.serve.listen.port()),
-        addr: a.serve.listen.to_string(),
+        id: crate::cluster::process_id("router", listener.local_addr()?.port()),
+        addr: listener.local_addr()?.to_string(),
         moe_layers,
         n_experts,
         lease_ttl: a.cluster.ttl(),
@@ -209,5 +225,11 @@ fn run_coordinated_router(a: RouterArgs) -> anyhow::Result<()> {
     ));
     let probe = experts.clone();
     let ready = Arc::new(move || check_nodes(&probe));
-    run(a.serve, Engine::remote(backbone, experts), ready, rt)
+    run(
+        a.serve,
+        listener,
+        Engine::remote(backbone, experts),
+        ready,
+        rt,
+    )
 }
