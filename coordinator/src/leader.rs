@@ -335,7 +335,11 @@ async fn rebalance_round(
     };
     let mut worst: Vec<(f64, usize)> = Vec::new();
     let mut measured = BTreeMap::new();
-    for (&layer, rate) in &tracker.rate {
+    let layers_of_model = tracker
+        .rate
+        .iter()
+        .filter(|(l, _)| cfg.moe_layers.contains(l));
+    for (&layer, rate) in layers_of_model {
         let b = moe_meta::balancedness(&placement.node_loads(layer, rate));
         measured.insert(layer, b);
         let enough = tracker.tokens.get(&layer).copied().unwrap_or(0) >= cfg.rebalance.min_tokens;
