@@ -16,7 +16,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use moe_meta::records::{self, AckRecord, Keys, NodeRecord, PlacementRecord};
+use moe_meta::records::{self, AckRecord, Keys, LoadRecord, NodeRecord, PlacementRecord};
 use moe_meta::store::election::{Leadership, campaign};
 use moe_meta::store::lease::LeaseKeeper;
 use moe_meta::store::mirror::{Snapshot, mirror};
@@ -24,12 +24,14 @@ use moe_meta::store::wait_until;
 use moe_meta::store::{MetaStore, Op, StoreError};
 use tokio::sync::watch;
 
-use std::collections::BTreeMap;
-
-use moe_meta::records::LoadRecord;
-
 use crate::plan::{NodeSlot, plan};
-use crate::rebalance::{LoadTracker, RebalanceConfig, layer_slots, rebalance};
+use crate::rebalance::{LoadTracker, RebalanceConfig};
+
+mod on_load;
+mod status;
+
+use on_load::rebalance_round;
+pub use status::{CoordinatorStatus, LayerRebalance};
 
 /// What the coordinator needs to know.
 #[derive(Debug, Clone)]
@@ -44,89 +46,6 @@ pub struct CoordinatorConfig {
     /// Longest wait for nodes to acknowledge a pending placement before re-planning.
     pub ack_timeout: Duration,
     pub rebalance: RebalanceConfig,
-}
-
-/// One load-driven re-placement of a layer.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct LayerRebalance {
-    pub layer: usize,
-    pub version: u64,
-    /// Balancedness under the smoothed load before and after.
-    pub before: f64,
-    pub after: f64,
-    pub moved: usize,
-}
-
-/// What the coordinator reports (for `moe up`, metrics and tests).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct CoordinatorStatus {
-    pub leading: bool,
-    pub active_version: u64,
-    /// Experts moved by the last rollout.
-    pub last_moved: usize,
-    /// Nodes in the active placement.
-    pub nodes: usize,
-    /// Time from noticing the membership change to the active placement, last rollout.
-    pub last_rollout: Duration,
-    /// Balancedness per MoE layer under the smoothed load and the active placement.
-    pub balancedness: BTreeMap<usize, f64>,
-    pub last_rebalance: Option<LayerRebalance>,
-    /// Load-driven rounds that changed the placement.
-    pub rebalance_rounds: u64,
-}
-
-impl CoordinatorStatus {
-    /// Prometheus text exposition of the status, for the coordinator's `/metrics`.
-    pub fn render_metrics(&self) -> String {
-        use std::fmt::Write;
-        let mut out = String::new();
-        let mut gauge = |name: &str, help: &str, value: f64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-            );
-        };
-        gauge(
-            "moe_coordinator_leading",
-            "1 while this replica leads.",
-            f64::from(u8::from(self.leading)),
-        );
-        gauge(
-            "moe_placement_active_version",
-            "Active placement version.",
-            self.active_version as f64,
-        );
-        gauge(
-            "moe_placement_nodes",
-            "Nodes in the active placement.",
-            self.nodes as f64,
-        );
-        gauge(
-            "moe_placement_last_moved",
-            "Experts the last rollout moved.",
-            self.last_moved as f64,
-        );
-        gauge(
-            "moe_placement_last_rollout_seconds",
-            "Time from the change to the active placement, last rollout.",
-            self.last_rollout.as_secs_f64(),
-        );
-        let _ = writeln!(
-            out,
-            "# HELP moe_rebalance_rounds_total Load-driven rounds that changed the placement.\n\
-             # TYPE moe_rebalance_rounds_total counter\nmoe_rebalance_rounds_total {}",
-            self.rebalance_rounds
-        );
-        let _ = writeln!(
-            out,
-            "# HELP moe_layer_balancedness Mean / max node load of a layer under the smoothed \
-             load and the active placement.\n# TYPE moe_layer_balancedness gauge"
-        );
-        for (l, b) in &self.balancedness {
-            let _ = writeln!(out, "moe_layer_balancedness{{layer=\"{l}\"}} {b}");
-        }
-        out
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -313,113 +232,6 @@ fn same_members(active: &PlacementRecord, live: &[NodeSlot]) -> bool {
             .nodes
             .iter()
             .all(|n| live.iter().any(|l| l.id == n.id && l.addr == n.addr))
-}
-
-/// Measures every layer's balance under the smoothed load and, unless `quiet`, re-places the
-/// layers below the threshold, worst first, one rollout each. Returns whether anything changed.
-#[allow(clippy::too_many_arguments)]
-async fn rebalance_round(
-    store: &Arc<dyn MetaStore>,
-    cfg: &CoordinatorConfig,
-    leadership: &Leadership,
-    status: &watch::Sender<CoordinatorStatus>,
-    active: &PlacementRecord,
-    live: &[NodeSlot],
-    tracker: &LoadTracker,
-    quiet: bool,
-    nodes: &mut watch::Receiver<Arc<Snapshot>>,
-    acks: &mut watch::Receiver<Arc<Snapshot>>,
-) -> Result<bool, TermEnd> {
-    let Ok(placement) = active.to_placement(&cfg.moe_layers, cfg.n_experts) else {
-        return Ok(false);
-    };
-    let mut worst: Vec<(f64, usize)> = Vec::new();
-    let mut measured = BTreeMap::new();
-    let layers_of_model = tracker
-        .rate
-        .iter()
-        .filter(|(l, _)| cfg.moe_layers.contains(l));
-    for (&layer, rate) in layers_of_model {
-        let b = moe_meta::balancedness(&placement.node_loads(layer, rate));
-        measured.insert(layer, b);
-        let enough = tracker.tokens.get(&layer).copied().unwrap_or(0) >= cfg.rebalance.min_tokens;
-        if b < cfg.rebalance.threshold && enough {
-            worst.push((b, layer));
-        }
-    }
-    status.send_modify(|s| s.balancedness = measured);
-    if quiet || worst.is_empty() || !same_members(active, live) {
-        return Ok(false);
-    }
-    worst.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let layers = cfg.moe_layers.len().max(1);
-    let capacity: Vec<usize> = active
-        .nodes
-        .iter()
-        .map(|n| live.iter().find(|l| l.id == n.id).map_or(0, |l| l.capacity))
-        .collect();
-    let pending = store
-        .get(&cfg.keys.pending())
-        .await?
-        .and_then(|kv| decode_placement(&kv.key, &kv.value))
-        .map_or(0, |p| p.version);
-    let mut rec = active.clone();
-    let mut changed = false;
-    for (_, layer) in worst {
-        let slots = layer_slots(&rec, layer, &capacity, layers);
-        let Some(mut change) = rebalance(
-            &rec,
-            layer,
-            &tracker.rate[&layer],
-            &slots,
-            cfg.min_replicas.min(active.nodes.len()),
-            cfg.rebalance.tolerance,
-        ) else {
-            continue;
-        };
-        if change.after < change.before + 0.01 {
-            continue;
-        }
-        let started = Instant::now();
-        let version = rec.version.max(pending) + 1;
-        change.record.version = version;
-        tracing::info!(
-            layer,
-            version,
-            before = change.before,
-            after = change.after,
-            moved = change.moved,
-            "rebalancing a layer"
-        );
-        if !rollout(store, cfg, leadership, &change.record, nodes, acks).await? {
-            return Ok(changed);
-        }
-        let done = LayerRebalance {
-            layer,
-            version,
-            before: change.before,
-            after: change.after,
-            moved: change.moved,
-        };
-        tracing::info!(
-            layer,
-            version,
-            moved = change.moved,
-            ms = started.elapsed().as_millis() as u64,
-            "layer rebalanced"
-        );
-        status.send_modify(|s| {
-            s.active_version = version;
-            s.last_moved = change.moved;
-            s.nodes = change.record.nodes.len();
-            s.last_rollout = started.elapsed();
-            s.balancedness.insert(layer, change.after);
-            s.last_rebalance = Some(done);
-        });
-        rec = change.record;
-        changed = true;
-    }
-    Ok(changed)
 }
 
 /// Phase 1: pending; wait for every node's ack; phase 2: active. Returns false when membership
