@@ -84,15 +84,7 @@ pub fn run_router(a: RouterArgs) -> anyhow::Result<()> {
     let (backbone, experts) =
         crate::engine::load_remote(&a.serve.model_dir()?, &a.remote, rt.handle())?;
     let experts = Arc::new(experts);
-    let probe = experts.clone();
-    let ready = Arc::new(move || check_nodes(&probe));
-    run(
-        a.serve,
-        listener,
-        Engine::remote(backbone, experts),
-        ready,
-        rt,
-    )
+    run_remote(a.serve, listener, backbone, experts, rt)
 }
 
 /// Ready when a placement is routed and every node of it is reachable.
@@ -119,6 +111,25 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .worker_threads(2)
         .enable_all()
         .build()?)
+}
+
+/// Serves with the routed experts on expert nodes; ready once every node's stream is up.
+fn run_remote(
+    serve: ServeArgs,
+    listener: std::net::TcpListener,
+    backbone: moe_model::Backbone,
+    experts: Arc<RemoteExperts>,
+    rt: tokio::runtime::Runtime,
+) -> anyhow::Result<()> {
+    let probe = experts.clone();
+    let ready = Arc::new(move || check_nodes(&probe));
+    run(
+        serve,
+        listener,
+        Engine::remote(backbone, experts),
+        ready,
+        rt,
+    )
 }
 
 /// Binds the API address (before loading anything, so a taken port fails fast and the real
@@ -223,13 +234,5 @@ fn run_coordinated_router(a: RouterArgs, listener: std::net::TcpListener) -> any
         experts.clone(),
         stopped,
     ));
-    let probe = experts.clone();
-    let ready = Arc::new(move || check_nodes(&probe));
-    run(
-        a.serve,
-        listener,
-        Engine::remote(backbone, experts),
-        ready,
-        rt,
-    )
+    run_remote(a.serve, listener, backbone, experts, rt)
 }
