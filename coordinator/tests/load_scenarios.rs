@@ -66,7 +66,7 @@ async fn hot_experts_are_replicated_one_layer_at_a_time_when_the_load_says_so() 
     let (_c, s, _stop) = w.coordinator_with("c", 1, cfg);
     // 3 layers × (64 experts + 16 spare) per node.
     let _nodes: Vec<_> = (0..4).map(|i| w.node_with(&format!("n{i}"), 240)).collect();
-    w.until("a placement over 4 nodes", Duration::from_secs(60), || {
+    w.until("a placement over 4 nodes", Duration::from_secs(120), || {
         s.borrow().nodes == 4 && s.borrow().active_version > 0
     })
     .await;
@@ -88,7 +88,7 @@ async fn hot_experts_are_replicated_one_layer_at_a_time_when_the_load_says_so() 
     let big = loads(100, 7, None);
     assert!(balance(&first, &big, 1) < 0.7);
     publish(&w, &big).await;
-    w.until("a rebalance round", Duration::from_secs(30), || {
+    w.until("a rebalance round", Duration::from_secs(120), || {
         s.borrow().rebalance_rounds == 1
     })
     .await;
@@ -118,7 +118,7 @@ async fn hot_experts_are_replicated_one_layer_at_a_time_when_the_load_says_so() 
     publish(&w, &shifted).await;
     w.advance(Duration::from_secs(5)).await;
     assert_eq!(w.active().await.expect("active").version, second.version);
-    w.until("the second round", Duration::from_secs(60), || {
+    w.until("the second round", Duration::from_secs(120), || {
         s.borrow().rebalance_rounds == 2
     })
     .await;
