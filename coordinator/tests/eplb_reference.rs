@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-mod common;
+pub mod common;
 
 use common::{fixture, valid};
 use moe_coordinator::balance::place_layer;

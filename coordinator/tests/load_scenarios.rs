@@ -2,7 +2,7 @@
 //! router publishes them, the leader's rounds, and real node membership acknowledging each
 //! layer's rollout.
 
-mod sim;
+pub mod sim;
 
 use std::time::Duration;
 

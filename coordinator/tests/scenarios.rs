@@ -2,7 +2,7 @@
 //! replicas and real expert-node membership (loading experts of the tiny model), time advanced
 //! by hand (leases expire only when the test moves the clock).
 
-mod sim;
+pub mod sim;
 
 use std::time::Duration;
 

@@ -1,6 +1,5 @@
 //! Shared bench setup: the `bench` preset model, generated once into `target/` (or taken from
 //! `MOE_BENCH_MODEL`).
-#![allow(dead_code)]
 
 use std::path::PathBuf;
 

@@ -5,7 +5,7 @@
 //! `tok/s × active bytes / stream bytes/s` is the fraction of this machine's memory bandwidth
 //! that decoding achieves (the active bytes are printed at start-up).
 
-mod common;
+pub mod common;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use moe_model::SeqCache;

@@ -3,7 +3,7 @@
 //! where its margins exceed 1e-4 (weights within 1e-4), greedy continuations identical wherever
 //! the golden margin exceeds 1e-3.
 
-mod common;
+pub mod common;
 
 use common::*;
 use moe_model::model::{LogitsMode, SeqInput};

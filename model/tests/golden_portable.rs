@@ -2,7 +2,7 @@
 //! CPUs without AVX-512 run is held to the same tolerance. A separate test binary: the kernel
 //! choice is process-wide.
 
-mod common;
+pub mod common;
 
 use common::*;
 use moe_model::kernels::{KernelChoice, kernel_choice, set_kernel_choice};

@@ -1,7 +1,7 @@
 //! The checkpoint loader: partial loads read only what they select, and broken checkpoints give
 //! errors that name the tensor and the shapes.
 
-mod common;
+pub mod common;
 
 use std::collections::HashMap;
 use std::path::Path;

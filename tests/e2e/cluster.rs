@@ -1,8 +1,8 @@
 //! The coordinated cluster end to end with a real etcd on loopback: coordinator replicas,
 //! expert nodes and a router as separate `moe` processes; failures injected by SIGKILL.
 
-mod harness;
-mod roles;
+pub mod harness;
+pub mod roles;
 
 use std::time::{Duration, Instant};
 
@@ -74,14 +74,7 @@ async fn coordinated_cluster_survives_failures_and_scales() {
     // Kill only once the router is generating for them.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let m = c
-            .get(format!("http://{}/metrics", r.proc.addr))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text");
+        let m = metrics_text(&c, &r.proc.addr).await;
         let running = m
             .lines()
             .find_map(|l| l.strip_prefix("moe_running_sequences "))

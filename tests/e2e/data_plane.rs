@@ -2,7 +2,7 @@
 //! (`moe logits` / `moe generate --experts-at`, or the library for the failover test), golden
 //! outputs of the tiny model.
 
-mod harness;
+pub mod harness;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -15,7 +15,6 @@ use moe_model::model::{Backbone, LogitsMode, SeqInput};
 use moe_model::sampling::argmax;
 use moe_proto::pb::Dtype;
 use moe_router::{DispatchOptions, RemoteExperts};
-use safetensors::SafeTensors;
 
 const MODEL: &str = "tiny-dsv3";
 
@@ -54,20 +53,7 @@ fn logits(dir: &Path, extra: &[&str]) -> HashMap<String, Vec<f32>> {
         "moe logits failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let bytes = std::fs::read(&out_file).expect("output");
-    let st = SafeTensors::deserialize(&bytes).expect("safetensors");
-    st.tensors()
-        .into_iter()
-        .map(|(n, v)| {
-            (
-                n,
-                v.data()
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect(),
-            )
-        })
-        .collect()
+    f32_tensors(&out_file, |_| true)
 }
 
 fn max_diff(a: &HashMap<String, Vec<f32>>, b: &HashMap<String, Vec<f32>>) -> f32 {

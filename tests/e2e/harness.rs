@@ -1,7 +1,7 @@
 //! Harness for end-to-end tests: the `moe` binary built from this tree, fixture paths, and
 //! child processes that are killed when the test ends (pass or fail).
-#![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -150,4 +150,34 @@ pub fn placement_file(dir: &Path, version: u64, specs: &[&str]) -> PathBuf {
     )
     .expect("write");
     path
+}
+
+/// The `/metrics` page of the process serving HTTP at `addr`.
+pub async fn metrics_text(c: &reqwest::Client, addr: &str) -> String {
+    c.get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
+/// The tensors of a safetensors file whose names `keep` accepts, as f32 values.
+pub fn f32_tensors(path: &Path, keep: impl Fn(&str) -> bool) -> HashMap<String, Vec<f32>> {
+    let bytes = std::fs::read(path).expect("safetensors file");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    st.tensors()
+        .into_iter()
+        .filter(|(n, _)| keep(n))
+        .map(|(n, v)| {
+            let values = v.data().chunks_exact(4);
+            (
+                n,
+                values
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+            )
+        })
+        .collect()
 }

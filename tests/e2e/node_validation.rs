@@ -2,7 +2,7 @@
 //! code (in-band on the stream, as a status on the unary call), and the node keeps serving the
 //! same stream and others. Also: trace context crosses the wire, and SIGTERM drains and exits.
 
-mod harness;
+pub mod harness;
 
 use std::time::Duration;
 

@@ -5,8 +5,8 @@
 //! replicates the hot experts layer by layer while requests run, and the same workload is
 //! measured again.
 
-mod harness;
-mod roles;
+pub mod harness;
+pub mod roles;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -19,14 +19,7 @@ use serde_json::json;
 async fn scrape(c: &reqwest::Client, metrics: &[String]) -> Vec<BTreeMap<usize, f64>> {
     let mut out = Vec::new();
     for m in metrics {
-        let text = c
-            .get(format!("http://{m}/metrics"))
-            .send()
-            .await
-            .expect("node metrics")
-            .text()
-            .await
-            .expect("text");
+        let text = harness::metrics_text(c, m).await;
         let mut per_layer = BTreeMap::new();
         for line in text.lines() {
             let Some(rest) = line.strip_prefix("moe_node_layer_expert_tokens_total{") else {
@@ -289,26 +282,12 @@ async fn rebalance_under_skew(min_replicas: &str, capacity: &str) {
             golden_ids(i)
         );
     }
-    let m = c
-        .get(format!("http://{}/metrics", r.proc.addr))
-        .send()
-        .await
-        .expect("router metrics")
-        .text()
-        .await
-        .expect("text");
+    let m = harness::metrics_text(&c, &r.proc.addr).await;
     assert!(
         m.contains("moe_expert_load_balancedness{layer=\"1\"}"),
         "{m}"
     );
-    let m = c
-        .get(format!("http://{coordinator_metrics}/metrics"))
-        .send()
-        .await
-        .expect("coordinator metrics")
-        .text()
-        .await
-        .expect("text");
+    let m = harness::metrics_text(&c, &coordinator_metrics).await;
     assert!(
         m.contains("moe_rebalance_rounds_total 1")
             && m.contains("moe_layer_balancedness{layer=\"3\"}"),

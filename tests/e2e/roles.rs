@@ -1,6 +1,5 @@
 //! Cluster roles for end-to-end tests: `moe` coordinator, expert-node and router processes
 //! on a real etcd, their stdout lines, and greedy requests against the golden outputs.
-#![allow(dead_code)]
 
 use std::process::Command;
 use std::sync::mpsc;

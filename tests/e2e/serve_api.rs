@@ -1,7 +1,7 @@
 //! The OpenAI-compatible API end to end: `moe serve` (and `moe router`) processes on loopback,
 //! driven by a real HTTP client; golden outputs of the tiny bf16 model.
 
-mod harness;
+pub mod harness;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -9,7 +9,6 @@ use std::time::Duration;
 use futures::StreamExt;
 use harness::*;
 use reqwest::StatusCode;
-use safetensors::SafeTensors;
 use serde_json::{Value, json};
 
 const MODEL: &str = "tiny-dsv3-bf16";
@@ -33,14 +32,7 @@ async fn post(c: &reqwest::Client, url: &str, body: &Value) -> (StatusCode, Valu
 
 /// The metrics page as name{labels} → value.
 async fn metrics(c: &reqwest::Client, p: &Proc) -> HashMap<String, f64> {
-    let text = c
-        .get(url(p, "/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let text = metrics_text(c, &p.addr).await;
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
@@ -51,22 +43,8 @@ async fn metrics(c: &reqwest::Client, p: &Proc) -> HashMap<String, f64> {
 }
 
 fn step_logits() -> HashMap<String, Vec<f32>> {
-    let bytes =
-        std::fs::read(fixture(MODEL).join("golden/golden_extra.safetensors")).expect("golden");
-    let st = SafeTensors::deserialize(&bytes).expect("safetensors");
-    st.tensors()
-        .into_iter()
-        .filter(|(n, _)| n.ends_with("step_logits"))
-        .map(|(n, v)| {
-            (
-                n,
-                v.data()
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect(),
-            )
-        })
-        .collect()
+    let path = fixture(MODEL).join("golden/golden_extra.safetensors");
+    f32_tensors(&path, |n| n.ends_with("step_logits"))
 }
 
 fn log_softmax(row: &[f32]) -> Vec<f64> {
@@ -282,99 +260,56 @@ async fn every_bad_input_gets_a_4xx_with_an_openai_error_body() {
     let s = serve(&["--max-body-bytes", "4096"]);
     let c = reqwest::Client::new();
     let msgs = json!([{"role": "user", "content": "hi"}]);
-    let cases: Vec<(&str, Value, &str)> = vec![
+    // (body, the parameter the error names); the path follows from the body.
+    let completions: Vec<(Value, &str)> = vec![
+        (json!({"prompt": "x", "temperature": 2.5}), "temperature"),
+        (json!({"prompt": "x", "temperature": -0.1}), "temperature"),
+        (json!({"prompt": "x", "top_p": 0}), "top_p"),
+        (json!({"prompt": "x", "top_p": 1.5}), "top_p"),
+        (json!({"prompt": "x", "top_k": -5}), "top_k"),
+        (json!({"prompt": "x", "max_tokens": -1}), "max_tokens"),
+        (json!({"prompt": "x", "max_tokens": 2048}), "max_tokens"),
+        (json!({"prompt": "x", "model": "gpt-4"}), "model"),
+        (json!({"prompt": ["a", "b"]}), "prompt"),
+        (json!({"prompt": [1, 99999]}), "prompt"),
+        (json!({"prompt": ""}), "prompt"),
+        (json!({"max_tokens": 3}), "prompt"),
+        (json!({"prompt": "x", "echo": true}), "echo"),
+        (json!({"prompt": "x", "n": 2}), "n"),
+        (json!({"prompt": "x", "logprobs": 21}), "logprobs"),
         (
-            "/v1/completions",
-            json!({"prompt": "x", "temperature": 2.5}),
-            "temperature",
-        ),
-        (
-            "/v1/completions",
-            json!({"prompt": "x", "temperature": -0.1}),
-            "temperature",
-        ),
-        (
-            "/v1/completions",
-            json!({"prompt": "x", "top_p": 0}),
-            "top_p",
-        ),
-        (
-            "/v1/completions",
-            json!({"prompt": "x", "top_p": 1.5}),
-            "top_p",
-        ),
-        (
-            "/v1/completions",
-            json!({"prompt": "x", "top_k": -5}),
-            "top_k",
-        ),
-        (
-            "/v1/completions",
-            json!({"prompt": "x", "max_tokens": -1}),
-            "max_tokens",
-        ),
-        (
-            "/v1/completions",
-            json!({"prompt": "x", "max_tokens": 2048}),
-            "max_tokens",
-        ),
-        (
-            "/v1/completions",
-            json!({"prompt": "x", "model": "gpt-4"}),
-            "model",
-        ),
-        ("/v1/completions", json!({"prompt": ["a", "b"]}), "prompt"),
-        ("/v1/completions", json!({"prompt": [1, 99999]}), "prompt"),
-        ("/v1/completions", json!({"prompt": ""}), "prompt"),
-        ("/v1/completions", json!({"max_tokens": 3}), "prompt"),
-        (
-            "/v1/completions",
-            json!({"prompt": "x", "echo": true}),
-            "echo",
-        ),
-        ("/v1/completions", json!({"prompt": "x", "n": 2}), "n"),
-        (
-            "/v1/completions",
-            json!({"prompt": "x", "logprobs": 21}),
-            "logprobs",
-        ),
-        (
-            "/v1/completions",
             json!({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}),
             "stop",
         ),
         (
-            "/v1/completions",
             json!({"prompt": "x", "presence_penalty": 1.0}),
             "presence_penalty",
         ),
-        ("/v1/chat/completions", json!({"messages": []}), "messages"),
+    ];
+    let chat: Vec<(Value, &str)> = vec![
+        (json!({"messages": []}), "messages"),
         (
-            "/v1/chat/completions",
             json!({"messages": msgs, "max_completion_tokens": 0}),
             "max_completion_tokens",
         ),
+        (json!({"messages": msgs, "top_logprobs": 3}), "top_logprobs"),
         (
-            "/v1/chat/completions",
-            json!({"messages": msgs, "top_logprobs": 3}),
-            "top_logprobs",
-        ),
-        (
-            "/v1/chat/completions",
             json!({"messages": [{"role": "wizard", "content": "x"}]}),
             "messages[0].role",
         ),
         (
-            "/v1/chat/completions",
             json!({"messages": msgs, "tools": [{"type": "function"}]}),
             "tools",
         ),
-        (
-            "/v1/chat/completions",
-            json!({"messages": msgs, "model": "other"}),
-            "model",
-        ),
+        (json!({"messages": msgs, "model": "other"}), "model"),
     ];
+    let cases = (completions
+        .into_iter()
+        .map(|(b, p)| ("/v1/completions", b, p)))
+    .chain(
+        chat.into_iter()
+            .map(|(b, p)| ("/v1/chat/completions", b, p)),
+    );
     for (path, body, param) in cases {
         let (status, resp) = post(&c, &url(&s, path), &body).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {resp}");

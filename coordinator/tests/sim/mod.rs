@@ -1,7 +1,6 @@
 //! A simulated cluster for scenario tests: the in-memory store with a simulated clock, real
 //! coordinator replicas and real expert-node membership (loading experts of the tiny model);
 //! time advances only when the test moves it.
-#![allow(dead_code)]
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

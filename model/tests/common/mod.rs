@@ -1,5 +1,4 @@
 //! Shared helpers for the golden tests: fixture paths, golden files, comparisons.
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::path::PathBuf;
