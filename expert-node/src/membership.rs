@@ -32,16 +32,14 @@ pub struct MemberConfig {
 
 fn placement(snap: &Snapshot, key: &str) -> Option<PlacementRecord> {
     let kv = snap.entries.get(key)?;
-    records::decode(key, &kv.value)
-        .map_err(|e| tracing::warn!(error = %e, "ignoring placement"))
-        .ok()
+    records::decode_or_skip(key, &kv.value)
 }
 
 /// Lowest placement version any router reports (None: no router registered).
 fn min_router_version(snap: &Snapshot) -> Option<u64> {
     snap.entries
         .iter()
-        .filter_map(|(k, kv)| records::decode::<RouterRecord>(k, &kv.value).ok())
+        .filter_map(|(k, kv)| records::decode_or_skip::<RouterRecord>(k, &kv.value))
         .map(|r| r.placement_version)
         .min()
 }
@@ -126,19 +124,11 @@ pub async fn run_member(
         backend: node.info().backend,
         version: env!("CARGO_PKG_VERSION").to_string(),
     };
-    let mut backoff = Duration::from_millis(100);
     loop {
-        if *shutdown.borrow() {
+        let Some(lease) =
+            LeaseKeeper::start_retrying(&store, cfg.lease_ttl, &node.id, &mut shutdown).await
+        else {
             return;
-        }
-        let lease = match LeaseKeeper::start(store.clone(), cfg.lease_ttl).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(node = %node.id, error = %e, "cannot get a lease; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-                continue;
-            }
         };
         if let Err(e) = store
             .put(
@@ -149,10 +139,9 @@ pub async fn run_member(
             .await
         {
             tracing::warn!(node = %node.id, error = %e, "cannot register; retrying");
-            tokio::time::sleep(backoff).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         }
-        backoff = Duration::from_millis(100);
         tracing::info!(node = %node.id, lease = lease.id, "registered");
         let mut lost = lease.lost();
         loop {

@@ -152,6 +152,14 @@ pub fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreEr
     }
 }
 
+/// Decodes a record stored at `key`, or logs why it cannot and skips it: a process must not stop
+/// over a record another version wrote.
+pub fn decode_or_skip<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Option<T> {
+    decode(key, bytes)
+        .map_err(|e| tracing::warn!(error = %e, "skipping a record"))
+        .ok()
+}
+
 impl PlacementRecord {
     /// Resolves the record into a routable placement (checks coverage of the model).
     pub fn to_placement(

@@ -56,16 +56,10 @@ enum TermEnd {
     Deposed,
 }
 
-fn decode_placement(store_key: &str, value: &[u8]) -> Option<PlacementRecord> {
-    records::decode(store_key, value)
-        .map_err(|e| tracing::warn!(error = %e, "ignoring placement"))
-        .ok()
-}
-
 fn live_nodes(snap: &Snapshot) -> Vec<NodeSlot> {
     snap.entries
         .iter()
-        .filter_map(|(k, kv)| records::decode::<NodeRecord>(k, &kv.value).ok())
+        .filter_map(|(k, kv)| records::decode_or_skip::<NodeRecord>(k, &kv.value))
         .map(|n| NodeSlot {
             id: n.id,
             addr: n.addr,
@@ -82,18 +76,10 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
-        if *shutdown.borrow() {
+        let Some(lease) =
+            LeaseKeeper::start_retrying(&store, cfg.lease_ttl, &cfg.id, &mut shutdown).await
+        else {
             return;
-        }
-        let lease = match LeaseKeeper::start(store.clone(), cfg.lease_ttl).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(id = %cfg.id, error = %e, "cannot get a lease");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
-                    _ = wait_until(&mut shutdown, |s| *s) => return,
-                }
-            }
         };
         let mut lost = lease.lost();
         let election_key = cfg.keys.election();
@@ -146,11 +132,11 @@ async fn lead(
         let active = store
             .get(&cfg.keys.active())
             .await?
-            .and_then(|kv| decode_placement(&kv.key, &kv.value));
+            .and_then(|kv| records::decode_or_skip::<PlacementRecord>(&kv.key, &kv.value));
         let pending = store
             .get(&cfg.keys.pending())
             .await?
-            .and_then(|kv| decode_placement(&kv.key, &kv.value));
+            .and_then(|kv| records::decode_or_skip::<PlacementRecord>(&kv.key, &kv.value));
         if let Some(a) = &active {
             status.send_modify(|s| s.active_version = a.version);
         }
@@ -210,7 +196,7 @@ async fn lead(
                     .borrow()
                     .entries
                     .iter()
-                    .filter_map(|(k, kv)| records::decode(k, &kv.value).ok())
+                    .filter_map(|(k, kv)| records::decode_or_skip(k, &kv.value))
                     .collect();
                 tracker.update(&records, cfg.n_experts, cfg.rebalance.alpha);
                 if let Some(a) = &active {
@@ -260,7 +246,7 @@ async fn rollout(
             let key = cfg.keys.ack(id);
             snap.entries
                 .get(&key)
-                .and_then(|kv| records::decode::<AckRecord>(&key, &kv.value).ok())
+                .and_then(|kv| records::decode_or_skip::<AckRecord>(&key, &kv.value))
                 .is_some_and(|a| a.version >= rec.version)
         };
         if members.iter().all(acked) {

@@ -5,18 +5,15 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use moe_meta::records::PlacementRecord;
+use moe_meta::records::{self, PlacementRecord};
 use moe_meta::store::MetaStore;
 use moe_meta::store::election::Leadership;
 use moe_meta::store::mirror::Snapshot;
 use tokio::sync::watch;
 
-use super::{
-    CoordinatorConfig, CoordinatorStatus, LayerRebalance, TermEnd, decode_placement, rollout,
-    same_members,
-};
+use super::{CoordinatorConfig, CoordinatorStatus, LayerRebalance, TermEnd, rollout, same_members};
 use crate::plan::NodeSlot;
-use crate::rebalance::{LoadTracker, layer_slots, rebalance};
+use crate::rebalance::{LoadTracker, layer_of, layer_slots, rebalance};
 
 /// Measures every layer's balance under the smoothed load and, unless `quiet`, re-places the
 /// layers below the threshold, worst first, one rollout each. Returns whether anything changed.
@@ -33,9 +30,6 @@ pub(super) async fn rebalance_round(
     nodes: &mut watch::Receiver<Arc<Snapshot>>,
     acks: &mut watch::Receiver<Arc<Snapshot>>,
 ) -> Result<bool, TermEnd> {
-    let Ok(placement) = active.to_placement(&cfg.moe_layers, cfg.n_experts) else {
-        return Ok(false);
-    };
     let mut worst: Vec<(f64, usize)> = Vec::new();
     let mut measured = BTreeMap::new();
     let layers_of_model = tracker
@@ -43,7 +37,7 @@ pub(super) async fn rebalance_round(
         .iter()
         .filter(|(l, _)| cfg.moe_layers.contains(l));
     for (&layer, rate) in layers_of_model {
-        let b = moe_meta::balancedness(&placement.node_loads(layer, rate));
+        let b = layer_of(active, layer, cfg.n_experts).balancedness(rate);
         measured.insert(layer, b);
         let enough = tracker.tokens.get(&layer).copied().unwrap_or(0) >= cfg.rebalance.min_tokens;
         if b < cfg.rebalance.threshold && enough {
@@ -64,7 +58,7 @@ pub(super) async fn rebalance_round(
     let pending = store
         .get(&cfg.keys.pending())
         .await?
-        .and_then(|kv| decode_placement(&kv.key, &kv.value))
+        .and_then(|kv| records::decode_or_skip::<PlacementRecord>(&kv.key, &kv.value))
         .map_or(0, |p| p.version);
     let mut rec = active.clone();
     let mut changed = false;

@@ -48,6 +48,31 @@ impl LeaseKeeper {
         Ok(LeaseKeeper { id, lost, task })
     }
 
+    /// Grants and keeps a lease, retrying (100 ms, doubling up to 2 s) until the store grants
+    /// one; `None` once `shutdown` turns true. `owner` names who asks, in the log.
+    pub async fn start_retrying(
+        store: &Arc<dyn MetaStore>,
+        ttl: Duration,
+        owner: &str,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Option<LeaseKeeper> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if *shutdown.borrow() {
+                return None;
+            }
+            match LeaseKeeper::start(store.clone(), ttl).await {
+                Ok(l) => return Some(l),
+                Err(e) => tracing::warn!(owner, error = %e, "cannot get a lease; retrying"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = super::wait_until(shutdown, |s| *s) => return None,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
     /// Becomes true when the lease is lost.
     pub fn lost(&self) -> watch::Receiver<bool> {
         self.lost.clone()

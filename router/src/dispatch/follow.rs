@@ -39,7 +39,7 @@ async fn publish_loads(
     lease: i64,
 ) {
     let (covered, layers) = experts.loads.snapshot(cfg.n_experts);
-    let placement = experts.routes().placement.clone();
+    let routes = experts.routes();
     for (&layer, counts) in &layers {
         let loads: Vec<f64> = counts.iter().map(|&c| f64::from(c)).collect();
         let total: f64 = loads.iter().sum();
@@ -47,7 +47,7 @@ async fn publish_loads(
         let label = layer.to_string();
         metrics::gauge!(crate::metrics::HOTTEST_SHARE, "layer" => label.clone())
             .set(if total > 0.0 { hottest / total } else { 0.0 });
-        if let Some(p) = &placement {
+        if let Some(p) = &routes.placement {
             let b = moe_meta::balancedness(&p.node_loads(layer, &loads));
             metrics::gauge!(crate::metrics::LAYER_BALANCEDNESS, "layer" => label).set(b);
         }
@@ -81,18 +81,10 @@ pub async fn follow(
         })
     };
     loop {
-        if *shutdown.borrow() {
+        let Some(lease) =
+            LeaseKeeper::start_retrying(&store, cfg.lease_ttl, &cfg.id, &mut shutdown).await
+        else {
             return;
-        }
-        let lease = match LeaseKeeper::start(store.clone(), cfg.lease_ttl).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(router = %cfg.id, error = %e, "cannot get a lease; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
-                    _ = wait_until(&mut shutdown, |s| *s) => return,
-                }
-            }
         };
         let mut lost = lease.lost();
         let mut reported = None;
