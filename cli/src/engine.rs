@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use moe_meta::{NodeEntry, Placement};
-use moe_model::model::{Backbone, LogitsMode, Model, SeqInput};
+use moe_model::model::{Backbone, LogitsMode, SeqInput};
 use moe_model::{Config, Matrix, SeqCache};
 use moe_proto::pb::Dtype;
 use moe_router::{DispatchOptions, RemoteExperts};
@@ -44,40 +44,38 @@ fn parse_wire(s: &str) -> Result<Dtype, String> {
     }
 }
 
-/// A loaded engine.
-pub enum Engine {
-    Local(Model),
-    Remote {
-        backbone: Backbone,
-        experts: Box<RemoteExperts>,
-        _rt: tokio::runtime::Runtime,
-    },
+/// A loaded engine (the router crate's, as `moe serve` runs it), with the runtime its
+/// expert-node clients run on when the experts are remote. Fields drop in order: the clients
+/// before their runtime.
+pub struct Engine {
+    inner: moe_router::Engine,
+    _rt: Option<tokio::runtime::Runtime>,
 }
 
 impl Engine {
     /// Loads the model in `dir`, locally or against expert nodes.
     pub fn load(dir: &Path, remote: &RemoteArgs) -> anyhow::Result<Engine> {
         if remote.experts_at.is_none() {
-            return Ok(Engine::Local(crate::progress::load_model(dir)?));
+            let model = crate::progress::load_model(dir)?;
+            return Ok(Engine {
+                inner: moe_router::Engine::local(model),
+                _rt: None,
+            });
         }
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()?;
         let (backbone, experts) = load_remote(dir, remote, rt.handle())?;
-        Ok(Engine::Remote {
-            backbone,
-            experts: Box::new(experts),
-            _rt: rt,
+        Ok(Engine {
+            inner: moe_router::Engine::remote(backbone, std::sync::Arc::new(experts)),
+            _rt: Some(rt),
         })
     }
 
     /// The model configuration.
     pub fn config(&self) -> &Config {
-        match self {
-            Engine::Local(m) => m.config(),
-            Engine::Remote { backbone, .. } => backbone.config(),
-        }
+        self.inner.config()
     }
 
     /// A fresh cache.
@@ -91,12 +89,7 @@ impl Engine {
         seqs: &mut [SeqInput<'_>],
         mode: LogitsMode,
     ) -> moe_model::Result<Vec<Matrix>> {
-        match self {
-            Engine::Local(m) => m.forward(seqs, mode, None),
-            Engine::Remote {
-                backbone, experts, ..
-            } => backbone.forward(seqs, experts.as_ref(), mode, None),
-        }
+        self.inner.forward(seqs, mode)
     }
 }
 

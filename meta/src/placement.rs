@@ -240,10 +240,11 @@ impl Placement {
     }
 }
 
-/// DeepSeek's balancedness of per-node loads: mean / max (1 when there is no load).
+/// DeepSeek's balancedness of per-node loads: mean / max (1 when there is no load to speak
+/// of: a largest load of 1e-12 or less).
 pub fn balancedness(node_loads: &[f64]) -> f64 {
     let max = node_loads.iter().copied().fold(0.0, f64::max);
-    if max <= 0.0 {
+    if max <= 1e-12 {
         return 1.0;
     }
     node_loads.iter().sum::<f64>() / node_loads.len() as f64 / max

@@ -93,12 +93,7 @@ pub fn check_nodes(experts: &RemoteExperts) -> Result<(), String> {
     if routes.placement.is_none() {
         return Err("no placement yet".into());
     }
-    let down: Vec<&str> = routes
-        .clients
-        .iter()
-        .filter(|c| !c.is_up())
-        .map(|c| c.addr())
-        .collect();
+    let down = routes.down();
     if down.is_empty() {
         Ok(())
     } else {

@@ -105,15 +105,9 @@ impl LayerPlacement {
     }
 }
 
-/// Mean / max of `loads` (1 when all are zero).
-pub fn balancedness(loads: &[f64]) -> f64 {
-    let max = loads.iter().copied().fold(0.0, f64::max);
-    if max <= EPS {
-        1.0
-    } else {
-        loads.iter().sum::<f64>() / loads.len() as f64 / max
-    }
-}
+/// DeepSeek's balancedness of per-GPU loads, the one the routers and `moe cluster status`
+/// report.
+pub use moe_meta::balancedness;
 
 /// From-scratch placement of `loads` on GPUs with `slots[g]` slots each.
 pub fn place_layer(loads: &[f64], slots: &[usize]) -> Result<LayerPlacement, BalanceError> {

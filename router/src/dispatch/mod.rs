@@ -103,6 +103,17 @@ pub struct Routes {
     pub clients: Vec<ExpertClient>,
 }
 
+impl Routes {
+    /// Addresses of the nodes whose stream is down.
+    pub fn down(&self) -> Vec<&str> {
+        self.clients
+            .iter()
+            .filter(|c| !c.is_up())
+            .map(|c| c.addr())
+            .collect()
+    }
+}
+
 /// Routed experts on expert nodes.
 #[derive(Debug)]
 pub struct RemoteExperts {
@@ -230,15 +241,9 @@ impl RemoteExperts {
         let routes = self.routes();
         while routes.clients.iter().any(|c| !c.is_up()) {
             if tokio::time::Instant::now() >= deadline {
-                let down: Vec<&str> = routes
-                    .clients
-                    .iter()
-                    .filter(|c| !c.is_up())
-                    .map(|c| c.addr())
-                    .collect();
                 return Err(DispatchError::NotReady(
                     within,
-                    format!("down: {}", down.join(", ")),
+                    format!("down: {}", routes.down().join(", ")),
                 ));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

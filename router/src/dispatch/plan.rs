@@ -35,17 +35,20 @@ fn mix(seed: u64, token: usize, expert: u32) -> u64 {
     h ^ (h >> 29)
 }
 
-/// The replica whose share interval holds the point `at` of `[0, sum of shares)`.
-fn by_share(replicas: &[(usize, u32)], at: u64) -> Option<usize> {
-    let total: u64 = replicas.iter().map(|r| u64::from(r.1)).sum();
+/// The replica whose share interval holds the point `at` of `[0, sum of shares)`, over the
+/// (replica, share) pairs `replicas` yields.
+fn by_share<I: Iterator<Item = (usize, u32)> + Clone>(replicas: I, at: u64) -> Option<usize> {
+    let total: u64 = replicas.clone().map(|r| u64::from(r.1)).sum();
     let mut point = at % total.max(1);
-    for &(n, s) in replicas {
+    let mut last = None;
+    for (n, s) in replicas {
         if point < u64::from(s) {
             return Some(n);
         }
         point -= u64::from(s);
+        last = Some(n);
     }
-    replicas.last().map(|r| r.0)
+    last
 }
 
 /// Plans `entries` (token, expert, weight) of `layer` over the placement; `usable(node)` says
@@ -73,15 +76,6 @@ pub fn plan(
         let mut mine: Vec<(u32, f32, Vec<usize>, Option<usize>)> = Vec::with_capacity(j - i);
         for &(_, expert, w) in &entries[i..j] {
             let all = placement.replicas(layer, expert as usize);
-            let shared: Vec<(usize, u32)> = match placement.shares(layer, expert as usize) {
-                Some(shares) => all
-                    .iter()
-                    .copied()
-                    .zip(shares.iter().copied())
-                    .filter(|&(n, _)| usable(n))
-                    .collect(),
-                None => Vec::new(),
-            };
             let replicas: Vec<usize> = all.iter().copied().filter(|&n| usable(n)).collect();
             if replicas.is_empty() {
                 return Err(Unplaceable {
@@ -89,7 +83,11 @@ pub fn plan(
                     expert: expert as usize,
                 });
             }
-            let chosen = by_share(&shared, mix(seed, tok, expert));
+            let chosen = placement.shares(layer, expert as usize).and_then(|shares| {
+                let live = all.iter().copied().zip(shares.iter().copied());
+                let live = live.filter(|(n, _)| replicas.contains(n));
+                by_share(live, mix(seed, tok, expert))
+            });
             mine.push((expert, w, replicas, chosen));
         }
         mine.sort_by_key(|(e, _, r, c)| (c.is_none(), r.len(), *e));

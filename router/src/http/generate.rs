@@ -135,8 +135,16 @@ fn chat_logprobs(
     Some(ChatLogprobs { content })
 }
 
-fn submit(s: &AppState, v: &Validated) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
-    s.scheduler.submit(v.request.clone())
+/// Parses and validates a request body, then submits it: the validated request and its events.
+fn accept<R: serde::de::DeserializeOwned>(
+    s: &AppState,
+    body: Result<Bytes, BytesRejection>,
+    validate: fn(&R, &TextCodec, &validation::Limits) -> Result<Validated, ApiError>,
+) -> Result<(Validated, mpsc::UnboundedReceiver<Event>), ApiError> {
+    let v =
+        parse::<R>(body, s.max_body_bytes).and_then(|req| validate(&req, &s.codec, &s.limits))?;
+    let rx = s.scheduler.submit(v.request.clone())?;
+    Ok((v, rx))
 }
 
 /// `POST /v1/completions`.
@@ -144,14 +152,8 @@ pub async fn completions(
     State(s): State<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let v = match parse::<CompletionRequest>(body, s.max_body_bytes)
-        .and_then(|req| validation::completion(&req, &s.codec, &s.limits))
-    {
-        Ok(v) => v,
-        Err(e) => return fail(e),
-    };
-    let rx = match submit(&s, &v) {
-        Ok(rx) => rx,
+    let (v, rx) = match accept(&s, body, validation::completion) {
+        Ok(accepted) => accepted,
         Err(e) => return fail(e),
     };
     let (id, created, model) = (next_id("cmpl"), now(), s.limits.model_name.clone());
@@ -232,14 +234,8 @@ pub async fn completions(
 
 /// `POST /v1/chat/completions`.
 pub async fn chat(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
-    let v = match parse::<ChatRequest>(body, s.max_body_bytes)
-        .and_then(|req| validation::chat(&req, &s.codec, &s.limits))
-    {
-        Ok(v) => v,
-        Err(e) => return fail(e),
-    };
-    let rx = match submit(&s, &v) {
-        Ok(rx) => rx,
+    let (v, rx) = match accept(&s, body, validation::chat) {
+        Ok(accepted) => accepted,
         Err(e) => return fail(e),
     };
     let (id, created, model) = (next_id("chatcmpl"), now(), s.limits.model_name.clone());
