@@ -85,6 +85,16 @@ pub struct Usage {
     pub total_tokens: usize,
 }
 
+impl Usage {
+    pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Usage {
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
+    }
+}
+
 /// `logprobs` of a completion choice (the legacy completions shape).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct CompletionLogprobs {

@@ -181,3 +181,12 @@ pub fn f32_tensors(path: &Path, keep: impl Fn(&str) -> bool) -> HashMap<String, 
         })
         .collect()
 }
+
+/// The id of a `token_id:N` token string (vLLM's `return_tokens_as_token_ids`).
+pub fn token_id(token: &serde_json::Value) -> u64 {
+    token
+        .as_str()
+        .and_then(|t| t.strip_prefix("token_id:"))
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("`{token}` is not token_id:N"))
+}

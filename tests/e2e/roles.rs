@@ -129,7 +129,7 @@ pub async fn greedy(c: &reqwest::Client, addr: &str, i: usize) -> Result<Vec<u64
         .as_array()
         .ok_or("no tokens")?
         .iter()
-        .filter_map(|t| t.as_str()?.strip_prefix("token_id:")?.parse().ok())
+        .map(token_id)
         .collect())
 }
 

@@ -61,16 +61,11 @@ fn log_softmax(row: &[f32]) -> Vec<f64> {
 /// Checks a completion's ids (from `token_id:N` logprob tokens) and logprobs against golden.
 fn check_completion(i: usize, resp: &Value, golden: &Value, steps: &HashMap<String, Vec<f32>>) {
     let lp = &resp["choices"][0]["logprobs"];
-    let got: Vec<u32> = lp["tokens"]
+    let got: Vec<u64> = lp["tokens"]
         .as_array()
         .expect("tokens")
         .iter()
-        .map(|t| {
-            t.as_str()
-                .and_then(|s| s.strip_prefix("token_id:"))
-                .and_then(|s| s.parse().ok())
-                .expect("token_id:N")
-        })
+        .map(token_id)
         .collect();
     let want: Vec<u64> = ids(&golden["results"][i]["generated_ids"]);
     let margins: Vec<f64> = golden["results"][i]["greedy_margins"]
@@ -82,7 +77,7 @@ fn check_completion(i: usize, resp: &Value, golden: &Value, steps: &HashMap<Stri
     let rows = &steps[&format!("greedy.prompt_{i}.step_logits")];
     assert_eq!(got.len(), 24, "prompt_{i}");
     for step in 0..24 {
-        if u64::from(got[step]) != want[step] {
+        if got[step] != want[step] {
             assert!(
                 margins[step] <= 1e-3,
                 "prompt_{i} step {step}: {} != {}",
@@ -240,16 +235,7 @@ async fn chat_uses_the_models_template_like_the_reference() {
     let content = resp["choices"][0]["logprobs"]["content"]
         .as_array()
         .expect("content");
-    let got: Vec<u64> = content
-        .iter()
-        .map(|e| {
-            e["token"]
-                .as_str()
-                .and_then(|t| t.strip_prefix("token_id:"))
-                .and_then(|t| t.parse().ok())
-                .expect("id")
-        })
-        .collect();
+    let got: Vec<u64> = content.iter().map(|e| token_id(&e["token"])).collect();
     assert_eq!(got, ids(&g["results"][2]["generated_ids"]));
     assert_eq!(content[0]["top_logprobs"].as_array().expect("top").len(), 2);
     assert_eq!(resp["choices"][0]["message"]["role"], "assistant");
@@ -518,12 +504,7 @@ async fn router_answers_503_when_experts_are_unavailable() {
         .as_array()
         .expect("tokens")
         .iter()
-        .map(|t| {
-            t.as_str()
-                .and_then(|t| t.strip_prefix("token_id:"))
-                .and_then(|t| t.parse().ok())
-                .expect("id")
-        })
+        .map(token_id)
         .collect();
     assert_eq!(
         got,

@@ -63,11 +63,7 @@ async fn collect(mut rx: mpsc::UnboundedReceiver<Event>) -> Result<Collected, Ap
                 prompt_tokens,
                 completion_tokens,
             } => {
-                let usage = Usage {
-                    prompt_tokens,
-                    completion_tokens,
-                    total_tokens: prompt_tokens + completion_tokens,
-                };
+                let usage = Usage::new(prompt_tokens, completion_tokens);
                 return Ok(Collected {
                     text,
                     tokens,
@@ -192,11 +188,7 @@ pub async fn completions(
                     prompt_tokens,
                     completion_tokens,
                 }) => {
-                    usage = Some(Usage {
-                        prompt_tokens: *prompt_tokens,
-                        completion_tokens: *completion_tokens,
-                        total_tokens: prompt_tokens + completion_tokens,
-                    });
+                    usage = Some(Usage::new(*prompt_tokens, *completion_tokens));
                     vec![chunk(String::new(), None, Some(reason.as_str()))]
                 }
                 Some(Event::Failed(e)) => vec![e.body()],
@@ -297,11 +289,7 @@ pub async fn chat(State(s): State<AppState>, body: Result<Bytes, BytesRejection>
                     prompt_tokens,
                     completion_tokens,
                 }) => {
-                    usage = Some(Usage {
-                        prompt_tokens: *prompt_tokens,
-                        completion_tokens: *completion_tokens,
-                        total_tokens: prompt_tokens + completion_tokens,
-                    });
+                    usage = Some(Usage::new(*prompt_tokens, *completion_tokens));
                     out.push(chunk(
                         ChatDelta {
                             role: None,
