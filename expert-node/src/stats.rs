@@ -33,12 +33,6 @@ impl NodeStats {
         }
     }
 
-    /// Tokens per (layer, expert).
-    pub fn tokens(&self) -> BTreeMap<(usize, usize), u64> {
-        let m = self.per_expert.lock().unwrap_or_else(|p| p.into_inner());
-        m.iter().map(|(&k, v)| (k, v.0)).collect()
-    }
-
     /// Prometheus text exposition of the counters, labelled with the node id.
     pub fn render(&self, node: &str, in_flight: u64) -> String {
         let m = self.per_expert.lock().unwrap_or_else(|p| p.into_inner());
@@ -91,8 +85,10 @@ mod tests {
         let s = NodeStats::default();
         s.record(1, &[3, 3, 5, 3], Duration::from_millis(8));
         s.record(2, &[3], Duration::from_millis(1));
-        assert_eq!(s.tokens()[&(1, 3)], 3);
         let text = s.render("n0", 2);
+        assert!(text.contains(
+            "moe_node_layer_expert_tokens_total{node=\"n0\",layer=\"1\",expert=\"3\"} 3"
+        ));
         assert!(
             text.contains("moe_node_expert_tokens_total{node=\"n0\"} 5"),
             "{text}"

@@ -10,13 +10,13 @@ use crate::dispatch::RemoteExperts;
 pub struct Engine {
     backbone: Backbone,
     experts: Box<dyn ExpertBackend>,
-    remote: Option<std::sync::Arc<RemoteExperts>>,
+    remote: bool,
 }
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
-            .field("remote", &self.remote.is_some())
+            .field("remote", &self.remote)
             .finish()
     }
 }
@@ -40,7 +40,7 @@ impl Engine {
         Engine {
             backbone: model.backbone,
             experts: Box::new(model.experts),
-            remote: None,
+            remote: false,
         }
     }
 
@@ -48,19 +48,14 @@ impl Engine {
     pub fn remote(backbone: Backbone, experts: std::sync::Arc<RemoteExperts>) -> Engine {
         Engine {
             backbone,
-            experts: Box::new(Shared(experts.clone())),
-            remote: Some(experts),
+            experts: Box::new(Shared(experts)),
+            remote: true,
         }
     }
 
     /// The model configuration.
     pub fn config(&self) -> &Config {
         self.backbone.config()
-    }
-
-    /// The remote experts, for readiness checks.
-    pub fn remote_experts(&self) -> Option<std::sync::Arc<RemoteExperts>> {
-        self.remote.clone()
     }
 
     /// One forward pass.

@@ -22,14 +22,6 @@ impl Leadership {
         Compare::Value(self.key.clone(), self.id.clone().into_bytes())
     }
 
-    /// Whether the store still names us.
-    pub async fn still_leader(&self, store: &dyn MetaStore) -> Result<bool> {
-        Ok(store
-            .get(&self.key)
-            .await?
-            .is_some_and(|kv| kv.value == self.id.as_bytes()))
-    }
-
     /// Steps down (only if still the leader).
     pub async fn resign(&self, store: &dyn MetaStore) -> Result<()> {
         store

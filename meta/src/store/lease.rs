@@ -77,11 +77,6 @@ impl LeaseKeeper {
     pub fn lost(&self) -> watch::Receiver<bool> {
         self.lost.clone()
     }
-
-    /// Whether the lease is lost.
-    pub fn is_lost(&self) -> bool {
-        *self.lost.borrow()
-    }
 }
 
 impl Drop for LeaseKeeper {
