@@ -144,15 +144,26 @@ pub async fn run_member(
         }
         tracing::info!(node = %node.id, lease = lease.id, "registered");
         let mut lost = lease.lost();
+        // What the last successful reconcile saw: the placement prefix also holds every node's
+        // ack, and those alone change nothing here.
+        let mut done: Option<(i64, i64, i64)> = None;
         loop {
             let (p, r) = (
                 placements.borrow_and_update().clone(),
                 routers.borrow_and_update().clone(),
             );
-            if p.revision > 0
-                && let Err(e) = reconcile(&node, &store, &cfg, &p, &r, lease.id).await
-            {
-                tracing::warn!(node = %node.id, error = %e, "reconcile failed");
+            let rev = |key: &str| p.entries.get(key).map_or(0, |kv| kv.mod_revision);
+            let seen = (
+                rev(&cfg.keys.active()),
+                rev(&cfg.keys.pending()),
+                r.revision,
+            );
+            if p.revision > 0 && done != Some(seen) {
+                match reconcile(&node, &store, &cfg, &p, &r, lease.id).await {
+                    Ok(Some(_)) => done = Some(seen),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(node = %node.id, error = %e, "reconcile failed"),
+                }
             }
             tokio::select! {
                 _ = placements.changed() => {}

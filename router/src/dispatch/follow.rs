@@ -88,11 +88,18 @@ pub async fn follow(
         };
         let mut lost = lease.lost();
         let mut reported = None;
+        // Store revision of the active placement last acted on (under this lease: a store that
+        // lost our lease may have lost its history too).
+        let mut applied = 0;
         let mut publish = tokio::time::interval(cfg.load_publish.max(Duration::from_millis(10)));
         loop {
             let snap = placements.borrow_and_update().clone();
             let key = cfg.keys.active();
-            if let Some(kv) = snap.entries.get(&key) {
+            // The prefix also holds pending and every node's ack: act on a new active only.
+            if let Some(kv) = snap.entries.get(&key)
+                && kv.mod_revision != applied
+            {
+                applied = kv.mod_revision;
                 match records::decode::<PlacementRecord>(&key, &kv.value)
                     .map(|r| r.to_placement(&cfg.moe_layers, cfg.n_experts))
                 {
