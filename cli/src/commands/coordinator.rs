@@ -48,6 +48,13 @@ pub fn changes(last: &CoordinatorStatus, s: &CoordinatorStatus) -> Vec<String> {
             s.last_rollout.as_millis()
         ));
     }
+    out.extend(rebalance_changes(last, s));
+    out
+}
+
+/// The lines a status change reports about load-driven rebalancing.
+pub fn rebalance_changes(last: &CoordinatorStatus, s: &CoordinatorStatus) -> Vec<String> {
+    let mut out = Vec::new();
     if s.last_rebalance != last.last_rebalance
         && let Some(r) = &s.last_rebalance
     {

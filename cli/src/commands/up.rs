@@ -128,10 +128,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let mut last = status.borrow_and_update().clone();
             while status.changed().await.is_ok() {
                 let s = status.borrow_and_update().clone();
-                for line in super::coordinator::changes(&last, &s) {
-                    if line.contains("rebalance") {
-                        println!("{line}");
-                    }
+                for line in super::coordinator::rebalance_changes(&last, &s) {
+                    println!("{line}");
                 }
                 last = s;
             }
