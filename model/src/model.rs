@@ -257,12 +257,11 @@ impl Backbone {
                         let routing = gate.route(&x, t);
                         let xm = Matrix::from_vec(t, hid, x);
                         let pending = experts.dispatch(l, &xm, &routing)?;
-                        // The shared expert runs while the routed ones are computed or in flight.
-                        let (shared_out, routed) = rayon::join(
-                            || shared.as_ref().map(|s| s.forward(&xm.data, t)),
-                            || pending.wait(),
-                        );
-                        let mut routed = routed?;
+                        // The shared expert runs while the routed ones are in flight; the wait
+                        // comes after it, on this thread and never inside a rayon job: see
+                        // `PendingExperts::wait`.
+                        let shared_out = shared.as_ref().map(|s| s.forward(&xm.data, t));
+                        let mut routed = pending.wait()?;
                         if (routed.rows, routed.cols) != (t, hid) {
                             return Err(ModelError::Experts {
                                 layer: l,

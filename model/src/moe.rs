@@ -67,6 +67,12 @@ pub trait ExpertBackend: Send + Sync {
 /// A routed-expert result that may still be in flight.
 pub trait PendingExperts: Send {
     /// Waits for the `[tokens, hidden]` weighted sums.
+    ///
+    /// A remote result blocks on I/O here, so callers must not wait inside a rayon job: when
+    /// the experts are computed on the same rayon pool (expert nodes in the router's process, as
+    /// `moe up` runs them), a worker blocked here, or one waiting for it, can hold that compute
+    /// below it on its stack, and neither ever finishes. `Backbone::forward` waits on its own
+    /// thread.
     fn wait(self: Box<Self>) -> Result<Matrix>;
 }
 
@@ -237,8 +243,7 @@ impl ExpertBackend for LocalExperts {
     }
 }
 
-/// Local experts computed when waited on, so that the caller's shared-expert work and the
-/// routed experts share the thread pool.
+/// Local experts computed when waited on (after the caller's shared-expert work).
 struct Deferred<'a> {
     store: &'a ExpertStore,
     layer: usize,
