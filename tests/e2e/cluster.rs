@@ -6,6 +6,7 @@ pub mod roles;
 
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use harness::*;
 use moe_meta::testing::EtcdProcess;
 use reqwest::StatusCode;
@@ -176,4 +177,44 @@ async fn moe_up_brings_up_a_working_cluster() {
     for i in PROMPTS {
         assert_eq!(greedy(&c, &addr, i).await.expect("ok"), golden_ids(i));
     }
+
+    // SIGTERM while a long stream runs: the stream still gets every token, then `moe up` exits.
+    let n = 600;
+    let resp = c
+        .post(format!("http://{addr}/v1/completions"))
+        .json(
+            &json!({"prompt": "Hello", "max_tokens": n, "ignore_eos": true, "stream": true,
+            "stream_options": {"include_usage": true}}),
+        )
+        .send()
+        .await
+        .expect("stream");
+    let mut body = resp.bytes_stream();
+    let mut text = String::from_utf8(body.next().await.expect("a chunk").expect("bytes").to_vec())
+        .expect("utf-8");
+    let pid = up.proc.child.id().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status();
+    assert!(killed.expect("kill").success());
+    up.expect_line("stopping", Duration::from_secs(20));
+    while let Some(chunk) = body.next().await {
+        text.push_str(std::str::from_utf8(&chunk.expect("stream stays up")).expect("utf-8"));
+    }
+    let chunks: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).expect("chunk JSON"))
+        .collect();
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    let usage = &chunks.last().expect("chunks")["usage"];
+    assert_eq!(usage["completion_tokens"], n, "{usage}");
+    let finish: Vec<_> = chunks
+        .iter()
+        .filter_map(|ch| ch["choices"][0]["finish_reason"].as_str())
+        .collect();
+    assert_eq!(finish, ["length"], "{text}");
+    assert!(chunks.iter().all(|ch| ch.get("error").is_none()), "{text}");
+    up.expect_line("stopped", Duration::from_secs(30));
 }

@@ -137,9 +137,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let shutdown = async move {
             crate::signal::shutdown().await;
             println!("stopping");
-            let _ = stop.send(true);
         };
-        moe_router::http::serve(listener, state, shutdown).await?;
+        // Requests in flight finish first (the API stops taking new ones); only then do the
+        // nodes drain and the coordinator step down, so a stop loses no request.
+        let served = moe_router::http::serve(listener, state, shutdown).await;
+        let _ = stop.send(true);
+        served?;
         progress.abort();
         for t in tasks {
             let _ = tokio::time::timeout(Duration::from_secs(10), t).await;

@@ -199,14 +199,14 @@ async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Outgoing>, max
         backoff = Duration::from_millis(50);
         tracing::info!(node = %shared.addr, "dispatch stream up");
         let mut pending: HashMap<u64, Reply> = HashMap::new();
-        let why = loop {
+        let (clean, why) = loop {
             tokio::select! {
                 out = rx.recv() => match out {
                     Some(Outgoing { req, reply }) => {
                         let id = req.request_id;
                         pending.insert(id, reply);
                         if req_tx.send(req).await.is_err() {
-                            break "request stream closed".to_string();
+                            break (false, "request stream closed".to_string());
                         }
                     }
                     None => return,
@@ -219,13 +219,18 @@ async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Outgoing>, max
                             let _ = reply.send(Ok(resp));
                         }
                     }
-                    Ok(None) => break "the node ended the stream".to_string(),
-                    Err(status) => break format!("stream failed: {status}"),
+                    Ok(None) => break (true, "the node ended the stream".to_string()),
+                    Err(status) => break (false, format!("stream failed: {status}")),
                 },
             }
         };
         shared.up.store(false, Ordering::SeqCst);
-        tracing::warn!(node = %shared.addr, reason = %why, in_flight = pending.len(), "dispatch stream down");
+        if clean && pending.is_empty() {
+            // A draining node (a restart, `moe up` stopping) ends its streams once idle.
+            tracing::info!(node = %shared.addr, reason = %why, "dispatch stream closed");
+        } else {
+            tracing::warn!(node = %shared.addr, reason = %why, in_flight = pending.len(), "dispatch stream down");
+        }
         fail_all(&mut pending, &format!("node {}: {why}", shared.addr));
     }
 }
