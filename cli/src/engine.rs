@@ -34,6 +34,23 @@ pub struct RemoteArgs {
     /// Largest gRPC message to or from a node, bytes.
     #[arg(long, env = "MOE_MAX_MESSAGE_BYTES", default_value_t = moe_proto::DEFAULT_MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
+    /// An expert with fewer tokens than this in one step sends them all to one of its replicas
+    /// (its weights are read once: decode); with more they are split over the replicas.
+    #[arg(long, env = "MOE_DISPATCH_SPLIT_MIN_TOKENS", default_value_t = moe_router::dispatch::plan::DEFAULT_SPLIT_MIN_TOKENS)]
+    pub dispatch_split_min_tokens: usize,
+}
+
+impl RemoteArgs {
+    /// The data-plane options these flags give.
+    pub fn dispatch_options(&self) -> DispatchOptions {
+        DispatchOptions {
+            wire: self.wire,
+            timeout: Duration::from_millis(self.dispatch_timeout_ms),
+            max_message_bytes: self.max_message_bytes,
+            replacement_wait: Duration::from_millis(self.replacement_wait_ms),
+            split_min_tokens: self.dispatch_split_min_tokens,
+        }
+    }
 }
 
 fn parse_wire(s: &str) -> Result<Dtype, String> {
@@ -118,12 +135,7 @@ pub fn load_remote(
             addrs.len()
         );
     }
-    let opts = DispatchOptions {
-        wire: remote.wire,
-        timeout: Duration::from_millis(remote.dispatch_timeout_ms),
-        max_message_bytes: remote.max_message_bytes,
-        replacement_wait: Duration::from_millis(remote.replacement_wait_ms),
-    };
+    let opts = remote.dispatch_options();
     let experts = RemoteExperts::new(
         placement,
         addrs.clone(),

@@ -201,12 +201,7 @@ fn run_coordinated_router(a: RouterArgs, listener: std::net::TcpListener) -> any
     let dir = a.serve.model_dir()?;
     let backbone = crate::progress::load_backbone(&dir)?;
     let (moe_layers, n_experts) = crate::cluster::model_shape(&dir)?;
-    let opts = moe_router::DispatchOptions {
-        wire: a.remote.wire,
-        timeout: std::time::Duration::from_millis(a.remote.dispatch_timeout_ms),
-        max_message_bytes: a.remote.max_message_bytes,
-        replacement_wait: std::time::Duration::from_millis(a.remote.replacement_wait_ms),
-    };
+    let opts = a.remote.dispatch_options();
     let experts = Arc::new(RemoteExperts::empty(
         backbone.config().hidden_size,
         opts,

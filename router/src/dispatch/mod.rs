@@ -40,6 +40,9 @@ pub struct DispatchOptions {
     pub max_message_bytes: usize,
     /// How long a step whose experts have no live replica waits for a new placement.
     pub replacement_wait: Duration,
+    /// Fewest tokens of one expert in one step that are split over its replicas (fewer go to
+    /// one replica, so its weights are read once).
+    pub split_min_tokens: usize,
 }
 
 impl Default for DispatchOptions {
@@ -49,6 +52,7 @@ impl Default for DispatchOptions {
             timeout: Duration::from_secs(30),
             max_message_bytes: moe_proto::DEFAULT_MAX_MESSAGE_BYTES,
             replacement_wait: Duration::from_secs(30),
+            split_min_tokens: plan::DEFAULT_SPLIT_MIN_TOKENS,
         }
     }
 }
@@ -350,7 +354,7 @@ impl RemoteExperts {
             let seen = routes.placement.as_ref().map_or(0, |p| p.version);
             let outcome = match &routes.placement {
                 None => Err(DispatchError::NoPlacement(self.opts.replacement_wait)),
-                Some(p) => plan::plan(p, layer, entries, seed, |n| {
+                Some(p) => plan::plan(p, layer, entries, seed, self.opts.split_min_tokens, |n| {
                     routes.clients[n].is_up() && !excluded.contains(routes.clients[n].addr())
                 })
                 .map_err(|u| DispatchError::NoReplica {

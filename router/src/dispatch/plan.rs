@@ -1,9 +1,17 @@
 //! Planning one layer's dispatch: which node computes each (token, expert), and the per-node
-//! CSR lists. A token goes to a node once with all of its experts there; among an expert's
-//! replicas the router prefers a node the token already visits, then the least loaded one in
-//! this batch, skipping nodes that are down or excluded. An expert whose replicas have
-//! published shares (load-balanced placements) is split by those shares instead: each
-//! (step, token, expert) hashes to a point on the usable replicas' shares.
+//! CSR lists. A token goes to a node once with all of its experts there; nodes that are down or
+//! excluded are skipped.
+//!
+//! An expert with few tokens in a step (fewer than `split_min`: decode) sends them all to one of
+//! its replicas, so that its weights are read once per step rather than once per replica: a
+//! decode step's cost on a node is the weights it reads. The replica is drawn per (step, expert)
+//! by the published shares (load-balanced placements), so load follows the shares over steps, or
+//! else is the one given the fewest experts so far in this step. An expert with many tokens
+//! (prefill, where compute dominates) is split per token: by the shares, each (step, token,
+//! expert) hashing to a point on them, or else preferring a node the token already visits, then
+//! the least loaded one.
+
+use std::collections::{BTreeMap, HashMap};
 
 use moe_meta::Placement;
 use moe_model::gate::Routing;
@@ -51,20 +59,69 @@ fn by_share<I: Iterator<Item = (usize, u32)> + Clone>(replicas: I, at: u64) -> O
     last
 }
 
+/// Fewest tokens of one expert in one step that are split over its replicas (below it they go
+/// to one replica). On a CPU an expert's weight read costs about as much as 5 tokens of its
+/// compute, so splitting pays only well above that; on a GPU the crossover is in the hundreds.
+pub const DEFAULT_SPLIT_MIN_TOKENS: usize = 32;
+
+/// The replica each expert of this step with fewer than `split_min` tokens uses (experts not
+/// listed are split per token).
+fn whole_experts(
+    placement: &Placement,
+    layer: usize,
+    entries: &[(usize, u32, f32)],
+    seed: u64,
+    split_min: usize,
+    usable: &impl Fn(usize) -> bool,
+) -> Result<HashMap<u32, usize>, Unplaceable> {
+    // expert → (tokens this step, first token)
+    let mut count: BTreeMap<u32, (usize, usize)> = BTreeMap::new();
+    for &(tok, expert, _) in entries {
+        count.entry(expert).or_insert((0, tok)).0 += 1;
+    }
+    let mut experts_on = vec![0usize; placement.nodes.len()];
+    let mut whole = HashMap::new();
+    for (expert, (n, first_token)) in count {
+        if n >= split_min {
+            continue;
+        }
+        let all = placement.replicas(layer, expert as usize);
+        let live = || all.iter().copied().filter(|&r| usable(r));
+        let by_shares = placement.shares(layer, expert as usize).and_then(|shares| {
+            let pairs = all.iter().copied().zip(shares.iter().copied());
+            by_share(
+                pairs.filter(|&(r, _)| usable(r)),
+                mix(seed, usize::MAX, expert),
+            )
+        });
+        let node = by_shares
+            .or_else(|| live().min_by_key(|&r| (experts_on[r], r)))
+            .ok_or(Unplaceable {
+                token: first_token,
+                expert: expert as usize,
+            })?;
+        experts_on[node] += 1;
+        whole.insert(expert, node);
+    }
+    Ok(whole)
+}
+
 /// Plans `entries` (token, expert, weight) of `layer` over the placement; `usable(node)` says
-/// whether a node may be used; `seed` varies the share split from step to step.
+/// whether a node may be used; `seed` varies the share draws from step to step; an expert with
+/// at least `split_min` tokens is split over its replicas, one with fewer goes to one replica.
 pub fn plan(
     placement: &Placement,
     layer: usize,
     entries: &[(usize, u32, f32)],
     seed: u64,
+    split_min: usize,
     usable: impl Fn(usize) -> bool,
 ) -> Result<Vec<NodeWork>, Unplaceable> {
     let n_nodes = placement.nodes.len();
+    let whole = whole_experts(placement, layer, entries, seed, split_min, &usable)?;
     let mut load = vec![0usize; n_nodes];
     // node → token → [(expert, weight)]
-    let mut per_node: Vec<std::collections::BTreeMap<usize, Vec<(u32, f32)>>> =
-        vec![Default::default(); n_nodes];
+    let mut per_node: Vec<BTreeMap<usize, Vec<(u32, f32)>>> = vec![Default::default(); n_nodes];
     let mut i = 0;
     while i < entries.len() {
         let tok = entries[i].0;
@@ -75,6 +132,10 @@ pub fn plan(
         // Experts with fewer live replicas first, so forced nodes are known before choosing.
         let mut mine: Vec<(u32, f32, Vec<usize>, Option<usize>)> = Vec::with_capacity(j - i);
         for &(_, expert, w) in &entries[i..j] {
+            if let Some(&node) = whole.get(&expert) {
+                mine.push((expert, w, vec![node], Some(node)));
+                continue;
+            }
             let all = placement.replicas(layer, expert as usize);
             let replicas: Vec<usize> = all.iter().copied().filter(|&n| usable(n)).collect();
             if replicas.is_empty() {
@@ -159,6 +220,9 @@ mod tests {
     use super::*;
     use moe_meta::NodeEntry;
 
+    /// Split every expert's tokens (the per-token rules), as prefill-sized groups are.
+    const SPLIT: usize = 1;
+
     fn placement(specs: &[&str]) -> Placement {
         let nodes = specs
             .iter()
@@ -176,7 +240,7 @@ mod tests {
     fn a_token_visits_each_node_once() {
         let p = placement(&["1:0-3", "1:4-7"]);
         let e = vec![(0, 0, 0.5), (0, 1, 0.25), (0, 5, 0.25), (1, 6, 1.0)];
-        let w = plan(&p, 1, &e, 0, |_| true).expect("placeable");
+        let w = plan(&p, 1, &e, 0, SPLIT, |_| true).expect("placeable");
         assert_eq!(w.len(), 2);
         assert_eq!(
             (
@@ -204,12 +268,12 @@ mod tests {
         // Expert 2 lives on both nodes; experts 0 and 7 on one each.
         let p = placement(&["1:0-3", "1:2-7"]);
         // Token 0 must visit node 1 for expert 7: expert 2 joins it there, even listed first.
-        let w = plan(&p, 1, &[(0, 2, 1.0), (0, 7, 1.0)], 0, |_| true).expect("ok");
+        let w = plan(&p, 1, &[(0, 2, 1.0), (0, 7, 1.0)], 0, SPLIT, |_| true).expect("ok");
         assert_eq!(w.len(), 1);
         assert_eq!(w[0].node, 1);
         // Tokens that only want expert 2 alternate between the replicas.
         let e: Vec<_> = (0..4).map(|t| (t, 2u32, 1.0f32)).collect();
-        let w = plan(&p, 1, &e, 0, |_| true).expect("ok");
+        let w = plan(&p, 1, &e, 0, SPLIT, |_| true).expect("ok");
         assert_eq!(
             w.iter().map(|x| x.tokens.len()).collect::<Vec<_>>(),
             vec![2, 2]
@@ -219,9 +283,9 @@ mod tests {
     #[test]
     fn down_nodes_are_avoided_or_reported() {
         let p = placement(&["1:0-3", "1:2-7"]);
-        let w = plan(&p, 1, &[(0, 2, 1.0)], 0, |n| n != 1).expect("replica on node 0");
+        let w = plan(&p, 1, &[(0, 2, 1.0)], 0, SPLIT, |n| n != 1).expect("replica on node 0");
         assert_eq!(w[0].node, 0);
-        let err = plan(&p, 1, &[(3, 5, 1.0)], 0, |n| n != 1).expect_err("no replica");
+        let err = plan(&p, 1, &[(3, 5, 1.0)], 0, SPLIT, |n| n != 1).expect_err("no replica");
         assert_eq!(
             err,
             Unplaceable {
@@ -243,13 +307,77 @@ mod tests {
             }
             c
         };
-        let c = count(&plan(&p, 1, &e, 7, |_| true).expect("ok"));
+        let c = count(&plan(&p, 1, &e, 7, SPLIT, |_| true).expect("ok"));
         for (got, want) in c.iter().zip([6000.0, 3000.0, 1000.0]) {
             assert!((*got as f64 - want).abs() < want * 0.05, "{c:?}");
         }
         // Node 0 down: its share goes to the others in proportion (3:1).
-        let c = count(&plan(&p, 1, &e, 7, |n| n != 0).expect("ok"));
+        let c = count(&plan(&p, 1, &e, 7, SPLIT, |n| n != 0).expect("ok"));
         assert_eq!(c[0], 0);
         assert!((c[1] as f64 / c[2] as f64 - 3.0).abs() < 0.3, "{c:?}");
+    }
+
+    fn nodes_of(w: &[NodeWork], expert: u32) -> Vec<usize> {
+        w.iter()
+            .filter(|x| x.experts.contains(&expert))
+            .map(|x| x.node)
+            .collect()
+    }
+
+    #[test]
+    fn an_expert_with_few_tokens_goes_to_one_replica_and_many_are_split() {
+        // Expert 2 on both nodes, expert 0 on node 0 only.
+        let p = placement(&["1:0-3", "1:2-7"]);
+        // 4 tokens want expert 2 (below 8): one replica computes all of them, even for the
+        // token that visits node 0 anyway for expert 0.
+        let mut e: Vec<_> = (0..4).map(|t| (t, 2u32, 1.0f32)).collect();
+        e.insert(0, (0, 0, 1.0));
+        let w = plan(&p, 1, &e, 0, 8, |_| true).expect("ok");
+        assert_eq!(nodes_of(&w, 2).len(), 1, "{w:?}");
+        let tokens_with_2: usize = w
+            .iter()
+            .map(|x| x.experts.iter().filter(|&&x| x == 2).count())
+            .sum();
+        assert_eq!(tokens_with_2, 4);
+        // 8 tokens (at the threshold): split over both replicas.
+        let e: Vec<_> = (0..8).map(|t| (t, 2u32, 1.0f32)).collect();
+        let w = plan(&p, 1, &e, 0, 8, |_| true).expect("ok");
+        assert_eq!(nodes_of(&w, 2), vec![0, 1]);
+    }
+
+    #[test]
+    fn whole_experts_spread_over_nodes_and_follow_shares_over_steps() {
+        // Experts 0-7 on both nodes, no shares: one token each; each node gets four experts.
+        let p = placement(&["1:0-7", "1:0-7"]);
+        let e: Vec<_> = (0..8).map(|x| (0, x as u32, 1.0f32)).collect();
+        let w = plan(&p, 1, &e, 0, 8, |_| true).expect("ok");
+        assert_eq!(
+            w.iter().map(|x| x.experts.len()).collect::<Vec<_>>(),
+            [4, 4]
+        );
+        // With shares 3:1 for expert 5, steps (seeds) pick its replica in that proportion, and a
+        // down replica is never picked.
+        let mut p = placement(&["1:0-7", "1:0-7"]);
+        p.set_shares([(1, 5, 0, 750_000), (1, 5, 1, 250_000)]);
+        let e = [(0, 5u32, 1.0f32), (1, 5, 1.0)];
+        let mut on = [0usize; 2];
+        for seed in 0..4000 {
+            let w = plan(&p, 1, &e, seed, 8, |_| true).expect("ok");
+            assert_eq!(w.len(), 1, "both tokens on one replica");
+            on[w[0].node] += 1;
+        }
+        assert!((on[0] as f64 / 4000.0 - 0.75).abs() < 0.03, "{on:?}");
+        for seed in 0..100 {
+            let w = plan(&p, 1, &e, seed, 8, |n| n != 0).expect("ok");
+            assert_eq!(w[0].node, 1);
+        }
+        let err = plan(&p, 1, &[(3, 5, 1.0)], 0, 8, |_| false).expect_err("nothing usable");
+        assert_eq!(
+            err,
+            Unplaceable {
+                token: 3,
+                expert: 5
+            }
+        );
     }
 }
