@@ -64,6 +64,18 @@ pub trait ExpertBackend: Send + Sync {
     ) -> Result<Box<dyn PendingExperts + 'a>>;
 }
 
+/// A shared backend (the router's remote experts, also read by its readiness checks).
+impl<T: ExpertBackend + ?Sized> ExpertBackend for std::sync::Arc<T> {
+    fn dispatch<'a>(
+        &'a self,
+        layer: usize,
+        x: &'a Matrix,
+        routing: &'a Routing,
+    ) -> Result<Box<dyn PendingExperts + 'a>> {
+        (**self).dispatch(layer, x, routing)
+    }
+}
+
 /// A routed-expert result that may still be in flight.
 pub trait PendingExperts: Send {
     /// Waits for the `[tokens, hidden]` weighted sums.

@@ -10,27 +10,11 @@ use crate::dispatch::RemoteExperts;
 pub struct Engine {
     backbone: Backbone,
     experts: Box<dyn ExpertBackend>,
-    remote: bool,
 }
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine")
-            .field("remote", &self.remote)
-            .finish()
-    }
-}
-
-struct Shared(std::sync::Arc<RemoteExperts>);
-
-impl ExpertBackend for Shared {
-    fn dispatch<'a>(
-        &'a self,
-        layer: usize,
-        x: &'a Matrix,
-        routing: &'a moe_model::gate::Routing,
-    ) -> moe_model::Result<Box<dyn moe_model::PendingExperts + 'a>> {
-        self.0.dispatch(layer, x, routing)
+        f.debug_struct("Engine").finish_non_exhaustive()
     }
 }
 
@@ -40,7 +24,6 @@ impl Engine {
         Engine {
             backbone: model.backbone,
             experts: Box::new(model.experts),
-            remote: false,
         }
     }
 
@@ -48,8 +31,7 @@ impl Engine {
     pub fn remote(backbone: Backbone, experts: std::sync::Arc<RemoteExperts>) -> Engine {
         Engine {
             backbone,
-            experts: Box::new(Shared(experts)),
-            remote: true,
+            experts: Box::new(experts),
         }
     }
 

@@ -64,6 +64,21 @@ fn by_share<I: Iterator<Item = (usize, u32)> + Clone>(replicas: I, at: u64) -> O
 /// compute, so splitting pays only well above that; on a GPU the crossover is in the hundreds.
 pub const DEFAULT_SPLIT_MIN_TOKENS: usize = 32;
 
+/// The usable replica of `expert` whose share interval holds the point `at`; `None` when the
+/// expert has no published shares (or no usable replica).
+fn draw(
+    placement: &Placement,
+    layer: usize,
+    expert: u32,
+    at: u64,
+    usable: &impl Fn(usize) -> bool,
+) -> Option<usize> {
+    let shares = placement.shares(layer, expert as usize)?;
+    let replicas = placement.replicas(layer, expert as usize);
+    let pairs = replicas.iter().copied().zip(shares.iter().copied());
+    by_share(pairs.filter(|&(r, _)| usable(r)), at)
+}
+
 /// The replica each expert of this step with fewer than `split_min` tokens uses (experts not
 /// listed are split per token).
 fn whole_experts(
@@ -85,21 +100,23 @@ fn whole_experts(
         if n >= split_min {
             continue;
         }
-        let all = placement.replicas(layer, expert as usize);
-        let live = || all.iter().copied().filter(|&r| usable(r));
-        let by_shares = placement.shares(layer, expert as usize).and_then(|shares| {
-            let pairs = all.iter().copied().zip(shares.iter().copied());
-            by_share(
-                pairs.filter(|&(r, _)| usable(r)),
-                mix(seed, usize::MAX, expert),
-            )
-        });
-        let node = by_shares
-            .or_else(|| live().min_by_key(|&r| (experts_on[r], r)))
-            .ok_or(Unplaceable {
-                token: first_token,
-                expert: expert as usize,
-            })?;
+        let node = draw(
+            placement,
+            layer,
+            expert,
+            mix(seed, usize::MAX, expert),
+            usable,
+        )
+        .or_else(|| {
+            let replicas = placement.replicas(layer, expert as usize).iter().copied();
+            replicas
+                .filter(|&r| usable(r))
+                .min_by_key(|&r| (experts_on[r], r))
+        })
+        .ok_or(Unplaceable {
+            token: first_token,
+            expert: expert as usize,
+        })?;
         experts_on[node] += 1;
         whole.insert(expert, node);
     }
@@ -125,51 +142,48 @@ pub fn plan(
     let mut i = 0;
     while i < entries.len() {
         let tok = entries[i].0;
-        let mut j = i;
-        while j < entries.len() && entries[j].0 == tok {
-            j += 1;
-        }
-        // Experts with fewer live replicas first, so forced nodes are known before choosing.
-        let mut mine: Vec<(u32, f32, Vec<usize>, Option<usize>)> = Vec::with_capacity(j - i);
+        let j = i + entries[i..].iter().take_while(|x| x.0 == tok).count();
+        // (node, expert, weight) of this token. Experts whose node is decided (one replica for
+        // the step, or drawn by the shares) go first; the others then prefer a node this token
+        // visits anyway, fewest replicas first, else the least loaded (this token adds load only
+        // to nodes it visits, so it is counted once it is placed).
+        let mut visits: Vec<(usize, u32, f32)> = Vec::with_capacity(j - i);
+        let mut open: Vec<(u32, f32, Vec<usize>)> = Vec::new();
         for &(_, expert, w) in &entries[i..j] {
             if let Some(&node) = whole.get(&expert) {
-                mine.push((expert, w, vec![node], Some(node)));
+                visits.push((node, expert, w));
                 continue;
             }
             let all = placement.replicas(layer, expert as usize);
-            let replicas: Vec<usize> = all.iter().copied().filter(|&n| usable(n)).collect();
-            if replicas.is_empty() {
+            if !all.iter().any(|&n| usable(n)) {
                 return Err(Unplaceable {
                     token: tok,
                     expert: expert as usize,
                 });
             }
-            let chosen = placement.shares(layer, expert as usize).and_then(|shares| {
-                let live = all.iter().copied().zip(shares.iter().copied());
-                let live = live.filter(|(n, _)| replicas.contains(n));
-                by_share(live, mix(seed, tok, expert))
-            });
-            mine.push((expert, w, replicas, chosen));
+            match draw(placement, layer, expert, mix(seed, tok, expert), &usable) {
+                Some(node) => visits.push((node, expert, w)),
+                None => open.push((
+                    expert,
+                    w,
+                    all.iter().copied().filter(|&n| usable(n)).collect(),
+                )),
+            }
         }
-        mine.sort_by_key(|(e, _, r, c)| (c.is_none(), r.len(), *e));
-        let mut visited: Vec<usize> = Vec::new();
-        for (expert, w, replicas, chosen) in mine {
-            let first = replicas[0];
-            let node = chosen.unwrap_or_else(|| {
-                replicas
-                    .iter()
-                    .copied()
-                    .find(|n| visited.contains(n))
-                    .unwrap_or_else(|| {
-                        replicas
-                            .iter()
-                            .copied()
-                            .min_by_key(|&n| (load[n], n))
-                            .unwrap_or(first)
-                    })
+        open.sort_by_key(|(e, _, r)| (r.len(), *e));
+        for (expert, w, replicas) in open {
+            let visited = replicas
+                .iter()
+                .copied()
+                .find(|&n| visits.iter().any(|v| v.0 == n));
+            let node = visited.unwrap_or_else(|| {
+                let least = replicas.iter().copied().min_by_key(|&n| (load[n], n));
+                least.unwrap_or(replicas[0])
             });
-            if !visited.contains(&node) {
-                visited.push(node);
+            visits.push((node, expert, w));
+        }
+        for (k, &(node, expert, w)) in visits.iter().enumerate() {
+            if visits[..k].iter().all(|v| v.0 != node) {
                 load[node] += 1;
             }
             per_node[node].entry(tok).or_default().push((expert, w));
