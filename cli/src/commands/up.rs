@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use moe_coordinator::{CoordinatorConfig, CoordinatorStatus};
+use moe_coordinator::CoordinatorStatus;
 use moe_expert_node::membership::{MemberConfig, run_member};
 use moe_expert_node::{ExpertNode, ServerOptions};
 use moe_meta::store::MetaStore;
@@ -55,16 +55,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let ttl = a.cluster.ttl();
 
         let (status_tx, mut status) = watch::channel(CoordinatorStatus::default());
-        let coord = CoordinatorConfig {
-            id: crate::cluster::process_id("coordinator", 0),
-            keys: keys.clone(),
-            moe_layers: moe_layers.clone(),
-            n_experts,
-            min_replicas: a.replicas,
-            lease_ttl: ttl,
-            ack_timeout: Duration::from_secs(120),
-            rebalance: a.rebalance.config(),
-        };
+        let coord = super::coordinator::config(
+            &dir,
+            a.replicas,
+            crate::cluster::process_id("coordinator", 0),
+            &a.cluster,
+            Duration::from_secs(120),
+            a.rebalance.config(),
+        )?;
         let mut tasks = vec![tokio::spawn(moe_coordinator::run(store.clone(), coord, status_tx, stopped.clone()))];
 
         for i in 0..a.nodes {

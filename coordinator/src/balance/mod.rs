@@ -141,7 +141,7 @@ pub fn place_layer(loads: &[f64], slots: &[usize]) -> Result<LayerPlacement, Bal
     }
     pieces.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     // 2. Two ways to lay the pieces out; the levelled result that balances better wins.
-    let mut best: Option<LayerPlacement> = None;
+    let mut best: Option<(LayerPlacement, f64)> = None;
     for rounds in [true, false] {
         let gpus = if rounds {
             lpt_rounds(&pieces, loads, slots, active)
@@ -160,22 +160,23 @@ pub fn place_layer(loads: &[f64], slots: &[usize]) -> Result<LayerPlacement, Bal
             optimal_shares(&mut p, loads);
             level(&mut p, loads, slots);
         }
-        if best
-            .as_ref()
-            .is_none_or(|b| p.balancedness(loads) > b.balancedness(loads))
-        {
-            best = Some(p);
+        let b = p.balancedness(loads);
+        if best.as_ref().is_none_or(|(_, best_b)| b > *best_b) {
+            best = Some((p, b));
         }
         if best
             .as_ref()
-            .is_some_and(|b| b.balancedness(loads) >= 1.0 - 1e-6)
+            .is_some_and(|(_, best_b)| *best_b >= 1.0 - 1e-6)
         {
             break;
         }
     }
-    Ok(best.unwrap_or(LayerPlacement {
-        gpus: vec![Vec::new(); g_count],
-    }))
+    Ok(best.map_or_else(
+        || LayerPlacement {
+            gpus: vec![Vec::new(); g_count],
+        },
+        |(p, _)| p,
+    ))
 }
 
 fn put(gpus: &mut [Vec<(u32, f64)>], load: &mut [f64], g: usize, e: usize, l: f64, loads: &[f64]) {

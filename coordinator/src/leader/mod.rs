@@ -68,6 +68,17 @@ fn live_nodes(snap: &Snapshot) -> Vec<NodeSlot> {
         .collect()
 }
 
+/// The placement record stored at `key` (`active` or `pending`), if any and readable.
+async fn read_placement(
+    store: &Arc<dyn MetaStore>,
+    key: &str,
+) -> Result<Option<PlacementRecord>, StoreError> {
+    Ok(store
+        .get(key)
+        .await?
+        .and_then(|kv| records::decode_or_skip(&kv.key, &kv.value)))
+}
+
 /// Runs a coordinator replica until `shutdown` becomes true.
 pub async fn run(
     store: Arc<dyn MetaStore>,
@@ -129,14 +140,8 @@ async fn lead(
     loop {
         let noticed = Instant::now();
         let live = live_nodes(&nodes.borrow_and_update());
-        let active = store
-            .get(&cfg.keys.active())
-            .await?
-            .and_then(|kv| records::decode_or_skip::<PlacementRecord>(&kv.key, &kv.value));
-        let pending = store
-            .get(&cfg.keys.pending())
-            .await?
-            .and_then(|kv| records::decode_or_skip::<PlacementRecord>(&kv.key, &kv.value));
+        let active = read_placement(store, &cfg.keys.active()).await?;
+        let pending = read_placement(store, &cfg.keys.pending()).await?;
         if let Some(a) = &active {
             status.send_modify(|s| s.active_version = a.version);
         }

@@ -5,13 +5,16 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use moe_meta::records::{self, PlacementRecord};
+use moe_meta::records::PlacementRecord;
 use moe_meta::store::MetaStore;
 use moe_meta::store::election::Leadership;
 use moe_meta::store::mirror::Snapshot;
 use tokio::sync::watch;
 
-use super::{CoordinatorConfig, CoordinatorStatus, LayerRebalance, TermEnd, rollout, same_members};
+use super::{
+    CoordinatorConfig, CoordinatorStatus, LayerRebalance, TermEnd, read_placement, rollout,
+    same_members,
+};
 use crate::plan::NodeSlot;
 use crate::rebalance::{LoadTracker, layer_of, layer_slots, rebalance};
 
@@ -55,10 +58,8 @@ pub(super) async fn rebalance_round(
         .iter()
         .map(|n| live.iter().find(|l| l.id == n.id).map_or(0, |l| l.capacity))
         .collect();
-    let pending = store
-        .get(&cfg.keys.pending())
+    let pending = read_placement(store, &cfg.keys.pending())
         .await?
-        .and_then(|kv| records::decode_or_skip::<PlacementRecord>(&kv.key, &kv.value))
         .map_or(0, |p| p.version);
     let mut rec = active.clone();
     let mut changed = false;
