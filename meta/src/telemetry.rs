@@ -40,6 +40,7 @@ pub fn init(filter: &str) -> Result<Telemetry, String> {
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
+                .with_ansi(colour())
                 .with_filter(filter),
         )
         .with(
@@ -50,6 +51,13 @@ pub fn init(filter: &str) -> Result<Telemetry, String> {
         .try_init()
         .map_err(|e| e.to_string())?;
     Ok(Telemetry { provider })
+}
+
+/// Colour codes only on a terminal (not in files, pipes or `kubectl logs`), and never with
+/// `NO_COLOR` set (no-color.org).
+fn colour() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 /// The W3C `traceparent` of `span` (empty when it has no valid context).

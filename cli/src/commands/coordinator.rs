@@ -82,8 +82,9 @@ pub fn rebalance_changes(last: &CoordinatorStatus, s: &CoordinatorStatus) -> Vec
 #[derive(Debug, Clone, clap::Args)]
 pub struct RebalanceArgs {
     /// Re-place a layer whose balancedness (mean node load / max node load) under the live load
-    /// falls below this; 0 turns it off. With --min-replicas 1 the algorithm decides replica
-    /// counts itself; above 1 it keeps that floor and adds replicas of hot experts in spare slots.
+    /// falls below this; 0 turns it off. With a floor of one replica per expert the algorithm
+    /// decides replica counts itself; above one it keeps that floor and adds replicas of hot
+    /// experts in spare slots.
     #[arg(long, env = "MOE_REBALANCE_THRESHOLD", default_value_t = 0.8)]
     rebalance_threshold: f64,
     /// How often the load is read and checked, milliseconds.
