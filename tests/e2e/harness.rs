@@ -70,14 +70,23 @@ impl Drop for Proc {
     }
 }
 
-/// Spawns `cmd` with its stdout lines forwarded to a channel (stderr inherited).
+/// Spawns `cmd` with its stdout lines forwarded to a channel. Its stderr (warnings the test
+/// often provokes on purpose: a killed node, a lost lease) goes to the test's captured output,
+/// which the test harness shows only when the test fails (or with `--nocapture`).
 pub fn spawn_lines(mut cmd: Command) -> (Child, mpsc::Receiver<String>) {
     let mut child = cmd
         .env("MOE_LOG", "warn")
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("spawns moe");
+    let stderr = child.stderr.take().expect("stderr");
+    // A thread spawned here inherits the test's output capture.
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("{line}");
+        }
+    });
     let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
