@@ -334,7 +334,7 @@ def schema_rejects() -> None:
         ({"router": {"replica": 3}}, "additional properties 'replica' not allowed", "/router"),
         ({"expertNode": {"replicas": -1}}, "minimum", "/expertNode/replicas"),
         ({"coordinator": {"replicas": "two"}}, "got string, want integer", "/coordinator/replicas"),
-        ({"etcd": {"replicas": 4}}, "", "/etcd/replicas"),
+        ({"etcd": {"replicas": 1}}, "minimum: got 1, want 3", "/etcd/replicas"),
         ({"routr": {}}, "additional properties 'routr' not allowed", ""),
     ]
     for values, reason, path in cases:
@@ -343,8 +343,14 @@ def schema_rejects() -> None:
         except helm.HelmValuesError as e:
             msg = str(e)
             assert reason in msg and path in msg, f"{values}: unclear message {msg!r}"
+            print(f"     {json.dumps(values)} -> {msg.strip().splitlines()[-1].strip()}")
             continue
         raise AssertionError(f"{values} rendered")
+    try:
+        render(CHART, {"etcd": {"replicas": 4}})
+        raise AssertionError("4 etcd members rendered")
+    except helm.HelmRenderError as e:
+        assert "odd number of members" in str(e), f"unclear message {e}"
 
 
 def values_commented() -> None:
