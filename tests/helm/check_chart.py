@@ -103,7 +103,7 @@ def args_are_flags(objs, moe: Path, helps: dict[str, live.Help]) -> None:
             if e["name"].startswith("MOE_"):
                 assert e["name"] in h.env, f"{role}: env {e['name']} is not one `moe {role} --help` lists"
         env = pod_env(c, w, 0)
-        err = live.accepts(moe, role, [expand(a, env) for a in args])
+        err = live.accepts(moe, [role], [expand(a, env) for a in args])
         assert err is None, f"moe {role} rejects the chart's arguments: {err}"
     assert seen == set(ROLES), f"roles rendered: {sorted(seen)}"
 
@@ -383,6 +383,47 @@ def values_commented() -> None:
         assert prev.startswith("#"), f"values.yaml:{n + 1}: {'.'.join(path)} has no comment"
 
 
+def network_policies(objs) -> None:
+    """Only routers reach expert nodes' gRPC; only this release's pods reach etcd's client port."""
+    pods = {pod_labels(w)["app.kubernetes.io/component"]: pod_labels(w) for w in objs if pod_spec(w)}
+    policies = {o["metadata"]["labels"]["app.kubernetes.io/component"]: o for o in objs if o["kind"] == "NetworkPolicy"}
+
+    def allowed(policy, port):
+        rules = [r for r in policy["spec"]["ingress"] if any(p["port"] == port for p in r.get("ports", []))]
+        assert rules, f"{policy['metadata']['name']}: port {port} closed"
+        peers = [p for r in rules for p in r.get("from", [None])]
+        assert None not in peers, f"{policy['metadata']['name']}: port {port} open to anyone"
+        return {c for c, labels in pods.items()
+                if any(selects(p["podSelector"]["matchLabels"], labels) for p in peers if "podSelector" in p)}
+
+    got = allowed(policies["expert-node"], "grpc")
+    assert got == {"router"}, f"expert nodes' gRPC is open to {sorted(got)}"
+    if "etcd" in pods:
+        got = allowed(policies["etcd"], "client")
+        assert got == set(pods), f"etcd's client port is open to {sorted(got)}, not every role"
+        got = allowed(policies["etcd"], "peer")
+        assert got == {"etcd"}, f"etcd's peer port is open to {sorted(got)}"
+
+
+def notes_commands(values: dict[str, Any], moe: Path) -> None:
+    """The `moe ...` command NOTES.txt tells users to run parses with this binary."""
+    notes = next(v for k, v in render(CHART, values).items() if k.endswith("NOTES.txt"))
+    cmds = [l.split(" -- moe ", 1)[1].split() for l in notes.splitlines() if " -- moe " in l]
+    assert cmds, "NOTES.txt has no moe command"
+    for c in cmds:
+        k = next(i for i, a in enumerate(c) if a.startswith("--"))
+        err = live.accepts(moe, c[:k], c[k:])
+        assert err is None, f"NOTES.txt: moe {' '.join(c)}: {err}"
+
+
+def app_version() -> None:
+    import tomllib
+    crate = tomllib.loads((ROOT / "Cargo.toml").read_text())["workspace"]["package"]["version"]
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["appVersion"] == crate, f"appVersion {chart['appVersion']}, crate {crate}"
+    assert chart["apiVersion"] == "v2"
+
+
 def no_monitoring(values: dict[str, Any]) -> None:
     kinds = [o["kind"] for o in objects(render(CHART, values)) if o["apiVersion"].startswith("monitoring.coreos.com")]
     assert not kinds, f"rendered {kinds} on a cluster without the monitoring.coreos.com API"
@@ -433,6 +474,9 @@ def main() -> int:
         if values.get("metrics", {}).get("serviceMonitor", {}).get("enabled"):
             check(f"{name}: ServiceMonitors/PodMonitors scrape every role", lambda o=objs: monitoring(o))
         check(f"{name}: no monitoring objects without the CRD API", lambda v=values: no_monitoring(v))
+        if values.get("networkPolicy", {}).get("enabled"):
+            check(f"{name}: NetworkPolicies: routers -> expert nodes, release pods -> etcd", lambda o=objs: network_policies(o))
+        check(f"{name}: NOTES.txt's moe command parses", lambda v=values: notes_commands(v, moe))
     prod = [n for n in rendered if "production" in n]
     check("a production-like values file exists", lambda: require(prod, "no ci/*production*-values.yaml"))
     for name in prod:
@@ -441,6 +485,7 @@ def main() -> int:
     check("schema rejects unknown keys, negative counts, wrong types", schema_rejects)
     check("every values.yaml knob is commented", values_commented)
     check("Dockerfile: --locked, non-root, hadolint", dockerfile)
+    check("Chart.yaml: apiVersion v2, appVersion = the crate version", app_version)
     cluster = live.Cluster(moe, MODEL)
     try:
         for name, objs in rendered.items():

@@ -34,10 +34,10 @@ class Help:
             raise AssertionError(f"moe {role} --help lists no flags:\n{out.stdout}")
 
 
-def accepts(moe: Path, role: str, args: list[str]) -> str | None:
-    """None when clap parses `args` (every flag known, every value of the right type), else the
-    error. `--help` last stops the command before it runs."""
-    out = subprocess.run([str(moe), role, *args, "--help"], capture_output=True, text=True)
+def accepts(moe: Path, command: list[str], args: list[str]) -> str | None:
+    """None when clap parses `moe COMMAND... ARGS` (every flag known, every value of the right
+    type), else its error. `--help` last stops the command before it runs."""
+    out = subprocess.run([str(moe), *command, *args, "--help"], capture_output=True, text=True)
     return None if out.returncode == 0 else out.stderr.strip()
 
 
