@@ -7,7 +7,6 @@ Usage: check_chart.py MOE_BINARY   (run by the `helm_chart` cargo test; .ci/run 
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import subprocess
