@@ -8,8 +8,8 @@
 #   docker build --build-arg FEATURES=cuda \
 #     --build-arg RUNTIME_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04 -t REGISTRY/moe-cluster:0.1.0-cuda .
 
-ARG RUST_IMAGE=rust:1.95-slim-bookworm
-ARG RUNTIME_IMAGE=debian:bookworm-slim
+ARG RUST_IMAGE=rust:1.95-slim-trixie
+ARG RUNTIME_IMAGE=debian:trixie-slim
 
 FROM ${RUST_IMAGE} AS build
 # Cargo features of the `moe` binary (e.g. `cuda`); empty: the CPU build.
