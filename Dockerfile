@@ -3,9 +3,10 @@
 #
 #   docker build -t REGISTRY/moe-cluster:0.1.0 .
 #
-# CUDA variant, once the `cuda` cargo feature exists: a runtime base with the CUDA libraries.
+# CUDA variant, once the `cuda` cargo feature exists: a runtime base with the CUDA libraries,
+# and a build base whose glibc is no newer than the runtime's (bookworm 2.36 <= Ubuntu 24.04 2.39).
 #
-#   docker build --build-arg FEATURES=cuda \
+#   docker build --build-arg FEATURES=cuda --build-arg RUST_IMAGE=rust:1.95-slim-bookworm \
 #     --build-arg RUNTIME_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04 -t REGISTRY/moe-cluster:0.1.0-cuda .
 
 ARG RUST_IMAGE=rust:1.95-slim-trixie
