@@ -191,6 +191,36 @@ impl EtcdCluster {
         None
     }
 
+    /// Hands raft leadership to member `to` (etcd's MoveLeader, sent to the current leader).
+    pub async fn move_leader(&self, to: usize) {
+        let leader = self.wait_leader(Duration::from_secs(20)).await;
+        if leader == to {
+            return;
+        }
+        let mut target = etcd_client::Client::connect([self.url(to)], None)
+            .await
+            .expect("connect");
+        let id = target
+            .status()
+            .await
+            .expect("status")
+            .header()
+            .expect("header")
+            .member_id();
+        let mut c = etcd_client::Client::connect([self.url(leader)], None)
+            .await
+            .expect("connect");
+        c.move_leader(id).await.expect("move leader");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.leader().await != Some(to) {
+            assert!(
+                Instant::now() < deadline,
+                "leadership did not move to m{to}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits (up to `within`) until some running member leads, and returns it.
     pub async fn wait_leader(&self, within: Duration) -> usize {
         let deadline = Instant::now() + within;

@@ -1,5 +1,5 @@
 //! The etcd store on a real 3-member cluster on loopback, through the faults production sees:
-//! the raft leader killed, a member frozen (SIGSTOP) for two TTLs, a restart of the whole
+//! the raft leader killed, the member in use frozen (SIGSTOP) for two TTLs, a restart of the whole
 //! cluster within the TTL. Leases are kept alive through each, watches keep delivering, writes
 //! move to a healthy member within about a second.
 
@@ -80,6 +80,11 @@ async fn leases_watches_and_writes_survive_a_minority_of_members_failing() {
     let preferred = (0..etcd.len())
         .find(|&i| etcd.url(i) == urls[store.preferred()])
         .expect("a member");
+    // A follower: etcd 3.4 revokes the leases a frozen raft leader saw expire once it is thawed
+    // (an etcd-side effect no client can prevent; see docs/ARCHITECTURE.md).
+    if etcd.leader().await == Some(preferred) {
+        etcd.move_leader((preferred + 1) % 3).await;
+    }
     etcd.freeze(preferred);
     let took = put_until_ok(s.as_ref(), "/f/after-freeze", Duration::from_secs(10)).await;
     eprintln!("m{preferred} frozen: first write after {took:?}");

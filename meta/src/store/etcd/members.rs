@@ -33,6 +33,8 @@ pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
 pub const PASS_BACKOFF: Duration = Duration::from_millis(150);
 /// How often every member is probed (each period jittered by ±25%).
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(1000);
+/// Consecutive failed probes that mark a member down.
+pub const PROBE_FAILURES: u32 = 2;
 /// HTTP/2 keep-alive ping interval and timeout on each member's connection: a frozen member's
 /// streams break after at most their sum.
 pub const H2_PING: (Duration, Duration) = (Duration::from_secs(2), Duration::from_secs(2));
@@ -45,6 +47,8 @@ pub struct Member {
     pub client: Client,
     /// True while the member answers.
     pub healthy: watch::Sender<bool>,
+    /// Consecutive failed probes.
+    probe_failures: std::sync::atomic::AtomicU32,
 }
 
 /// The members of one store.
@@ -108,6 +112,7 @@ impl Members {
                 url: url.to_string(),
                 client,
                 healthy: watch::channel(true).0,
+                probe_failures: Default::default(),
             });
         }
         Ok(Members {
@@ -229,15 +234,32 @@ impl Members {
                 async move {
                     let mut c = m.list[i].client.clone();
                     let opts = GetOptions::new().with_serializable().with_keys_only();
-                    match tokio::time::timeout(ATTEMPT_TIMEOUT, c.get("/moe-health", Some(opts)))
-                        .await
+                    let failed = match tokio::time::timeout(
+                        ATTEMPT_TIMEOUT,
+                        c.get("/moe-health", Some(opts)),
+                    )
+                    .await
                     {
-                        Ok(Ok(_)) => m.mark_up(i),
+                        Ok(Ok(_)) => None,
                         Ok(Err(e)) => match classify(e) {
-                            Failure::Member(why) => m.mark_down(i, &why),
-                            Failure::Answer(_) => m.mark_up(i),
+                            Failure::Member(why) => Some(why),
+                            Failure::Answer(_) => None,
                         },
-                        Err(_) => m.mark_down(i, "health probe timed out"),
+                        Err(_) => Some("health probe timed out".to_string()),
+                    };
+                    let failures = &m.list[i].probe_failures;
+                    match failed {
+                        None => {
+                            failures.store(0, Ordering::Relaxed);
+                            m.mark_up(i);
+                        }
+                        // One slow probe on a loaded machine is not a dead member: two in a
+                        // row are (requests mark a member down on their first failure).
+                        Some(why) => {
+                            if failures.fetch_add(1, Ordering::Relaxed) + 1 >= PROBE_FAILURES {
+                                m.mark_down(i, &why);
+                            }
+                        }
                     }
                 }
             });
