@@ -36,30 +36,49 @@ impl ClusterArgs {
         Duration::from_millis(self.lease_ttl_ms.max(1000))
     }
 
-    /// Connects to etcd (retrying for a while: the cluster may be starting).
+    /// Connects to etcd, retrying for up to 30 s (the cluster may be starting): each try is a
+    /// read that passes over every member for up to 5 s; tries are 200 ms apart, jittered.
     pub async fn connect(&self) -> anyhow::Result<Arc<dyn MetaStore>> {
         let url = self.etcd.as_deref().context("--etcd is required")?;
-        let mut last = None;
-        for _ in 0..50 {
-            match EtcdStore::connect(url).await {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match EtcdStore::connect_checked(url).await {
                 Ok(s) => return Ok(Arc::new(s)),
-                Err(e) => last = Some(e),
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    anyhow::bail!("cannot reach etcd at {url} for 30 s: {e}")
+                }
+                Err(e) => tracing::warn!(%url, error = %e, "etcd not reachable yet; retrying"),
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            let jitter = 0.75 + rand::random::<f64>() / 2.0;
+            tokio::time::sleep(Duration::from_millis(200).mul_f64(jitter)).await;
         }
-        Err(anyhow::anyhow!(
-            "cannot reach etcd at {url}: {}",
-            last.map(|e| e.to_string()).unwrap_or_default()
-        ))
     }
 }
 
-/// A unique id for a process of `role`.
-pub fn process_id(role: &str, port: u16) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    format!("{role}-{port}-{:x}{:x}", std::process::id(), nanos % 0xffff)
+/// This host's name: the pod name in Kubernetes (`POD_NAME` from the downward API, or the
+/// `HOSTNAME` a pod's containers get), else the kernel's hostname.
+pub fn host_name() -> String {
+    ["POD_NAME", "HOSTNAME"]
+        .iter()
+        .filter_map(|v| std::env::var(v).ok())
+        .chain(std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .find(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".into())
+}
+
+/// A unique id for a process of `role` with no configuration: role, host (pod) name and a
+/// random 64-bit suffix (`router-moe-router-7f9c-3f2a9c0d1e4b5a68`). Ports and pids repeat
+/// across pods (every pod on port 7000; pid 1 in containers); this does not.
+pub fn process_id(role: &str) -> String {
+    format!("{role}-{}-{:016x}", host_name(), rand::random::<u64>())
+}
+
+/// An expert node's id: `--node-id`, else the pod name (a StatefulSet's `moe-node-3` is stable
+/// across restarts, which is what lets a restarted node get its experts back), else the host
+/// name. A second live process with the same id is refused when it registers.
+pub fn node_id(flag: Option<&str>) -> String {
+    flag.map(str::to_string).unwrap_or_else(host_name)
 }
 
 /// MoE layers and routed-expert count of the model in `dir`.

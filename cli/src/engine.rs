@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
-use moe_meta::{NodeEntry, Placement};
+use anyhow::Context;
+use moe_meta::Placement;
 use moe_model::model::{Backbone, LogitsMode, SeqInput};
 use moe_model::{Config, Matrix, SeqCache};
 use moe_proto::pb::Dtype;
@@ -125,56 +125,15 @@ pub fn load_remote(
         .map(|m| m.n_routed_experts)
         .context("the model has no routed experts")?;
     let placement = match &remote.placement {
-        Some(file) => Placement::from_file(file, &cfg.moe_layers(), n_experts)?,
-        None => handle.block_on(placement_from_nodes(&addrs, &cfg))?,
+        Some(file) => Some(Placement::from_file(file, &cfg.moe_layers(), n_experts)?),
+        None => None,
     };
-    if placement.nodes.len() != addrs.len() {
-        bail!(
-            "the placement has {} nodes but {} addresses were given",
-            placement.nodes.len(),
-            addrs.len()
-        );
-    }
-    let opts = remote.dispatch_options();
-    let experts = RemoteExperts::new(
+    let experts = handle.block_on(moe_router::cluster::remote::connect_static(
+        &cfg,
         placement,
-        addrs.clone(),
-        cfg.hidden_size,
-        opts,
+        addrs,
+        remote.dispatch_options(),
         handle.clone(),
-    );
-    handle.block_on(experts.ready(Duration::from_secs(20), Some(&cfg.fingerprint())))?;
-    tracing::info!(nodes = addrs.len(), "expert nodes ready");
+    ))?;
     Ok((backbone, experts))
-}
-
-/// Builds the placement from what each node says it hosts.
-async fn placement_from_nodes(addrs: &[String], cfg: &Config) -> anyhow::Result<Placement> {
-    let mut nodes = Vec::new();
-    for addr in addrs {
-        let client = moe_router::dispatch::ExpertClient::spawn(
-            addr.clone(),
-            moe_proto::DEFAULT_MAX_MESSAGE_BYTES,
-        );
-        let info = client
-            .info()
-            .await
-            .with_context(|| format!("asking node {addr} what it hosts"))?;
-        let spec: Vec<String> = info
-            .hosted
-            .iter()
-            .filter(|r| !r.experts.is_empty())
-            .map(|r| {
-                let list: Vec<String> = r.experts.iter().map(u32::to_string).collect();
-                format!("{}:{}", r.layer, list.join(","))
-            })
-            .collect();
-        nodes.push(NodeEntry {
-            id: info.node_id,
-            address: Some(addr.clone()),
-            experts: spec.join(";"),
-        });
-    }
-    let n = cfg.moe().map_or(0, |m| m.n_routed_experts);
-    Ok(Placement::new(0, nodes, &cfg.moe_layers(), n)?)
 }

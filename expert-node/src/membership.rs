@@ -3,17 +3,18 @@
 //! it needs is loaded, serve the versions routers may still use, and unload experts only once
 //! every router routes with a placement that no longer needs them.
 //!
-//! A node that loses its lease stops acknowledging and serving new versions (it only keeps the
-//! active one) and registers again with a new lease.
+//! The lease and the lease-loss policy are [`moe_meta::store::register::hold`]'s: the node
+//! keeps its lease while etcd is unreachable; only a lease etcd says is gone makes it register
+//! again (acks are written under the lease, so none is written meanwhile). Its id is
+//! [`claim`]ed: a second live process with the same id is refused.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use moe_meta::records::{self, AckRecord, Keys, NodeRecord, PlacementRecord, RouterRecord};
-use moe_meta::store::lease::LeaseKeeper;
 use moe_meta::store::mirror::{Snapshot, mirror};
-use moe_meta::store::wait_until;
+use moe_meta::store::register::{Term, TermError, claim, hold};
 use moe_meta::store::{MetaStore, StoreError};
 use tokio::sync::watch;
 
@@ -108,15 +109,16 @@ async fn reconcile(
     Ok(acked)
 }
 
-/// Registers `node` and follows the placement until `shutdown` resolves.
+/// Registers `node` and follows the placement until `shutdown` resolves. `Err` when the node
+/// cannot take part (its id is held by another live process): the caller should exit with it.
 pub async fn run_member(
     node: Arc<ExpertNode>,
     store: Arc<dyn MetaStore>,
     cfg: MemberConfig,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut placements = mirror(store.clone(), cfg.keys.placement());
-    let mut routers = mirror(store.clone(), cfg.keys.routers());
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), String> {
+    let placements = mirror(store.clone(), cfg.keys.placement());
+    let routers = mirror(store.clone(), cfg.keys.routers());
     let record = NodeRecord {
         id: node.id.clone(),
         addr: cfg.addr.clone(),
@@ -124,60 +126,66 @@ pub async fn run_member(
         backend: node.info().backend,
         version: env!("CARGO_PKG_VERSION").to_string(),
     };
+    let id = node.id.clone();
+    hold(store.clone(), &id, cfg.lease_ttl, shutdown, |term| {
+        let (node, store, cfg, record) = (node.clone(), store.clone(), cfg.clone(), record.clone());
+        let (placements, routers) = (placements.clone(), routers.clone());
+        async move { run_term(&node, &store, &cfg, &record, placements, routers, &term).await }
+    })
+    .await
+}
+
+/// One registration term: claim the node's id under `term.lease`, then reconcile on every
+/// change of the placement or router prefixes.
+async fn run_term(
+    node: &Arc<ExpertNode>,
+    store: &Arc<dyn MetaStore>,
+    cfg: &MemberConfig,
+    record: &NodeRecord,
+    mut placements: watch::Receiver<Arc<Snapshot>>,
+    mut routers: watch::Receiver<Arc<Snapshot>>,
+    term: &Term,
+) -> Result<(), TermError> {
+    // A restarted node waits out its predecessor's lease (two TTLs) before refusing.
+    claim(
+        store.as_ref(),
+        &cfg.keys.node(&node.id),
+        records::encode(record),
+        term.lease,
+        2 * term.ttl,
+    )
+    .await?;
+    tracing::info!(node = %node.id, lease = term.lease, "registered");
+    // What the last successful reconcile saw: the placement prefix also holds every node's
+    // ack, and those alone change nothing here.
+    let mut done: Option<(i64, i64, i64)> = None;
     loop {
-        let Some(lease) =
-            LeaseKeeper::start_retrying(&store, cfg.lease_ttl, &node.id, &mut shutdown).await
-        else {
-            return;
-        };
-        if let Err(e) = store
-            .put(
-                &cfg.keys.node(&node.id),
-                records::encode(&record),
-                Some(lease.id),
-            )
-            .await
-        {
-            tracing::warn!(node = %node.id, error = %e, "cannot register; retrying");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
-        }
-        tracing::info!(node = %node.id, lease = lease.id, "registered");
-        let mut lost = lease.lost();
-        // What the last successful reconcile saw: the placement prefix also holds every node's
-        // ack, and those alone change nothing here.
-        let mut done: Option<(i64, i64, i64)> = None;
-        loop {
-            let (p, r) = (
-                placements.borrow_and_update().clone(),
-                routers.borrow_and_update().clone(),
-            );
-            let rev = |key: &str| p.entries.get(key).map_or(0, |kv| kv.mod_revision);
-            let seen = (
-                rev(&cfg.keys.active()),
-                rev(&cfg.keys.pending()),
-                r.revision,
-            );
-            if p.revision > 0 && done != Some(seen) {
-                match reconcile(&node, &store, &cfg, &p, &r, lease.id).await {
-                    Ok(Some(_)) => done = Some(seen),
-                    Ok(None) => {}
-                    Err(e) => tracing::warn!(node = %node.id, error = %e, "reconcile failed"),
-                }
-            }
-            tokio::select! {
-                _ = placements.changed() => {}
-                _ = routers.changed() => {}
-                _ = wait_until(&mut lost, |l| *l) => break,
-                _ = wait_until(&mut shutdown, |s| *s) => {
-                    let _ = store.revoke(lease.id).await;
-                    return;
-                }
+        let (p, r) = (
+            placements.borrow_and_update().clone(),
+            routers.borrow_and_update().clone(),
+        );
+        let rev = |key: &str| p.entries.get(key).map_or(0, |kv| kv.mod_revision);
+        let seen = (
+            rev(&cfg.keys.active()),
+            rev(&cfg.keys.pending()),
+            r.revision,
+        );
+        if p.revision > 0 && done != Some(seen) {
+            match reconcile(node, store, cfg, &p, &r, term.lease).await {
+                Ok(Some(_)) => done = Some(seen),
+                Ok(None) => {}
+                // The keeper reports the loss; nothing to do under this lease meanwhile.
+                Err(StoreError::LeaseGone(_)) => std::future::pending::<()>().await,
+                Err(e) => tracing::warn!(node = %node.id, error = %e, "reconcile failed"),
             }
         }
-        // Lease lost: keep serving only the active version until registered again.
-        let active = placement(&placements.borrow(), &cfg.keys.active()).map(|p| p.version);
-        node.set_versions(active.into_iter().collect());
-        tracing::warn!(node = %node.id, "lease lost; registering again");
+        tokio::select! {
+            r = placements.changed() => if r.is_err() {
+                return Err(TermError::Retry("placement mirror closed".into()));
+            },
+            r = routers.changed() => if r.is_err() {
+                return Err(TermError::Retry("router mirror closed".into()));
+            },
+        }
     }
 }

@@ -136,6 +136,15 @@ impl Placement {
         .unwrap_or_default()
     }
 
+    /// Every (layer, expert) of the model with its replicas' node indices.
+    pub fn experts(&self) -> impl Iterator<Item = (usize, usize, &[usize])> + '_ {
+        self.table.iter().flat_map(|(&l, es)| {
+            es.iter()
+                .enumerate()
+                .map(move |(e, r)| (l, e, r.as_slice()))
+        })
+    }
+
     /// Node indices serving (layer, expert); empty if the layer is not an MoE layer.
     pub fn replicas(&self, layer: usize, expert: usize) -> &[usize] {
         self.table

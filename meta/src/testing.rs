@@ -1,19 +1,13 @@
 //! A real etcd on loopback for tests: `etcd` (Debian's `etcd-server`, installed by `.ci/run`)
-//! started on free ports with a temporary data directory, stopped on drop.
+//! started on free ports with temporary data directories, stopped on drop. [`EtcdCluster`] runs
+//! several members (3 where a test is about etcd faults) and injects faults: kill a member
+//! (SIGKILL), restart it on its data, freeze it (SIGSTOP) and thaw it (SIGCONT), and find the
+//! raft leader.
 
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// A running single-member etcd.
-#[derive(Debug)]
-pub struct EtcdProcess {
-    child: Option<Child>,
-    dir: PathBuf,
-    pub client_port: u16,
-    peer_port: u16,
-}
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -22,27 +16,66 @@ fn free_port() -> u16 {
         .unwrap_or(0)
 }
 
-impl EtcdProcess {
-    /// Starts etcd and waits until it accepts connections (panics with a clear message when the
-    /// binary is missing: tests need it).
-    pub fn start() -> EtcdProcess {
-        let dir =
-            std::env::temp_dir().join(format!("moe-etcd-{}-{}", std::process::id(), free_port()));
-        let mut p = EtcdProcess {
-            child: None,
-            dir,
-            client_port: free_port(),
-            peer_port: free_port(),
+/// One member of a test cluster.
+#[derive(Debug)]
+struct Member {
+    name: String,
+    child: Option<Child>,
+    dir: PathBuf,
+    client_port: u16,
+    peer_port: u16,
+    frozen: bool,
+}
+
+/// A running etcd cluster of one or more members.
+#[derive(Debug)]
+pub struct EtcdCluster {
+    members: Vec<Member>,
+    initial_cluster: String,
+    token: String,
+}
+
+impl EtcdCluster {
+    /// Starts `n` members and waits until each accepts connections (panics with a clear message
+    /// when the binary is missing: tests need it).
+    pub fn start(n: usize) -> EtcdCluster {
+        let tag = format!("{}-{}", std::process::id(), free_port());
+        let members: Vec<Member> = (0..n)
+            .map(|i| Member {
+                name: format!("m{i}"),
+                child: None,
+                dir: std::env::temp_dir().join(format!("moe-etcd-{tag}-{i}")),
+                client_port: free_port(),
+                peer_port: free_port(),
+                frozen: false,
+            })
+            .collect();
+        let initial_cluster = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut c = EtcdCluster {
+            members,
+            initial_cluster,
+            token: format!("moe-test-{tag}"),
         };
-        p.launch();
-        p
+        for i in 0..n {
+            c.spawn(i);
+        }
+        for i in 0..n {
+            c.wait_accepting(i);
+        }
+        c
     }
 
-    fn launch(&mut self) {
-        let (c, q) = (self.client_port, self.peer_port);
+    fn spawn(&mut self, i: usize) {
+        let (ic, token) = (self.initial_cluster.clone(), self.token.clone());
+        let m = &mut self.members[i];
+        let (c, q) = (m.client_port, m.peer_port);
         let child = Command::new("etcd")
-            .args(["--name", "t", "--data-dir"])
-            .arg(&self.dir)
+            .args(["--name", &m.name, "--data-dir"])
+            .arg(&m.dir)
             .args(["--listen-client-urls", &format!("http://127.0.0.1:{c}")])
             .args(["--advertise-client-urls", &format!("http://127.0.0.1:{c}")])
             .args(["--listen-peer-urls", &format!("http://127.0.0.1:{q}")])
@@ -50,12 +83,19 @@ impl EtcdProcess {
                 "--initial-advertise-peer-urls",
                 &format!("http://127.0.0.1:{q}"),
             ])
-            .args(["--initial-cluster", &format!("t=http://127.0.0.1:{q}")])
+            .args(["--initial-cluster", &ic])
+            .args(["--initial-cluster-state", "new"])
+            .args(["--initial-cluster-token", &token])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("the `etcd` binary (Debian package etcd-server; .ci/run installs it)");
-        self.child = Some(child);
+        m.child = Some(child);
+        m.frozen = false;
+    }
+
+    fn wait_accepting(&self, i: usize) {
+        let c = self.members[i].client_port;
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", c)).is_err() {
             assert!(Instant::now() < deadline, "etcd did not start on port {c}");
@@ -63,29 +103,179 @@ impl EtcdProcess {
         }
     }
 
-    /// The client URL.
-    pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+    /// Number of members.
+    pub fn len(&self) -> usize {
+        self.members.len()
     }
 
-    /// Kills etcd (SIGKILL) without removing its data.
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
+    /// Whether the cluster has no member.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// Every member's client URL, comma-separated (what `--etcd` takes).
+    pub fn urls(&self) -> String {
+        (0..self.len())
+            .map(|i| self.url(i))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Member `i`'s client URL.
+    pub fn url(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.members[i].client_port)
+    }
+
+    /// Kills member `i` (SIGKILL) without removing its data.
+    pub fn kill(&mut self, i: usize) {
+        self.thaw(i);
+        if let Some(mut c) = self.members[i].child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
 
-    /// Starts it again on the same ports and data.
-    pub fn restart(&mut self) {
-        self.kill();
-        self.launch();
+    /// Starts member `i` again on its ports and data (it rejoins the cluster).
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.spawn(i);
+        self.wait_accepting(i);
+    }
+
+    fn signal(&self, i: usize, sig: &str) {
+        if let Some(c) = &self.members[i].child {
+            let ok = Command::new("kill")
+                .args([sig, &c.id().to_string()])
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "kill {sig} of etcd member {i}");
+        }
+    }
+
+    /// Freezes member `i` (SIGSTOP): its sockets stay open, nothing answers.
+    pub fn freeze(&mut self, i: usize) {
+        if !self.members[i].frozen {
+            self.signal(i, "-STOP");
+            self.members[i].frozen = true;
+        }
+    }
+
+    /// Lets a frozen member run again (SIGCONT).
+    pub fn thaw(&mut self, i: usize) {
+        if self.members[i].frozen {
+            self.signal(i, "-CONT");
+            self.members[i].frozen = false;
+        }
+    }
+
+    /// The raft leader's index, asked of every running member (None while there is none).
+    pub async fn leader(&self) -> Option<usize> {
+        for (i, m) in self.members.iter().enumerate() {
+            if m.child.is_none() || m.frozen {
+                continue;
+            }
+            let Ok(Ok(mut c)) = tokio::time::timeout(
+                Duration::from_millis(500),
+                etcd_client::Client::connect([self.url(i)], None),
+            )
+            .await
+            else {
+                continue;
+            };
+            if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(500), c.status()).await
+                && s.header().is_some_and(|h| h.member_id() == s.leader())
+            {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    /// Hands raft leadership to member `to` (etcd's MoveLeader, sent to the current leader).
+    pub async fn move_leader(&self, to: usize) {
+        let leader = self.wait_leader(Duration::from_secs(20)).await;
+        if leader == to {
+            return;
+        }
+        let mut target = etcd_client::Client::connect([self.url(to)], None)
+            .await
+            .expect("connect");
+        let id = target
+            .status()
+            .await
+            .expect("status")
+            .header()
+            .expect("header")
+            .member_id();
+        let mut c = etcd_client::Client::connect([self.url(leader)], None)
+            .await
+            .expect("connect");
+        c.move_leader(id).await.expect("move leader");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.leader().await != Some(to) {
+            assert!(
+                Instant::now() < deadline,
+                "leadership did not move to m{to}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits (up to `within`) until some running member leads, and returns it.
+    pub async fn wait_leader(&self, within: Duration) -> usize {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(i) = self.leader().await {
+                return i;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no etcd leader within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
 
-impl Drop for EtcdProcess {
+impl Drop for EtcdCluster {
     fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        for i in 0..self.len() {
+            self.kill(i);
+            let _ = std::fs::remove_dir_all(&self.members[i].dir);
+        }
+    }
+}
+
+/// A running single-member etcd.
+#[derive(Debug)]
+pub struct EtcdProcess {
+    cluster: EtcdCluster,
+    pub client_port: u16,
+}
+
+impl EtcdProcess {
+    /// Starts etcd and waits until it accepts connections.
+    pub fn start() -> EtcdProcess {
+        let cluster = EtcdCluster::start(1);
+        let client_port = cluster.members[0].client_port;
+        EtcdProcess {
+            cluster,
+            client_port,
+        }
+    }
+
+    /// The client URL.
+    pub fn url(&self) -> String {
+        self.cluster.url(0)
+    }
+
+    /// Kills etcd (SIGKILL) without removing its data.
+    pub fn kill(&mut self) {
+        self.cluster.kill(0);
+    }
+
+    /// Starts it again on the same ports and data.
+    pub fn restart(&mut self) {
+        self.cluster.restart(0);
     }
 }

@@ -136,6 +136,10 @@ async fn contract(store: Arc<dyn MetaStore>) {
             .expect("txn"),
         "deposed leader is fenced"
     );
+    one_revision_per_txn(store.as_ref()).await;
+    watch_from_now(store.as_ref()).await;
+    compaction(store.as_ref()).await;
+    lease_expiry(store.as_ref()).await;
     // mirror: follows changes
     let mut m = mirror(store.clone(), "/t/".into());
     m.wait_for(|s| s.revision > 0 && s.entries.contains_key("/t/b"))
@@ -145,6 +149,121 @@ async fn contract(store: Arc<dyn MetaStore>) {
     m.wait_for(|s| s.entries.contains_key("/t/z"))
         .await
         .expect("mirrored");
+}
+
+/// A transaction's writes share one revision; a delete of an absent key takes none.
+async fn one_revision_per_txn(store: &dyn MetaStore) {
+    let put = |k: &str| Op::Put {
+        key: k.into(),
+        value: b"t".to_vec(),
+        lease: None,
+    };
+    let (_, before) = store.list("/r/").await.expect("list");
+    assert!(
+        store
+            .txn(
+                vec![],
+                vec![put("/r/a"), put("/r/b"), Op::Delete("/r/none".into())]
+            )
+            .await
+            .expect("txn")
+    );
+    let (kvs, after) = store.list("/r/").await.expect("list");
+    assert_eq!(after, before + 1, "one txn, one revision");
+    assert!(kvs.iter().all(|kv| kv.mod_revision == after), "{kvs:?}");
+    store.delete("/r/none").await.expect("delete");
+    assert_eq!(store.list("/r/").await.expect("list").1, after);
+}
+
+/// A watch from revision 0 starts now: earlier changes are not replayed.
+async fn watch_from_now(store: &dyn MetaStore) {
+    store.put("/w/old", b"o".to_vec(), None).await.expect("put");
+    let mut w = store.watch("/w/", 0).await.expect("watch");
+    store.put("/w/new", b"n".to_vec(), None).await.expect("put");
+    let ev = tokio::time::timeout(Duration::from_secs(5), w.next()).await;
+    assert!(
+        matches!(ev, Ok(Some(Ok(WatchEvent::Put(ref kv)))) if kv.key == "/w/new"),
+        "{ev:?}"
+    );
+}
+
+/// A watch from before a compaction fails with `Compacted` (when opened, or as its first item).
+async fn compaction(store: &dyn MetaStore) {
+    let r1 = store.put("/c/a", vec![1], None).await.expect("put");
+    let r2 = store.put("/c/a", vec![2], None).await.expect("put");
+    store.put("/c/a", vec![3], None).await.expect("put");
+    // History from r1 on is still there.
+    let mut w = store.watch("/c/", r1).await.expect("watch");
+    let ev = tokio::time::timeout(Duration::from_secs(5), w.next()).await;
+    assert!(
+        matches!(ev, Ok(Some(Ok(WatchEvent::Put(ref kv)))) if kv.value == [1]),
+        "{ev:?}"
+    );
+    store.compact(r2).await.expect("compact");
+    let first = match store.watch("/c/", r1).await {
+        Err(e) => Err(e),
+        Ok(mut w) => tokio::time::timeout(Duration::from_secs(5), w.next())
+            .await
+            .expect("an answer")
+            .expect("an item"),
+    };
+    assert!(
+        matches!(first, Err(StoreError::Compacted(r)) if r == r2),
+        "{first:?}"
+    );
+    // From the compaction revision itself it still works.
+    let mut w = store.watch("/c/", r2).await.expect("watch");
+    let ev = tokio::time::timeout(Duration::from_secs(5), w.next()).await;
+    assert!(
+        matches!(ev, Ok(Some(Ok(WatchEvent::Put(ref kv)))) if kv.value == [2]),
+        "{ev:?}"
+    );
+}
+
+/// A lease nobody refreshes expires on its own (whole seconds, as etcd grants; etcd raises
+/// short TTLs to its minimum), taking its keys; then it cannot be refreshed.
+async fn lease_expiry(store: &dyn MetaStore) {
+    let lease = store.grant(Duration::from_millis(1)).await.expect("grant");
+    store
+        .put("/e/k", b"x".to_vec(), Some(lease))
+        .await
+        .expect("put");
+    let mut w = store.watch("/e/", 0).await.expect("watch");
+    let t0 = std::time::Instant::now();
+    let ev = tokio::time::timeout(Duration::from_secs(10), w.next()).await;
+    assert!(
+        matches!(ev, Ok(Some(Ok(WatchEvent::Delete { ref key, .. }))) if key == "/e/k"),
+        "{ev:?}"
+    );
+    assert!(
+        t0.elapsed() >= Duration::from_millis(500),
+        "a lease lives at least its whole-second TTL: {:?}",
+        t0.elapsed()
+    );
+    let r = store.keep_alive(lease).await;
+    assert!(matches!(r, Err(StoreError::LeaseGone(_))), "{r:?}");
+    let r = store.put("/e/k2", vec![1], Some(lease)).await;
+    assert!(matches!(r, Err(StoreError::LeaseGone(_))), "{r:?}");
+}
+
+#[tokio::test]
+async fn memory_ttls_are_whole_seconds_rounded_up() {
+    let clock = Arc::new(moe_meta::store::memory::SimClock::default());
+    let store = MemStore::with_clock(clock.clone());
+    let lease = store
+        .grant(Duration::from_millis(1500))
+        .await
+        .expect("grant");
+    store.put("/s/a", vec![1], Some(lease)).await.expect("put");
+    clock.advance(Duration::from_millis(1900));
+    store.tick();
+    assert!(
+        store.get("/s/a").await.expect("get").is_some(),
+        "granted 2 s"
+    );
+    clock.advance(Duration::from_millis(200));
+    store.tick();
+    assert!(store.get("/s/a").await.expect("get").is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,9 +5,12 @@
 //! - [`scheduler`]: continuous batching on the engine thread, KV-cache budget, streaming events.
 //! - [`engine`]: the backbone plus local or remote experts.
 //! - [`dispatch`]: the data-plane client that ships hidden states to expert nodes.
+//! - [`cluster`]: how the router takes part in a cluster: membership and load publishing in a
+//!   coordinated one, node discovery for static nodes, and the readiness policy.
 //! - [`tokenize`], [`metrics`], [`error`]: text, Prometheus metrics, API errors.
 
 pub mod api;
+pub mod cluster;
 pub mod dispatch;
 pub mod engine;
 pub mod error;

@@ -139,7 +139,7 @@ pub fn config(
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let id = a.id.clone().unwrap_or_else(|| process_id("coordinator", 0));
+    let id = a.id.clone().unwrap_or_else(|| process_id("coordinator"));
     let cfg = config(
         &a.model,
         a.min_replicas,

@@ -32,7 +32,8 @@ pub struct Args {
     /// Placement file; the node hosts the experts of its `--node-id` entry and serves its version.
     #[arg(long, env = "MOE_PLACEMENT", requires = "node_id")]
     placement: Option<PathBuf>,
-    /// Node id (default: node-<port>).
+    /// Node id (default: the pod name, `POD_NAME` or `HOSTNAME`, else the host name). With
+    /// --etcd, a node whose id is registered by another live process refuses to start.
     #[arg(long, env = "MOE_NODE_ID")]
     node_id: Option<String>,
     /// With --etcd: how many (layer, expert) pairs this node can hold (default: all of them).
@@ -65,10 +66,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding {}", a.listen))?;
         let addr = listener.local_addr()?;
-        let id = a
-            .node_id
-            .clone()
-            .unwrap_or_else(|| format!("node-{}", addr.port()));
+        let id = crate::cluster::node_id(a.node_id.as_deref());
         let (pairs, versions) = match (&a.experts, &a.placement, &a.cluster.etcd) {
             (Some(spec), None, _) => (
                 spec.parse::<ExpertSpec>()?
@@ -92,6 +90,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 .await??;
         let node = Arc::new(node);
         let (stop, stopped) = watch::channel(false);
+        let (fatal_tx, fatal_rx) = tokio::sync::oneshot::channel::<String>();
         let member = if a.cluster.etcd.is_some() {
             let store = a.cluster.connect().await?;
             let member = MemberConfig {
@@ -100,12 +99,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 capacity: a.capacity.unwrap_or(cfg.moe_layers().len() * n_experts),
                 lease_ttl: a.cluster.ttl(),
             };
-            Some(tokio::spawn(run_member(
-                node.clone(),
-                store,
-                member,
-                stopped.clone(),
-            )))
+            let (node, stopped) = (node.clone(), stopped.clone());
+            Some(tokio::spawn(async move {
+                if let Err(e) = run_member(node, store, member, stopped).await {
+                    let _ = fatal_tx.send(e);
+                }
+            }))
         } else {
             None
         };
@@ -120,13 +119,23 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let opts = ServerOptions {
             max_message_bytes: a.max_message_bytes,
         };
+        let fatal = Arc::new(std::sync::Mutex::new(None));
+        let f = fatal.clone();
         let shutdown = async move {
-            crate::signal::shutdown().await;
+            tokio::select! {
+                _ = crate::signal::shutdown() => {}
+                Ok(e) = fatal_rx => {
+                    *f.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                }
+            }
             let _ = stop.send(true);
         };
         moe_expert_node::serve(node, listener, opts, shutdown).await?;
         if let Some(m) = member {
             let _ = m.await;
+        }
+        if let Some(e) = fatal.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            bail!("{e}");
         }
         tracing::info!("stopped");
         Ok(())

@@ -87,20 +87,6 @@ pub fn run_router(a: RouterArgs) -> anyhow::Result<()> {
     run_remote(a.serve, listener, backbone, experts, rt)
 }
 
-/// Ready when a placement is routed and every node of it is reachable.
-pub fn check_nodes(experts: &RemoteExperts) -> Result<(), String> {
-    let routes = experts.routes();
-    if routes.placement.is_none() {
-        return Err("no placement yet".into());
-    }
-    let down = routes.down();
-    if down.is_empty() {
-        Ok(())
-    } else {
-        Err(format!("expert nodes unreachable: {}", down.join(", ")))
-    }
-}
-
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -108,7 +94,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-/// Serves with the routed experts on expert nodes; ready once every node's stream is up.
+/// Serves with the routed experts on expert nodes; ready while every expert has a live replica.
 fn run_remote(
     serve: ServeArgs,
     listener: std::net::TcpListener,
@@ -117,7 +103,7 @@ fn run_remote(
     rt: tokio::runtime::Runtime,
 ) -> anyhow::Result<()> {
     let probe = experts.clone();
-    let ready = Arc::new(move || check_nodes(&probe));
+    let ready = Arc::new(move || moe_router::cluster::check_ready(&probe));
     run(
         serve,
         listener,
@@ -208,9 +194,9 @@ fn run_coordinated_router(a: RouterArgs, listener: std::net::TcpListener) -> any
         rt.handle().clone(),
     ));
     let store = rt.block_on(a.cluster.connect())?;
-    let follow = moe_router::dispatch::follow::FollowConfig {
+    let follow = moe_router::cluster::FollowConfig {
         keys: a.cluster.keys(),
-        id: crate::cluster::process_id("router", listener.local_addr()?.port()),
+        id: crate::cluster::process_id("router"),
         addr: listener.local_addr()?.to_string(),
         moe_layers,
         n_experts,
@@ -218,7 +204,7 @@ fn run_coordinated_router(a: RouterArgs, listener: std::net::TcpListener) -> any
         load_publish: std::time::Duration::from_millis(a.cluster.load_publish_ms),
     };
     let (_stop, stopped) = tokio::sync::watch::channel(false);
-    rt.spawn(moe_router::dispatch::follow::follow(
+    rt.spawn(moe_router::cluster::follow(
         store,
         follow,
         experts.clone(),

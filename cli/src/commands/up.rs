@@ -12,12 +12,12 @@ use moe_expert_node::membership::{MemberConfig, run_member};
 use moe_expert_node::{ExpertNode, ServerOptions};
 use moe_meta::store::MetaStore;
 use moe_meta::store::memory::MemStore;
-use moe_router::dispatch::follow::{FollowConfig, follow};
+use moe_router::cluster::{FollowConfig, check_ready, follow};
 use moe_router::{DispatchOptions, Engine, RemoteExperts};
 use tokio::sync::watch;
 
 use crate::cluster::{ClusterArgs, model_shape};
-use crate::commands::serve::{ServeArgs, app_state, check_nodes};
+use crate::commands::serve::{ServeArgs, app_state};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -58,7 +58,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let coord = super::coordinator::config(
             &dir,
             a.replicas,
-            crate::cluster::process_id("coordinator", 0),
+            crate::cluster::process_id("coordinator"),
             &a.cluster,
             Duration::from_secs(120),
             a.rebalance.config(),
@@ -73,7 +73,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 .await??;
             let node = Arc::new(node);
             let member = MemberConfig { keys: keys.clone(), addr: addr.clone(), capacity: moe_layers.len() * n_experts, lease_ttl: ttl };
-            tasks.push(tokio::spawn(run_member(node.clone(), store.clone(), member, stopped.clone())));
+            let (n, st, sp) = (node.clone(), store.clone(), stopped.clone());
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = run_member(n, st, member, sp).await {
+                    tracing::error!(error = %e, "expert node left the cluster");
+                }
+            }));
             let mut s = stopped.clone();
             tasks.push(tokio::spawn(async move {
                 let shutdown = async move {
@@ -91,7 +96,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let http = listener.local_addr()?;
         let fcfg = FollowConfig {
             keys: keys.clone(),
-            id: crate::cluster::process_id("router", http.port()),
+            id: crate::cluster::process_id("router"),
             addr: http.to_string(),
             moe_layers,
             n_experts,
@@ -100,7 +105,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         };
         tasks.push(tokio::spawn(follow(store.clone(), fcfg, experts.clone(), stopped.clone())));
         let probe = experts.clone();
-        let ready = Arc::new(move || check_nodes(&probe));
+        let ready = Arc::new(move || check_ready(&probe));
         let state = app_state(&a.serve, Engine::remote(backbone, experts.clone()), ready.clone())?;
         println!("listening on {http}");
 

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use moe_meta::records::{self, AckRecord, Keys, LoadRecord, NodeRecord, PlacementRecord};
 use moe_meta::store::election::{Leadership, campaign};
-use moe_meta::store::lease::LeaseKeeper;
 use moe_meta::store::mirror::{Snapshot, mirror};
+use moe_meta::store::register::{Term, TermError, hold};
 use moe_meta::store::wait_until;
 use moe_meta::store::{MetaStore, Op, StoreError};
 use tokio::sync::watch;
@@ -79,46 +79,51 @@ async fn read_placement(
         .and_then(|kv| records::decode_or_skip(&kv.key, &kv.value)))
 }
 
-/// Runs a coordinator replica until `shutdown` becomes true.
+/// Runs a coordinator replica until `shutdown` becomes true. The lease and its loss policy are
+/// [`hold`]'s: a term that ends (a store error, deposed) campaigns again under the same lease,
+/// so no election key is left on an abandoned lease; a lost lease means a new one.
 pub async fn run(
     store: Arc<dyn MetaStore>,
     cfg: CoordinatorConfig,
     status: watch::Sender<CoordinatorStatus>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    loop {
-        let Some(lease) =
-            LeaseKeeper::start_retrying(&store, cfg.lease_ttl, &cfg.id, &mut shutdown).await
-        else {
-            return;
-        };
-        let mut lost = lease.lost();
-        let election_key = cfg.keys.election();
-        let leadership = tokio::select! {
-            r = campaign(store.clone(), &election_key, &cfg.id, lease.id) => match r {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::warn!(id = %cfg.id, error = %e, "campaign failed");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-            },
-            _ = wait_until(&mut lost, |l| *l) => continue,
-            _ = wait_until(&mut shutdown, |s| *s) => return,
-        };
-        tracing::info!(id = %cfg.id, "leading");
-        status.send_modify(|s| s.leading = true);
-        let end = tokio::select! {
-            r = lead(&store, &cfg, &leadership, &status) => r.err().map(|e| e.to_string()),
-            _ = wait_until(&mut lost, |l| *l) => Some("lease lost".into()),
-            _ = wait_until(&mut shutdown, |s| *s) => {
-                let _ = leadership.resign(store.as_ref()).await;
-                status.send_modify(|s| s.leading = false);
-                return;
-            }
-        };
-        status.send_modify(|s| s.leading = false);
-        tracing::warn!(id = %cfg.id, reason = end.as_deref().unwrap_or("-"), "term ended");
+    let r = hold(store.clone(), &cfg.id, cfg.lease_ttl, shutdown, |term| {
+        let (store, cfg, status) = (&store, &cfg, &status);
+        async move { serve_term(store, cfg, status, term).await }
+    })
+    .await;
+    status.send_modify(|s| s.leading = false);
+    if let Err(e) = r {
+        tracing::error!(id = %cfg.id, error = %e, "coordinator stopped");
+    }
+}
+
+/// Sets `leading` back to false when a term ends, however it ends (the term's future is
+/// dropped when the lease is lost or on shutdown).
+struct StepDown<'a>(&'a watch::Sender<CoordinatorStatus>, &'a str);
+
+impl Drop for StepDown<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|s| s.leading = false);
+        tracing::warn!(id = %self.1, "term ended");
+    }
+}
+
+/// One term: campaign under `term.lease`, then lead until leadership ends.
+async fn serve_term(
+    store: &Arc<dyn MetaStore>,
+    cfg: &CoordinatorConfig,
+    status: &watch::Sender<CoordinatorStatus>,
+    term: Term,
+) -> Result<(), TermError> {
+    let leadership = campaign(store.clone(), &cfg.keys.election(), &cfg.id, term.lease).await?;
+    tracing::info!(id = %cfg.id, "leading");
+    status.send_modify(|s| s.leading = true);
+    let _step_down = StepDown(status, &cfg.id);
+    match lead(store, cfg, &leadership, status).await {
+        Ok(()) => Err(TermError::Retry("the membership mirror closed".into())),
+        Err(e) => Err(TermError::Retry(e.to_string())),
     }
 }
 

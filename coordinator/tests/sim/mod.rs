@@ -134,7 +134,9 @@ impl World {
         let store = self.store.clone();
         tokio::spawn(async move {
             let _keep = _stop;
-            run_member(node, store, cfg, stopped).await;
+            if let Err(e) = run_member(node, store, cfg, stopped).await {
+                panic!("node left the cluster: {e}");
+            }
         })
     }
 

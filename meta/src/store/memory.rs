@@ -1,6 +1,12 @@
 //! The in-memory store: one process, a revision counter, leases that expire by a clock (real, or
 //! simulated in tests: advance it and call [`MemStore::tick`]), and watches fed from a bounded
 //! history so that a watch can start at a past revision.
+//!
+//! It behaves like etcd where the code relies on it: a transaction (and a lease expiry or
+//! revoke, which deletes the lease's keys) is one revision, its writes share it; a write that
+//! changes nothing (deleting an absent key) takes none; a watch from revision 0 starts now;
+//! TTLs are whole seconds, rounded up; a watch from before the compacted (or dropped) history
+//! fails with `Compacted`.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -54,6 +60,8 @@ struct State {
     leases: HashMap<LeaseId, (u64, u64)>, // id → (ttl ms, deadline ms)
     next_lease: LeaseId,
     history: VecDeque<(i64, WatchEvent)>,
+    /// Revisions at or below this were compacted away.
+    compacted: i64,
 }
 
 /// The in-memory store (cheap to clone; clones share state).
@@ -116,33 +124,47 @@ impl MemStore {
 
     fn emit(&self, st: &mut State, ev: WatchEvent) {
         st.history.push_back((st.revision, ev.clone()));
-        if st.history.len() > HISTORY {
-            st.history.pop_front();
+        if st.history.len() > HISTORY
+            && let Some((r, _)) = st.history.pop_front()
+        {
+            // Drop the rest of that revision too: a watch sees a revision whole or not at all.
+            st.compacted = st.compacted.max(r);
+            while st.history.front().is_some_and(|(f, _)| *f <= r) {
+                st.history.pop_front();
+            }
         }
         let _ = self.events.send((st.revision, ev));
     }
 
-    fn apply(&self, st: &mut State, op: Op) {
-        st.revision += 1;
-        match op {
-            Op::Put { key, value, lease } => {
-                let kv = KeyValue {
-                    key: key.clone(),
-                    value,
-                    mod_revision: st.revision,
-                    lease: lease.unwrap_or(0),
-                };
-                st.kv.insert(key, kv.clone());
-                self.emit(st, WatchEvent::Put(kv));
-            }
-            Op::Delete(key) => {
-                if st.kv.remove(&key).is_some() {
-                    let rev = st.revision;
-                    self.emit(st, WatchEvent::Delete { key, revision: rev });
-                } else {
-                    st.revision -= 1;
+    /// Applies `ops` as one revision (none if nothing changes), as an etcd transaction does.
+    fn apply(&self, st: &mut State, ops: Vec<Op>) {
+        let rev = st.revision + 1;
+        let mut changed = false;
+        for op in ops {
+            match op {
+                Op::Put { key, value, lease } => {
+                    let kv = KeyValue {
+                        key: key.clone(),
+                        value,
+                        mod_revision: rev,
+                        lease: lease.unwrap_or(0),
+                    };
+                    st.kv.insert(key, kv.clone());
+                    changed = true;
+                    st.revision = rev;
+                    self.emit(st, WatchEvent::Put(kv));
+                }
+                Op::Delete(key) => {
+                    if st.kv.remove(&key).is_some() {
+                        changed = true;
+                        st.revision = rev;
+                        self.emit(st, WatchEvent::Delete { key, revision: rev });
+                    }
                 }
             }
+        }
+        if changed {
+            st.revision = rev;
         }
     }
 
@@ -177,9 +199,7 @@ impl MemStore {
             .filter(|kv| kv.lease == id)
             .map(|kv| kv.key.clone())
             .collect();
-        for k in keys {
-            self.apply(st, Op::Delete(k));
-        }
+        self.apply(st, keys.into_iter().map(Op::Delete).collect());
     }
 }
 
@@ -209,11 +229,11 @@ impl MetaStore for MemStore {
             _ => {
                 self.apply(
                     &mut st,
-                    Op::Put {
+                    vec![Op::Put {
                         key: key.to_string(),
                         value,
                         lease,
-                    },
+                    }],
                 );
                 Ok(st.revision)
             }
@@ -223,28 +243,25 @@ impl MetaStore for MemStore {
 
     fn delete(&self, key: &str) -> BoxFut<'_, Result<()>> {
         let mut st = self.lock();
-        self.apply(&mut st, Op::Delete(key.to_string()));
+        self.apply(&mut st, vec![Op::Delete(key.to_string())]);
         Box::pin(async { Ok(()) })
     }
 
     fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> BoxFut<'_, Result<bool>> {
         let mut st = self.lock();
         let ok = compares.iter().all(|c| Self::holds(&st, c));
-        let leases_ok = ops.iter().all(|o| match o {
-            Op::Put { lease: Some(l), .. } => st.leases.contains_key(l),
-            _ => true,
-        });
-        let r = if !leases_ok {
-            Err(StoreError::Unavailable(
-                "a lease of the transaction is gone".into(),
-            ))
-        } else {
-            if ok {
-                for op in ops {
-                    self.apply(&mut st, op);
+        let r = match ops.iter().find_map(|o| match o {
+            Op::Put { lease: Some(l), .. } if !st.leases.contains_key(l) => Some(*l),
+            _ => None,
+        }) {
+            // etcd refuses a transaction that puts under a missing lease (NotFound).
+            Some(l) if ok => Err(StoreError::LeaseGone(l)),
+            _ => {
+                if ok {
+                    self.apply(&mut st, ops);
                 }
+                Ok(ok)
             }
-            Ok(ok)
         };
         Box::pin(async move { r })
     }
@@ -254,7 +271,7 @@ impl MetaStore for MemStore {
         let mut st = self.lock();
         let id = st.next_lease;
         st.next_lease += 1;
-        let ms = ttl.as_millis() as u64;
+        let ms = super::etcd::ttl_secs(ttl) as u64 * 1000;
         st.leases.insert(id, (ms, now + ms));
         Box::pin(async move { Ok(id) })
     }
@@ -278,6 +295,23 @@ impl MetaStore for MemStore {
         Box::pin(async { Ok(()) })
     }
 
+    fn compact(&self, revision: i64) -> BoxFut<'_, Result<()>> {
+        let mut st = self.lock();
+        let r = if revision > st.revision {
+            Err(StoreError::Unavailable(format!(
+                "compaction at {revision} is beyond the current revision {}",
+                st.revision
+            )))
+        } else {
+            // etcd keeps the compaction revision itself readable: history from `revision` on.
+            st.compacted = st.compacted.max(revision - 1);
+            let keep = st.compacted;
+            st.history.retain(|(r, _)| *r > keep);
+            Ok(())
+        };
+        Box::pin(async move { r })
+    }
+
     fn watch(
         &self,
         prefix: &str,
@@ -285,14 +319,19 @@ impl MetaStore for MemStore {
     ) -> BoxFut<'_, Result<BoxStream<'static, Result<WatchEvent>>>> {
         let st = self.lock();
         let rx = self.events.subscribe();
-        let oldest = st.history.front().map_or(st.revision + 1, |(r, _)| *r);
-        let r = if from_revision > 0 && from_revision < oldest && from_revision <= st.revision {
-            Err(StoreError::Compacted(from_revision))
+        let r = if from_revision > 0 && from_revision <= st.compacted {
+            Err(StoreError::Compacted(st.compacted + 1))
         } else {
+            // Revision 0: from now on, as etcd.
+            let from = if from_revision > 0 {
+                from_revision
+            } else {
+                st.revision + 1
+            };
             let past: Vec<(i64, WatchEvent)> = st
                 .history
                 .iter()
-                .filter(|(r, _)| *r >= from_revision)
+                .filter(|(r, _)| *r >= from)
                 .cloned()
                 .collect();
             let last = st.revision;

@@ -13,6 +13,7 @@ pub mod etcd;
 pub mod lease;
 pub mod memory;
 pub mod mirror;
+pub mod register;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -98,14 +99,18 @@ pub trait MetaStore: Send + Sync + 'static {
     fn delete(&self, key: &str) -> BoxFut<'_, Result<()>>;
     /// Applies `ops` atomically if every compare holds; returns whether it did.
     fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> BoxFut<'_, Result<bool>>;
-    /// A new lease of `ttl`.
+    /// A new lease of `ttl`, rounded up to whole seconds as etcd grants it.
     fn grant(&self, ttl: Duration) -> BoxFut<'_, Result<LeaseId>>;
     /// Refreshes a lease; `Err(LeaseGone)` once it expired.
     fn keep_alive(&self, lease: LeaseId) -> BoxFut<'_, Result<()>>;
     /// Ends a lease now (its keys are deleted).
     fn revoke(&self, lease: LeaseId) -> BoxFut<'_, Result<()>>;
-    /// Changes under `prefix` from `from_revision` on (inclusive). The stream ends or fails when
-    /// the connection does; callers re-list and watch again ([`mirror`] does).
+    /// Discards the history before `revision`: a watch from an older revision then fails with
+    /// [`StoreError::Compacted`].
+    fn compact(&self, revision: i64) -> BoxFut<'_, Result<()>>;
+    /// Changes under `prefix` from `from_revision` on (inclusive; 0: from now, as etcd does).
+    /// The stream ends or fails when the connection does; callers re-list and watch again
+    /// ([`mirror`] does).
     fn watch(
         &self,
         prefix: &str,

@@ -3,11 +3,10 @@
 //! engine compute the shared expert meanwhile, then combine the partial sums. A node that fails,
 //! answers with a retryable code, or misses the deadline has its entries re-planned onto other
 //! replicas. When no live replica is left, the step waits (bounded by `replacement_wait`) for a
-//! new placement from the coordinator ([`follow`]) and re-plans; only then does it fail, naming
+//! new placement from the coordinator ([`crate::cluster::membership`]) and re-plans; only then does it fail, naming
 //! the layer, token and expert.
 
 pub mod client;
-pub mod follow;
 pub mod load;
 pub mod plan;
 
