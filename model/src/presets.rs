@@ -17,7 +17,9 @@ use rand_distr::{Distribution, Normal};
 use rayon::prelude::*;
 use safetensors::{Dtype, View};
 
-use crate::config::{Config, ScoringFunc, TokenIds, TopkMethod};
+use crate::config::{
+    Config, Dtype as ConfigDtype, HiddenAct, ModelType, ScoringFunc, TokenIds, TopkMethod,
+};
 use crate::error::{ModelError, Result};
 
 /// A generated model's shape.
@@ -70,7 +72,8 @@ fn config(
     dtype: GenDtype,
 ) -> Config {
     Config {
-        model_type: Some("deepseek_v3".into()),
+        model_type: Some(ModelType::DeepseekV3),
+        architectures: vec!["DeepseekV3ForCausalLM".into()],
         vocab_size: 512,
         hidden_size: hidden,
         intermediate_size: inter,
@@ -103,11 +106,13 @@ fn config(
         num_nextn_predict_layers: 0,
         quantization_config: None,
         dtype: Some(match dtype {
-            GenDtype::Bf16 => "bfloat16".into(),
-            GenDtype::F32 => "float32".into(),
+            GenDtype::Bf16 => ConfigDtype::Bfloat16,
+            GenDtype::F32 => ConfigDtype::Float32,
         }),
         attention_bias: false,
-        hidden_act: "silu".into(),
+        hidden_act: HiddenAct::Silu,
+        head_dim: None,
+        qk_head_dim: None,
         bos_token_id: Some(0),
         eos_token_id: Some(TokenIds::One(1)),
     }
@@ -338,8 +343,7 @@ pub fn write_preset(preset: Preset, out: &Path, seed: u64, dtype: GenDtype) -> R
     std::fs::create_dir_all(out).map_err(|e| werr(out, &e))?;
     let cfg = preset.config(dtype);
     cfg.validate()?;
-    let mut json = serde_json::to_value(&cfg).map_err(|e| werr(out, &e))?;
-    json["architectures"] = serde_json::json!(["DeepseekV3ForCausalLM"]);
+    let json = serde_json::to_value(&cfg).map_err(|e| werr(out, &e))?;
     let files = [
         (
             "config.json",
