@@ -6,7 +6,10 @@
 //! front, so a running sequence never runs out of cache); past `max_waiting` new requests are
 //! refused with 429. A sequence leaves the batch the step it finishes; a client that goes away
 //! (its event receiver dropped) is cancelled and its cache freed at the start of the next step.
-//! The engine runs on its own thread; the handle is a cheap clone around a channel.
+//! The engine runs on its own thread; the handle is a cheap clone around a channel. After each
+//! step the sequences' tokens are sampled, their logprobs computed and their text
+//! detokenized in parallel on the rayon pool (each sequence has its own RNG and detokenizer, so
+//! results do not depend on the batch or the thread).
 
 mod sequence;
 
