@@ -164,6 +164,8 @@ mod tests {
         ))
         .expect("fixture");
         v["qk_rope_head_dim"] = 64.into();
+        v["head_dim"] = 64.into();
+        v["qk_head_dim"] = 80.into();
         v["max_position_embeddings"] = 163840.into();
         v["rope_scaling"] = rope_scaling;
         Config::from_json(&v.to_string()).expect("valid")

@@ -1,5 +1,5 @@
 //! OpenAI-compatible request and response types (`/v1/completions`, `/v1/chat/completions`,
-//! `/v1/models`), with vLLM's extensions `top_k`, `ignore_eos` and
+//! `/v1/models`), with vLLM's extensions `top_k`, `min_p`, `ignore_eos` and
 //! `return_tokens_as_token_ids`. Unknown fields are ignored, as OpenAI clients send many.
 
 use serde::{Deserialize, Serialize};
@@ -26,6 +26,7 @@ pub struct CommonParams {
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
     pub top_k: Option<i64>,
+    pub min_p: Option<f64>,
     pub seed: Option<u64>,
     pub stop: Option<OneOrMany>,
     #[serde(default)]

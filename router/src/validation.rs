@@ -92,10 +92,18 @@ fn sampling(c: &CommonParams) -> Result<SamplingParams, ApiError> {
             ));
         }
     };
+    let min_p = c.min_p.unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&min_p) {
+        return Err(ApiError::invalid(
+            "min_p",
+            format!("min_p must be in [0, 1], got {min_p}"),
+        ));
+    }
     Ok(SamplingParams {
         temperature: temperature as f32,
         top_p: top_p as f32,
         top_k,
+        min_p: min_p as f32,
         seed: c.seed,
     })
 }

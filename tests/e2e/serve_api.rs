@@ -253,6 +253,8 @@ async fn every_bad_input_gets_a_4xx_with_an_openai_error_body() {
         (json!({"prompt": "x", "top_p": 0}), "top_p"),
         (json!({"prompt": "x", "top_p": 1.5}), "top_p"),
         (json!({"prompt": "x", "top_k": -5}), "top_k"),
+        (json!({"prompt": "x", "min_p": 1.5}), "min_p"),
+        (json!({"prompt": "x", "min_p": -0.1}), "min_p"),
         (json!({"prompt": "x", "max_tokens": -1}), "max_tokens"),
         (json!({"prompt": "x", "max_tokens": 2048}), "max_tokens"),
         (json!({"prompt": "x", "model": "gpt-4"}), "model"),

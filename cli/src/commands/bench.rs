@@ -49,6 +49,15 @@ pub struct Args {
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Sampling temperature of every request (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Nucleus sampling of every request (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    /// Top-N log-probabilities per token (`logprobs` of /v1/completions); off when absent.
+    #[arg(long)]
+    logprobs: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -73,13 +82,16 @@ fn percentiles(mut v: Vec<f64>) -> Value {
 async fn one(
     client: reqwest::Client,
     url: String,
-    model: String,
+    sampling: Arc<Value>,
     prompt: Vec<u32>,
     max_tokens: usize,
 ) -> Record {
     let started = Instant::now();
-    let body = json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": true,
-                      "temperature": 0, "stream": true, "stream_options": {"include_usage": true}});
+    let mut body = json!({"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": true,
+                      "stream": true, "stream_options": {"include_usage": true}});
+    if let (Some(b), Some(s)) = (body.as_object_mut(), sampling.as_object()) {
+        b.extend(s.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
     let mut rec = Record {
         prompt_tokens: prompt.len(),
         ..Default::default()
@@ -177,6 +189,11 @@ async fn run_async(a: Args) -> anyhow::Result<()> {
                 .to_string()
         }
     };
+    let mut sampling = json!({"model": model, "temperature": a.temperature, "top_p": a.top_p});
+    if let Some(n) = a.logprobs {
+        sampling["logprobs"] = n.into();
+    }
+    let sampling = Arc::new(sampling);
     let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
     let work: Vec<(Vec<u32>, usize)> = (0..a.requests)
         .map(|_| {
@@ -203,9 +220,10 @@ async fn run_async(a: Args) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_secs_f64(gap)).await;
         }
         let permit = permits.clone().acquire_owned().await?;
-        let (client, url, model, bar) = (client.clone(), url.clone(), model.clone(), bar.clone());
+        let (client, url, sampling, bar) =
+            (client.clone(), url.clone(), sampling.clone(), bar.clone());
         tasks.push(tokio::spawn(async move {
-            let r = one(client, url, model, prompt, out).await;
+            let r = one(client, url, sampling, prompt, out).await;
             drop(permit);
             bar.inc(1);
             r
@@ -227,7 +245,7 @@ async fn run_async(a: Args) -> anyhow::Result<()> {
         .collect();
     let summary = json!({
         "url": url, "model": model, "requests": a.requests, "concurrency": a.concurrency,
-        "request_rate": a.request_rate, "successful": ok.len(), "errors": records.len() - ok.len(),
+        "request_rate": a.request_rate, "temperature": a.temperature, "top_p": a.top_p, "logprobs": a.logprobs, "successful": ok.len(), "errors": records.len() - ok.len(),
         "duration_s": elapsed,
         "request_throughput": ok.len() as f64 / elapsed,
         "output_tokens_per_s": out_tokens as f64 / elapsed,

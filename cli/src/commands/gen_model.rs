@@ -6,7 +6,8 @@ use moe_model::presets::{GenDtype, Preset, write_preset};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// `tiny` (the shape of the golden test model) or `bench` (1B parameters, 256 experts).
+    /// `tiny` (the shape of the golden test model), `bench` (1B parameters, 256 experts), or
+    /// `tiny-129k` / `bench-129k`: the same with DeepSeek's 129,280-token vocabulary.
     #[arg(long, default_value = "tiny")]
     preset: Preset,
     /// Output directory (created if missing).

@@ -37,6 +37,9 @@ pub struct Args {
     /// 0 = off.
     #[arg(long, default_value_t = 0)]
     top_k: usize,
+    /// Drop tokens less likely than min_p times the most likely one; 0 = off.
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
     #[arg(long)]
     seed: Option<u64>,
     /// Keep generating past the end-of-sequence token.
@@ -57,6 +60,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         temperature: a.temperature,
         top_p: a.top_p,
         top_k: a.top_k,
+        min_p: a.min_p,
         seed: a.seed,
     };
     params.validate().map_err(anyhow::Error::msg)?;

@@ -6,7 +6,10 @@
 //! front, so a running sequence never runs out of cache); past `max_waiting` new requests are
 //! refused with 429. A sequence leaves the batch the step it finishes; a client that goes away
 //! (its event receiver dropped) is cancelled and its cache freed at the start of the next step.
-//! The engine runs on its own thread; the handle is a cheap clone around a channel.
+//! The engine runs on its own thread; the handle is a cheap clone around a channel. After each
+//! step the sequences' tokens are sampled, their logprobs computed and their text
+//! detokenized in parallel on the rayon pool (each sequence has its own RNG and detokenizer, so
+//! results do not depend on the batch or the thread).
 
 mod sequence;
 
@@ -17,6 +20,7 @@ use std::time::Instant;
 
 use moe_model::model::{LogitsMode, SeqInput};
 use moe_model::{Matrix, SeqCache};
+use rayon::prelude::*;
 use tokio::sync::mpsc;
 
 use sequence::Seq;
@@ -163,28 +167,6 @@ struct Loop {
     next_id: u64,
 }
 
-/// `log_softmax` of one row.
-fn log_softmax(row: &[f32]) -> Vec<f32> {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = row.iter().map(|&v| f64::from(v - max).exp()).sum();
-    let lse = max + sum.ln() as f32;
-    row.iter().map(|&v| v - lse).collect()
-}
-
-fn token_logprob(row: &[f32], id: u32, top: usize) -> TokenLogprob {
-    let lp = log_softmax(row);
-    let mut idx: Vec<u32> = (0..row.len() as u32).collect();
-    idx.sort_by(|&a, &b| lp[b as usize].total_cmp(&lp[a as usize]).then(a.cmp(&b)));
-    TokenLogprob {
-        logprob: lp[id as usize],
-        top: idx
-            .into_iter()
-            .take(top)
-            .map(|i| (i, lp[i as usize]))
-            .collect(),
-    }
-}
-
 impl Loop {
     fn run(mut self, rx: std::sync::mpsc::Receiver<Command>) {
         loop {
@@ -324,60 +306,66 @@ impl Loop {
         }
     }
 
+    /// Samples, detokenizes and streams one token for every sequence whose prompt is done.
+    /// Sequences are independent (each has its own RNG stream and detokenizer), so this runs
+    /// on the rayon pool, which the model is not using between steps.
     fn after_step(&mut self, inputs: &[(usize, Vec<u32>)], logits: &[Matrix]) {
         let eos = self.engine.config().eos_token_ids();
-        let mut done: Vec<usize> = Vec::new();
+        let mut rows: Vec<Option<&Matrix>> = vec![None; self.running.len()];
         for ((i, _), row) in inputs.iter().zip(logits) {
-            let s = &mut self.running[*i];
-            if !s.prefilled() {
-                continue; // a prefill chunk that did not finish the prompt
-            }
-            let span = s.span.clone();
-            let _e = span.enter();
-            let id = s.req.sampler.sample(&row.data);
-            let lp = s.req.logprobs.map(|top| token_logprob(&row.data, id, top));
-            let now = Instant::now();
-            if s.first_token_at.is_none() {
-                s.first_token_at = Some(now);
-                metrics::histogram!(m::TTFT).record((now - s.arrived).as_secs_f64());
-            }
-            metrics::counter!(m::GENERATED_TOKENS).increment(1);
-            if let Some(reason) = s.push(id, lp, &self.codec, &eos) {
-                let n = s.output.len();
-                if let Some(first) = s.first_token_at
-                    && n > 1
-                {
-                    metrics::histogram!(m::TPOT)
-                        .record((now - first).as_secs_f64() / (n - 1) as f64);
-                }
-                metrics::histogram!(m::E2E).record((now - s.arrived).as_secs_f64());
-                tracing::debug!(seq = s.id, reason = reason.as_str(), tokens = n, "finished");
-                let _ = s.events.send(Event::Finished {
-                    reason,
-                    prompt_tokens: s.req.prompt.len(),
-                    completion_tokens: n,
-                });
-                done.push(*i);
-            }
+            rows[*i] = Some(row);
         }
-        done.sort_unstable();
+        let codec = &*self.codec;
+        let finished: Vec<Option<FinishReason>> = self
+            .running
+            .par_iter_mut()
+            .zip(rows.par_iter())
+            .map(|(s, row)| {
+                let row = (*row)?;
+                if !s.prefilled() {
+                    return None; // a prefill chunk that did not finish the prompt
+                }
+                let span = s.span.clone();
+                let _e = span.enter();
+                let (id, lp) = s
+                    .req
+                    .sampler
+                    .sample_with_logprobs(&row.data, s.req.logprobs);
+                let lp = lp.map(|t| TokenLogprob {
+                    logprob: t.logprob,
+                    top: t.top,
+                });
+                let now = Instant::now();
+                if s.first_token_at.is_none() {
+                    s.first_token_at = Some(now);
+                    metrics::histogram!(m::TTFT).record((now - s.arrived).as_secs_f64());
+                }
+                metrics::counter!(m::GENERATED_TOKENS).increment(1);
+                s.push(id, lp, codec, &eos)
+            })
+            .collect();
+        let now = Instant::now();
+        let mut done: Vec<usize> = Vec::new();
+        for (i, reason) in finished.into_iter().enumerate() {
+            let Some(reason) = reason else { continue };
+            let s = &self.running[i];
+            let n = s.output.len();
+            if let Some(first) = s.first_token_at
+                && n > 1
+            {
+                metrics::histogram!(m::TPOT).record((now - first).as_secs_f64() / (n - 1) as f64);
+            }
+            metrics::histogram!(m::E2E).record((now - s.arrived).as_secs_f64());
+            tracing::debug!(seq = s.id, reason = reason.as_str(), tokens = n, "finished");
+            let _ = s.events.send(Event::Finished {
+                reason,
+                prompt_tokens: s.req.prompt.len(),
+                completion_tokens: n,
+            });
+            done.push(i);
+        }
         for &i in done.iter().rev() {
             self.running.remove(i);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn log_softmax_normalises() {
-        let lp = log_softmax(&[1.0, 2.0, 3.0]);
-        let total: f64 = lp.iter().map(|v| f64::from(*v).exp()).sum();
-        assert!((total - 1.0).abs() < 1e-6);
-        let t = token_logprob(&[1.0, 3.0, 2.0], 0, 2);
-        assert_eq!(t.top.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2]);
-        assert!((t.logprob - lp[0]).abs() < 1e-7);
     }
 }

@@ -1,8 +1,31 @@
-//! Choosing the next token from logits: greedy (temperature 0), or temperature with top-k and
-//! top-p (nucleus) filtering, from a seeded ChaCha RNG so a seed reproduces a sample.
+//! Choosing the next token from logits, at vocabulary scale: greedy (temperature 0), or
+//! temperature with min-p, top-k and top-p (nucleus) filtering, from a seeded ChaCha RNG so a
+//! seed reproduces a sample, whatever else shares the batch.
+//!
+//! The distribution, in vLLM's order (`vllm/v1/sample/sampler.py`):
+//! 1. temperature 0 or `top_k == 1`: the first maximum, and no random number is drawn;
+//! 2. weights `w = exp((l - max) / T)`;
+//! 3. min-p drops tokens with `p < min_p · p_max` (`l < max + T · ln min_p`);
+//! 4. tokens rank by `(logit desc, id asc)`; top-k keeps the first k;
+//! 5. top-p keeps the shortest prefix of that ranking whose mass reaches `top_p` of what is left;
+//! 6. one uniform `u` in `[0, 1)` (`rng.random::<f64>()`); the token is the first kept one in id
+//!    order at which the running (float64) sum of kept weights exceeds `u · Σ kept`.
+//!
+//! No step sorts the vocabulary: the maximum and the weights are vectorised passes, the cuts of
+//! steps 4-5 walk a histogram of the weights and sort only the tokens of the bucket where a cut
+//! falls ([`select`]), and the draw is one pass. Log-probabilities ([`logprobs`]) are of the raw
+//! logits, from one `log Σ exp` pass and a top-N scan, sharing the maximum with the sampler.
+//! `model/tests/sampling.rs` checks exact ids against a full-sort reference implementation.
+
+mod logprobs;
+mod select;
+pub mod vector;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+
+pub use logprobs::{TokenLogprobs, log_sum_exp, token_logprobs, top_n};
+use select::Scratch;
 
 /// Per-request sampling settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -13,6 +36,8 @@ pub struct SamplingParams {
     pub top_p: f32,
     /// Keep the `top_k` most likely tokens (0 = off).
     pub top_k: usize,
+    /// Drop tokens less likely than `min_p` times the most likely one (0 = off).
+    pub min_p: f32,
     /// RNG seed; `None` draws one from the OS.
     pub seed: Option<u64>,
 }
@@ -23,6 +48,7 @@ impl Default for SamplingParams {
             temperature: 0.0,
             top_p: 1.0,
             top_k: 0,
+            min_p: 0.0,
             seed: None,
         }
     }
@@ -40,26 +66,30 @@ impl SamplingParams {
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
         }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(format!("min_p must be in [0, 1], got {}", self.min_p));
+        }
         Ok(())
+    }
+
+    /// Whether sampling is the argmax (no random number drawn).
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0 || self.top_k == 1
     }
 }
 
 /// Index of the largest logit (first on ties).
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
+    let max = vector::max(logits);
+    logits.iter().position(|&v| v == max).unwrap_or(0) as u32
 }
 
-/// A sampler with its own RNG stream.
+/// A sampler with its own RNG stream and scratch buffers.
 #[derive(Debug, Clone)]
 pub struct Sampler {
     params: SamplingParams,
     rng: ChaCha8Rng,
+    scratch: Scratch,
 }
 
 impl Sampler {
@@ -69,7 +99,11 @@ impl Sampler {
             Some(s) => ChaCha8Rng::seed_from_u64(s),
             None => ChaCha8Rng::from_os_rng(),
         };
-        Sampler { params, rng }
+        Sampler {
+            params,
+            rng,
+            scratch: Scratch::default(),
+        }
     }
 
     /// The settings.
@@ -79,51 +113,74 @@ impl Sampler {
 
     /// The next token.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        let p = &self.params;
-        if p.temperature == 0.0 || p.top_k == 1 {
-            return argmax(logits);
-        }
-        // Candidates by descending logit (ties: lower id first), cut by top-k.
-        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-        idx.sort_by(|&a, &b| {
-            logits[b as usize]
-                .total_cmp(&logits[a as usize])
-                .then(a.cmp(&b))
+        self.sample_with_logprobs(logits, None).0
+    }
+
+    /// The next token and, with `logprobs = Some(n)`, its log-probability and the top `n`.
+    pub fn sample_with_logprobs(
+        &mut self,
+        logits: &[f32],
+        logprobs: Option<usize>,
+    ) -> (u32, Option<TokenLogprobs>) {
+        let max = vector::max(logits);
+        let (id, sum) = if self.params.is_greedy() {
+            let id = logits.iter().position(|&v| v == max).unwrap_or(0) as u32;
+            (id, None)
+        } else {
+            self.draw(logits, max)
+        };
+        let lp = logprobs.map(|n| match sum {
+            Some(sum) => logprobs::with_lse(logits, max + sum.ln() as f32, id, n),
+            None => token_logprobs(logits, max, id, n),
         });
-        if p.top_k > 0 {
-            idx.truncate(p.top_k);
-        }
-        let max = logits[idx[0] as usize];
-        let mut probs: Vec<f64> = idx
-            .iter()
-            .map(|&i| f64::from((logits[i as usize] - max) / p.temperature).exp())
-            .collect();
-        let total: f64 = probs.iter().sum();
-        for q in &mut probs {
-            *q /= total;
-        }
-        if p.top_p < 1.0 {
-            let mut cum = 0.0;
-            let mut keep = probs.len();
-            for (i, q) in probs.iter().enumerate() {
-                cum += q;
-                if cum >= f64::from(p.top_p) {
-                    keep = i + 1;
-                    break;
+        (id, lp)
+    }
+
+    /// The drawn token, and `Σ exp(l - max)` when the weights were exactly that (T = 1, no
+    /// min-p), so that logprobs need no second pass.
+    fn draw(&mut self, logits: &[f32], max: f32) -> (u32, Option<f64>) {
+        let p = self.params;
+        let inv_t = 1.0 / p.temperature;
+        let floor = if p.min_p > 0.0 {
+            max + p.temperature * p.min_p.ln()
+        } else {
+            f32::NEG_INFINITY
+        };
+        let s = &mut self.scratch;
+        s.reset(logits.len());
+        let u = self.rng.random::<f64>();
+        let (found, total) = if p.top_k == 0 && p.top_p >= 1.0 {
+            // Only min-p (or nothing): zero weights are never drawn, no cut is needed.
+            let total = vector::weights(logits, max, inv_t, &mut s.weights);
+            if p.min_p > 0.0 {
+                let mut kept = 0.0f64;
+                for (w, &l) in s.weights.iter_mut().zip(logits) {
+                    if l < floor {
+                        *w = 0.0;
+                    }
+                    kept += f64::from(*w);
                 }
+                (vector::draw(&s.weights, u * kept, |_| true), total)
+            } else {
+                (vector::draw(&s.weights, u * total, |_| true), total)
             }
-            probs.truncate(keep);
-            idx.truncate(keep);
-        }
-        let total: f64 = probs.iter().sum();
-        let mut u = self.rng.random::<f64>() * total;
-        for (i, q) in probs.iter().enumerate() {
-            if u < *q {
-                return idx[i];
-            }
-            u -= q;
-        }
-        idx[probs.len() - 1]
+        } else {
+            let total = vector::weights_and_histogram(
+                logits,
+                max,
+                inv_t,
+                floor,
+                &mut s.weights,
+                &mut s.count,
+                &mut s.mass,
+            );
+            let cut = select::cut(logits, s, p.top_k, p.top_p);
+            let found = vector::draw(&s.weights, u * cut.mass, |i| cut.keeps(logits[i], i));
+            (found, total)
+        };
+        let id = found.map_or_else(|| argmax(logits), |i| i as u32);
+        let exact = p.temperature == 1.0 && p.min_p == 0.0;
+        (id, exact.then_some(total))
     }
 }
 
