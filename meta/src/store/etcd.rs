@@ -10,6 +10,7 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 
 use super::*;
+use crate::telemetry::store_metrics::observe;
 
 /// A store on an etcd cluster (cheap to clone).
 #[derive(Clone)]
@@ -67,51 +68,51 @@ impl EtcdStore {
 impl MetaStore for EtcdStore {
     fn get(&self, key: &str) -> BoxFut<'_, Result<Option<KeyValue>>> {
         let (mut c, key) = (self.client.clone(), key.to_string());
-        Box::pin(async move {
+        Box::pin(observe("get", async move {
             Ok(c.get(key, None)
                 .await
                 .map_err(unavailable)?
                 .kvs()
                 .first()
                 .map(kv))
-        })
+        }))
     }
 
     fn list(&self, prefix: &str) -> BoxFut<'_, Result<(Vec<KeyValue>, i64)>> {
         let (mut c, prefix) = (self.client.clone(), prefix.to_string());
-        Box::pin(async move {
+        Box::pin(observe("list", async move {
             let r = c
                 .get(prefix, Some(GetOptions::new().with_prefix()))
                 .await
                 .map_err(unavailable)?;
             let rev = r.header().map_or(0, |h| h.revision());
             Ok((r.kvs().iter().map(kv).collect(), rev))
-        })
+        }))
     }
 
     fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> BoxFut<'_, Result<i64>> {
         let (mut c, key) = (self.client.clone(), key.to_string());
-        Box::pin(async move {
+        Box::pin(observe("put", async move {
             let opts = lease.map(|l| PutOptions::new().with_lease(l));
             let r = c.put(key, value, opts).await.map_err(|e| match lease {
                 Some(l) => lease_error(e, l),
                 None => unavailable(e),
             })?;
             Ok(r.header().map_or(0, |h| h.revision()))
-        })
+        }))
     }
 
     fn delete(&self, key: &str) -> BoxFut<'_, Result<()>> {
         let (mut c, key) = (self.client.clone(), key.to_string());
-        Box::pin(async move {
+        Box::pin(observe("delete", async move {
             c.delete(key, None).await.map_err(unavailable)?;
             Ok(())
-        })
+        }))
     }
 
     fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> BoxFut<'_, Result<bool>> {
         let mut c = self.client.clone();
-        Box::pin(async move {
+        Box::pin(observe("txn", async move {
             let when: Vec<ECompare> = compares
                 .into_iter()
                 .map(|cmp| match cmp {
@@ -134,22 +135,22 @@ impl MetaStore for EtcdStore {
                 .await
                 .map_err(unavailable)?;
             Ok(r.succeeded())
-        })
+        }))
     }
 
     fn grant(&self, ttl: Duration) -> BoxFut<'_, Result<LeaseId>> {
         let mut c = self.client.clone();
-        Box::pin(async move {
+        Box::pin(observe("grant", async move {
             Ok(c.lease_grant(ttl.as_secs().max(1) as i64, None)
                 .await
                 .map_err(unavailable)?
                 .id())
-        })
+        }))
     }
 
     fn keep_alive(&self, lease: LeaseId) -> BoxFut<'_, Result<()>> {
         let mut c = self.client.clone();
-        Box::pin(async move {
+        Box::pin(observe("keep_alive", async move {
             let (mut keeper, mut stream) = c
                 .lease_keep_alive(lease)
                 .await
@@ -163,15 +164,15 @@ impl MetaStore for EtcdStore {
                 Some(_) => Err(StoreError::LeaseGone(lease)),
                 None => Err(StoreError::Unavailable("keep-alive stream closed".into())),
             }
-        })
+        }))
     }
 
     fn revoke(&self, lease: LeaseId) -> BoxFut<'_, Result<()>> {
         let mut c = self.client.clone();
-        Box::pin(async move {
+        Box::pin(observe("revoke", async move {
             c.lease_revoke(lease).await.map_err(unavailable)?;
             Ok(())
-        })
+        }))
     }
 
     fn watch(
@@ -180,7 +181,7 @@ impl MetaStore for EtcdStore {
         from_revision: i64,
     ) -> BoxFut<'_, Result<BoxStream<'static, Result<WatchEvent>>>> {
         let (mut c, prefix) = (self.client.clone(), prefix.to_string());
-        Box::pin(async move {
+        Box::pin(observe("watch", async move {
             let mut opts = WatchOptions::new().with_prefix();
             if from_revision > 0 {
                 opts = opts.with_start_revision(from_revision);
@@ -212,6 +213,6 @@ impl MetaStore for EtcdStore {
                 futures::stream::iter(items)
             });
             Ok(events.boxed())
-        })
+        }))
     }
 }

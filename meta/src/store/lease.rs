@@ -25,6 +25,7 @@ impl LeaseKeeper {
     pub async fn start(store: Arc<dyn MetaStore>, ttl: Duration) -> Result<LeaseKeeper> {
         let id = store.grant(ttl).await?;
         let (tx, lost) = watch::channel(false);
+        let alive = crate::telemetry::store_metrics::LeaseAlive::new();
         let task = tokio::spawn(async move {
             let mut last_ok = tokio::time::Instant::now();
             let mut iv = tokio::time::interval(ttl / 3);
@@ -42,6 +43,7 @@ impl LeaseKeeper {
                     }
                 }
             }
+            alive.lost();
             tracing::warn!(lease = id, "lease lost");
             let _ = tx.send(true);
         });
