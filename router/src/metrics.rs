@@ -156,9 +156,19 @@ pub fn install() -> PrometheusHandle {
                 Err(_) => PrometheusBuilder::new().build_recorder().handle(),
             };
             describe();
+            // Counters that may stay at zero are exported from the start, so rate() over them
+            // has data and a first event is not lost to a missing previous sample.
+            metrics::counter!(CANCELLED).absolute(0);
             handle
         })
         .clone()
+}
+
+/// Exports the per-node counters of a newly known expert node at zero.
+pub fn new_node(node: &str) {
+    metrics::counter!(DISPATCH_FAILOVERS, "node" => node.to_string()).absolute(0);
+    metrics::counter!(DISPATCH_PAIRS, "node" => node.to_string()).absolute(0);
+    metrics::gauge!(DISPATCH_IN_FLIGHT, "node" => node.to_string()).set(0.0);
 }
 
 /// The whole `/metrics` exposition: the router's families plus the process, build and

@@ -182,6 +182,7 @@ impl RemoteExperts {
                     cache
                         .entry(a.clone())
                         .or_insert_with(|| {
+                            crate::metrics::new_node(a);
                             ExpertClient::spawn(a.clone(), self.opts.max_message_bytes)
                         })
                         .clone()
