@@ -173,9 +173,9 @@ mod tests {
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://a:4317"),
             ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://b:4317"),
         ]);
-        let c = from_env(Some("http://c:4317"), "moe-router", &e).unwrap();
-        assert_eq!(c.unwrap().endpoint, "http://c:4317");
-        let c = from_env(None, "moe-router", &e).unwrap().unwrap();
+        let c = from_env(Some("http://c:4317"), "moe-router", &e).expect("ok");
+        assert_eq!(c.expect("ok").endpoint, "http://c:4317");
+        let c = from_env(None, "moe-router", &e).expect("ok").expect("ok");
         assert_eq!(c.endpoint, "http://b:4317");
         assert_eq!(c.service_name.as_deref(), Some("moe-router"));
         assert_eq!(c.sampler, SamplerConfig::default());
@@ -190,10 +190,17 @@ mod tests {
             "moe-expert-node",
             env(&[base, ("OTEL_SERVICE_NAME", "x")]),
         );
-        assert_eq!(c.unwrap().unwrap().service_name.as_deref(), Some("x"));
+        assert_eq!(
+            c.expect("ok").expect("ok").service_name.as_deref(),
+            Some("x")
+        );
         let attrs = ("OTEL_RESOURCE_ATTRIBUTES", "a=b, service.name=y");
         let c = from_env(None, "moe-expert-node", env(&[base, attrs]));
-        assert_eq!(c.unwrap().unwrap().service_name, None, "left to the SDK");
+        assert_eq!(
+            c.expect("ok").expect("ok").service_name,
+            None,
+            "left to the SDK"
+        );
     }
 
     #[test]
@@ -204,14 +211,14 @@ mod tests {
             if !arg.is_empty() {
                 pairs.push(("OTEL_TRACES_SAMPLER_ARG", arg));
             }
-            from_env(None, "r", env(&pairs)).map(|c| c.unwrap().sampler)
+            from_env(None, "r", env(&pairs)).map(|c| c.expect("ok").sampler)
         };
-        let got = s("parentbased_traceidratio", "0.25").unwrap();
+        let got = s("parentbased_traceidratio", "0.25").expect("ok");
         assert_eq!(got.root, SamplerKind::Ratio(0.25));
         assert!(got.parent_based && !got.never_samples());
-        assert!(s("always_off", "").unwrap().never_samples());
-        assert!(s("traceidratio", "0").unwrap().never_samples());
-        assert!(!s("parentbased_always_off", "").unwrap().never_samples());
+        assert!(s("always_off", "").expect("ok").never_samples());
+        assert!(s("traceidratio", "0").expect("ok").never_samples());
+        assert!(!s("parentbased_always_off", "").expect("ok").never_samples());
         assert!(s("traceidratio", "1.5").is_err());
         assert!(s("jaeger_remote", "").is_err());
     }
