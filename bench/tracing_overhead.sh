@@ -51,8 +51,12 @@ run off "$off" 0 >/dev/null # warm-up, both
 run on "$on" 0 >/dev/null
 declare -a a b
 for r in $(seq 1 "$rounds"); do
-    a+=("$(run off "$off" "$r")")
-    b+=("$(run on "$on" "$r")")
+    # Alternate which goes first, so a drift in the machine's load favours neither.
+    if [ $((r % 2)) -eq 1 ]; then
+        a+=("$(run off "$off" "$r")"); b+=("$(run on "$on" "$r")")
+    else
+        b+=("$(run on "$on" "$r")"); a+=("$(run off "$off" "$r")")
+    fi
     echo "round $r: off ${a[-1]} tok/s, traced ${b[-1]} tok/s"
 done
 spans=$(wc -l <"$work/spans.jsonl")
@@ -63,5 +67,7 @@ on = [float(x) for x in sys.argv[2].split()]
 print(f"decode tokens/s  off: median {statistics.median(off):.1f} {off}")
 print(f"decode tokens/s  traced (100%): median {statistics.median(on):.1f} {on}")
 print(f"ratio traced/off (medians): {statistics.median(on) / statistics.median(off):.3f}")
+print(f"ratio traced/off (means): {statistics.mean(on) / statistics.mean(off):.3f}")
+print("per-round ratios:", " ".join(f"{b / a:.3f}" for a, b in zip(off, on)))
 print(f"spans received by the sink: {sys.argv[3]}")
 PY
