@@ -19,6 +19,12 @@ struct Cli {
     /// Log filter, as RUST_LOG (e.g. `info`, `moe_model=debug`).
     #[arg(long, global = true, env = "MOE_LOG", default_value = "info")]
     log: String,
+    /// Export traces over OTLP/gRPC to this collector (e.g. `http://127.0.0.1:4317`); wins
+    /// over OTEL_EXPORTER_OTLP_TRACES_ENDPOINT and OTEL_EXPORTER_OTLP_ENDPOINT. No endpoint:
+    /// no export. OTEL_SERVICE_NAME, OTEL_TRACES_SAMPLER(_ARG), OTEL_RESOURCE_ATTRIBUTES and
+    /// OTEL_BSP_* are read as usual.
+    #[arg(long, global = true)]
+    otlp_endpoint: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -62,8 +68,27 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+impl Command {
+    /// The default service name and instance id of this process's traces.
+    fn identity(&self) -> (&'static str, Option<String>) {
+        match self {
+            Command::ExpertNode(a) => ("moe-expert-node", a.node_id()),
+            Command::Serve(_) | Command::Router(_) => ("moe-router", None),
+            Command::Coordinator(a) => ("moe-coordinator", a.id()),
+            Command::Up(_) => ("moe-up", None),
+            _ => ("moe", None),
+        }
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let _telemetry = moe_meta::telemetry::init(&cli.log).map_err(anyhow::Error::msg)?;
+    let (service, instance) = cli.command.identity();
+    let who = moe_meta::telemetry::Identity {
+        service: service.to_string(),
+        instance,
+        otlp_endpoint: cli.otlp_endpoint.clone(),
+    };
+    let _telemetry = moe_meta::telemetry::init(&cli.log, &who).map_err(anyhow::Error::msg)?;
     if let Some(n) = cli.threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)

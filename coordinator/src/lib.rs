@@ -4,6 +4,7 @@
 
 pub mod balance;
 pub mod leader;
+pub mod metrics;
 pub mod plan;
 pub mod rebalance;
 

@@ -139,6 +139,7 @@ impl ExpertNode {
         for &(l, e) in pairs {
             st.pairs.entry(l).or_default().insert(e);
         }
+        self.stats.record_loads(pairs.len());
         tracing::info!(node = %self.id, added = pairs.len(), hosted = st.store.len(), "experts loaded");
         Ok(())
     }
@@ -155,7 +156,22 @@ impl ExpertNode {
                 s.remove(&e);
             }
         }
+        self.stats.record_unloads(pairs.len());
         tracing::info!(node = %self.id, removed = pairs.len(), hosted = st.store.len(), "experts unloaded");
+    }
+
+    /// The node's `/metrics` text.
+    pub fn render_metrics(&self) -> String {
+        let (hosted, version) = {
+            let st = self.read();
+            (st.store.len(), st.versions.last().copied().unwrap_or(0))
+        };
+        self.stats.render(crate::stats::NodeGauges {
+            node: &self.id,
+            in_flight: self.in_flight(),
+            hosted,
+            placement_version: version,
+        })
     }
 
     /// Runs a validated job: `[tokens, hidden]` weighted sums.

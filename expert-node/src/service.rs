@@ -34,25 +34,40 @@ impl Service {
     }
 }
 
-/// Validates and computes one request; errors become a status.
+/// Validates and computes one request; errors become a status. The server span
+/// (`expert.dispatch`) is a child of the router's client span named by the message's
+/// `traceparent` (a stream's metadata is sent once; its messages belong to many requests), and
+/// the compute itself is its child `expert.compute`. With tracing off both are disabled
+/// callsites and the message's `traceparent` is passed back unchanged.
 async fn handle(node: Arc<ExpertNode>, req: DispatchRequest) -> Result<DispatchResponse, Status> {
-    let span = tracing::info_span!(
-        "expert.compute",
-        node = %node.id,
-        layer = req.layer,
-        tokens = req.num_tokens,
-        request_id = req.request_id
+    let span = tracing::debug_span!(
+        "expert.dispatch",
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        rpc.system = "grpc",
+        rpc.method = "moe.ExpertService/Dispatch",
+        moe.node = %node.id,
+        moe.layer = req.layer,
+        moe.tokens = req.num_tokens,
+        moe.experts = req.expert_ids.len(),
+        moe.bytes = req.hidden.len(),
+        moe.request_id = req.request_id
     );
-    moe_meta::telemetry::set_parent(&span, &req.traceparent);
-    let traceparent = moe_meta::telemetry::traceparent(&span);
-    async move {
+    let traceparent = if span.is_disabled() {
+        req.traceparent.clone()
+    } else {
+        moe_meta::telemetry::set_parent(&span, &req.traceparent);
+        moe_meta::telemetry::traceparent(&span)
+    };
+    let stats_node = node.clone();
+    let result: Result<DispatchResponse, Status> = async move {
         let job = validate(&req, &node)?;
         let started = Instant::now();
         let n = node.clone();
-        let span = tracing::Span::current();
+        let compute = tracing::debug_span!("expert.compute", moe.experts = req.expert_ids.len());
         let (job, result) = tokio::task::spawn_blocking(move || {
             let _guard = n.track();
-            let _enter = span.enter();
+            let _enter = compute.enter();
             let out = n.compute(&job);
             (job, out)
         })
@@ -77,7 +92,12 @@ async fn handle(node: Arc<ExpertNode>, req: DispatchRequest) -> Result<DispatchR
         })
     }
     .instrument(span.clone())
-    .await
+    .await;
+    if let Err(status) = &result {
+        span.record("otel.status_code", "error");
+        stats_node.stats.record_error(status.code());
+    }
+    result
 }
 
 fn error_response(request_id: u64, status: &Status) -> DispatchResponse {

@@ -1,5 +1,6 @@
-//! The node's compute span is a child of the router's span named in the message's traceparent
-//! (checked on the spans an in-memory OpenTelemetry exporter receives).
+//! The node's server span is a child of the router's span named in the message's traceparent,
+//! and its compute span a child of that (checked on the spans an in-memory OpenTelemetry
+//! exporter receives).
 
 use std::sync::Arc;
 
@@ -66,17 +67,30 @@ async fn compute_span_is_a_child_of_the_routers_span() {
     provider.force_flush().expect("flush");
 
     let spans = exporter.get_finished_spans().expect("spans");
-    let span = spans
+    let server = spans
+        .iter()
+        .find(|s| s.name == "expert.dispatch")
+        .expect("a server span");
+    assert_eq!(
+        server.span_context.trace_id(),
+        TraceId::from_hex(trace).expect("hex")
+    );
+    assert_eq!(
+        server.parent_span_id,
+        SpanId::from_hex(parent).expect("hex")
+    );
+    assert_eq!(server.span_kind, opentelemetry::trace::SpanKind::Server);
+    assert_eq!(
+        resp.traceparent,
+        format!("00-{trace}-{}-01", server.span_context.span_id())
+    );
+    let compute = spans
         .iter()
         .find(|s| s.name == "expert.compute")
         .expect("a compute span");
+    assert_eq!(compute.parent_span_id, server.span_context.span_id());
     assert_eq!(
-        span.span_context.trace_id(),
-        TraceId::from_hex(trace).expect("hex")
-    );
-    assert_eq!(span.parent_span_id, SpanId::from_hex(parent).expect("hex"));
-    assert_eq!(
-        resp.traceparent,
-        format!("00-{trace}-{}-01", span.span_context.span_id())
+        compute.span_context.trace_id(),
+        server.span_context.trace_id()
     );
 }

@@ -1,8 +1,11 @@
-//! Every metric the router exports, by name, in one place, and the Prometheus recorder.
-//! All names start with `moe_`.
+//! Every metric the router exports, by name and with its help text, in one place, and the
+//! Prometheus recorder. All names start with `moe_`, carry base units (`_seconds`, `_bytes`,
+//! `_total` for counters) and only labels of bounded cardinality (`node` is an expert node's
+//! address, `layer` a MoE layer, `status`/`error_type` a fixed set). Dashboards read these names.
 
 use std::sync::OnceLock;
 
+use metrics::Unit;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Requests finished, by `status` (HTTP code) and `error_type`.
@@ -39,6 +42,11 @@ pub const CANCELLED: &str = "moe_cancelled_sequences_total";
 pub const DISPATCH_LATENCY: &str = "moe_dispatch_latency_seconds";
 /// (token, expert) pairs sent to one expert node, by `node`.
 pub const DISPATCH_PAIRS: &str = "moe_dispatch_expert_tokens_total";
+/// Hidden-state bytes exchanged with one expert node, by `node` and `direction`
+/// (`sent`, `received`).
+pub const DISPATCH_BYTES: &str = "moe_dispatch_bytes_total";
+/// Dispatches sent to a node and not yet answered, by `node`.
+pub const DISPATCH_IN_FLIGHT: &str = "moe_dispatch_in_flight";
 /// Balancedness (mean node load / max node load) of one MoE layer over the router's load
 /// window under the active placement and its shares, by `layer`.
 pub const LAYER_BALANCEDNESS: &str = "moe_expert_load_balancedness";
@@ -46,6 +54,8 @@ pub const LAYER_BALANCEDNESS: &str = "moe_expert_load_balancedness";
 pub const HOTTEST_SHARE: &str = "moe_expert_load_hottest_share";
 /// Dispatches re-routed away from a failed node, by `node`.
 pub const DISPATCH_FAILOVERS: &str = "moe_dispatch_failovers_total";
+/// Placement version this router dispatches by.
+pub const PLACEMENT_VERSION: &str = "moe_placement_version";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -54,6 +64,80 @@ const LATENCY_BUCKETS: &[f64] = &[
 const COUNT_BUCKETS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0,
 ];
+
+/// Registers every family's help text and unit with the installed recorder.
+fn describe() {
+    use metrics::{describe_counter as c, describe_gauge as g, describe_histogram as h};
+    c!(
+        REQUESTS,
+        "Requests finished, by HTTP status and error type."
+    );
+    h!(
+        TTFT,
+        Unit::Seconds,
+        "Time from arrival to the first generated token."
+    );
+    h!(
+        TPOT,
+        Unit::Seconds,
+        "Time per output token after the first, per request."
+    );
+    h!(E2E, Unit::Seconds, "End-to-end request latency.");
+    c!(PROMPT_TOKENS, Unit::Count, "Prompt tokens prefilled.");
+    c!(GENERATED_TOKENS, Unit::Count, "Tokens generated.");
+    g!(RUNNING, "Sequences in the running batch.");
+    g!(WAITING, "Sequences waiting for admission.");
+    h!(BATCH_SEQUENCES, "Sequences per engine step.");
+    h!(
+        BATCH_TOKENS,
+        "Tokens per engine step (decode tokens plus prefill chunks)."
+    );
+    h!(STEP_SECONDS, Unit::Seconds, "Engine step duration.");
+    g!(
+        KV_USED_TOKENS,
+        "KV-cache tokens reserved by admitted sequences."
+    );
+    g!(KV_CAPACITY_TOKENS, "KV-cache capacity in tokens.");
+    g!(KV_USAGE, "Reserved share of the KV cache, 0 to 1.");
+    c!(
+        CANCELLED,
+        "Sequences cancelled because their client went away."
+    );
+    h!(
+        DISPATCH_LATENCY,
+        Unit::Seconds,
+        "Dispatch round trip to one expert node, by node."
+    );
+    c!(
+        DISPATCH_PAIRS,
+        "(token, expert) pairs sent to one expert node, by node."
+    );
+    c!(
+        DISPATCH_BYTES,
+        Unit::Bytes,
+        "Hidden-state bytes exchanged with one expert node, by node and direction."
+    );
+    g!(
+        DISPATCH_IN_FLIGHT,
+        "Dispatches sent to an expert node and not yet answered, by node."
+    );
+    g!(
+        LAYER_BALANCEDNESS,
+        "Mean over max node load of one MoE layer over the load window, by layer (1 is perfectly balanced)."
+    );
+    g!(
+        HOTTEST_SHARE,
+        "Share of a layer's routed tokens taken by its hottest expert over the load window, by layer."
+    );
+    c!(
+        DISPATCH_FAILOVERS,
+        "Dispatches re-routed away from a failed or disagreeing expert node, by node."
+    );
+    g!(
+        PLACEMENT_VERSION,
+        "Placement version this router dispatches by."
+    );
+}
 
 /// Installs the process-wide Prometheus recorder once and returns its handle.
 pub fn install() -> PrometheusHandle {
@@ -65,12 +149,32 @@ pub fn install() -> PrometheusHandle {
                 .and_then(|b| {
                     b.set_buckets_for_metric(Matcher::Prefix("moe_batch_".into()), COUNT_BUCKETS)
                 });
-            match builder.and_then(|b| b.install_recorder()) {
+            let handle = match builder.and_then(|b| b.install_recorder()) {
                 Ok(h) => h,
                 // Another recorder is installed (tests embedding several servers): render an
                 // unattached one so /metrics still answers.
                 Err(_) => PrometheusBuilder::new().build_recorder().handle(),
-            }
+            };
+            describe();
+            // Counters that may stay at zero are exported from the start, so rate() over them
+            // has data and a first event is not lost to a missing previous sample.
+            metrics::counter!(CANCELLED).absolute(0);
+            handle
         })
         .clone()
+}
+
+/// Exports the per-node counters of a newly known expert node at zero.
+pub fn new_node(node: &str) {
+    metrics::counter!(DISPATCH_FAILOVERS, "node" => node.to_string()).absolute(0);
+    metrics::counter!(DISPATCH_PAIRS, "node" => node.to_string()).absolute(0);
+    metrics::gauge!(DISPATCH_IN_FLIGHT, "node" => node.to_string()).set(0.0);
+}
+
+/// The whole `/metrics` exposition: the router's families plus the process, build and
+/// trace-export families every role shares.
+pub fn render(handle: &PrometheusHandle) -> String {
+    let mut text = handle.render();
+    text.push_str(&moe_meta::telemetry::process::render("router"));
+    text
 }

@@ -215,7 +215,12 @@ async fn trace_context_crosses_the_wire() {
         Some(trace),
         "node span joins the router's trace: {child}"
     );
-    assert_ne!(child, parent, "the node answers with its own span");
+    // With tracing off (no OTLP endpoint here) the node passes the context through; its own
+    // server span is checked in expert-node/tests/trace.rs and tests/e2e/observability.rs.
+    assert_eq!(
+        child, parent,
+        "passed through unchanged while not exporting"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -163,7 +163,13 @@ async fn rebalance_under_skew(min_replicas: &str, capacity: &str) {
         &["--min-replicas", min_replicas, "--rebalance-threshold", "0"],
     );
     first.expect_line("leading", Duration::from_secs(30));
-    let spare = ["--capacity", capacity, "--metrics-listen", "127.0.0.1:0"];
+    let spare = [
+        "--capacity",
+        capacity,
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--expert-metrics",
+    ];
     let nodes: Vec<Role> = (0..4)
         .map(|i| node_with(&url, &format!("n{i}"), &spare))
         .collect();

@@ -138,6 +138,13 @@ pub fn config(
     })
 }
 
+impl Args {
+    /// `--id`, when given.
+    pub fn id(&self) -> Option<String> {
+        self.id.clone()
+    }
+}
+
 pub fn run(a: Args) -> anyhow::Result<()> {
     let id = a.id.clone().unwrap_or_else(|| process_id("coordinator"));
     let cfg = config(

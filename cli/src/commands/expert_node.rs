@@ -43,11 +43,22 @@ pub struct Args {
     /// (port 0 picks one; the chosen address is printed).
     #[arg(long, env = "MOE_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Also export per-(layer, expert) token and compute-time series (up to layers × experts
+    /// series per node; per-layer series are always exported).
+    #[arg(long, env = "MOE_EXPERT_METRICS")]
+    expert_metrics: bool,
     /// Largest gRPC message, bytes.
     #[arg(long, env = "MOE_MAX_MESSAGE_BYTES", default_value_t = moe_proto::DEFAULT_MAX_MESSAGE_BYTES)]
     max_message_bytes: usize,
     #[command(flatten)]
     cluster: ClusterArgs,
+}
+
+impl Args {
+    /// `--node-id`, when given.
+    pub fn node_id(&self) -> Option<String> {
+        self.node_id.clone()
+    }
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -112,8 +123,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         println!("expert node {} listening on {addr}", node.id);
         if let Some(m) = a.metrics_listen {
             let n = node.clone();
-            crate::metrics_http::start(m, Arc::new(move || n.stats.render(&n.id, n.in_flight())))
-                .await?;
+            n.stats.set_per_expert_series(a.expert_metrics);
+            crate::metrics_http::start(m, Arc::new(move || n.render_metrics())).await?;
         }
         tracing::info!(node = %node.id, %addr, "serving");
         let opts = ServerOptions {

@@ -41,6 +41,10 @@ pub struct ServeArgs {
     /// Largest request body, bytes.
     #[arg(long, env = "MOE_MAX_BODY_BYTES", default_value_t = 8 << 20)]
     max_body_bytes: usize,
+    /// Also serve Prometheus `/metrics` on this address (the API port always serves it; port
+    /// 0 picks one, and the address is printed).
+    #[arg(long, env = "MOE_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -133,6 +137,11 @@ fn run(
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let state = app_state(&a, engine, ready)?;
         println!("listening on {}", listener.local_addr()?);
+        if let Some(m) = a.metrics_listen {
+            let handle = state.metrics.clone();
+            crate::metrics_http::start(m, Arc::new(move || moe_router::metrics::render(&handle)))
+                .await?;
+        }
         moe_router::http::serve(listener, state, crate::signal::shutdown()).await?;
         Ok(())
     })

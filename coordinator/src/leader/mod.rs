@@ -23,6 +23,7 @@ use moe_meta::store::register::{Term, TermError, hold};
 use moe_meta::store::wait_until;
 use moe_meta::store::{MetaStore, Op, StoreError};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::plan::{NodeSlot, plan};
 use crate::rebalance::{LoadTracker, RebalanceConfig};
@@ -174,8 +175,21 @@ async fn lead(
                         moved = next.moved,
                         "rolling out a placement"
                     );
-                    if rollout(store, cfg, leadership, &rec, &mut nodes, &mut acks).await? {
+                    let span = tracing::info_span!(
+                        "coordinator.rollout",
+                        moe.version = version,
+                        moe.moved = next.moved,
+                        moe.nodes = rec.nodes.len(),
+                        moe.duration_seconds = tracing::field::Empty,
+                        moe.completed = false
+                    );
+                    if rollout(store, cfg, leadership, &rec, &mut nodes, &mut acks)
+                        .instrument(span.clone())
+                        .await?
+                    {
                         let took = noticed.elapsed();
+                        span.record("moe.duration_seconds", took.as_secs_f64());
+                        span.record("moe.completed", true);
                         tracing::info!(
                             version,
                             moved = next.moved,
@@ -189,6 +203,8 @@ async fn lead(
                             s.last_moved = next.moved;
                             s.nodes = rec.nodes.len();
                             s.last_rollout = took;
+                            s.rollouts += 1;
+                            s.rollout_seconds += took.as_secs_f64();
                         });
                     }
                     continue;
@@ -211,7 +227,9 @@ async fn lead(
                 tracker.update(&records, cfg.n_experts, cfg.rebalance.alpha);
                 if let Some(a) = &active {
                     let quiet = tokio::time::Instant::now() < quiet_until;
-                    if rebalance_round(store, cfg, leadership, status, a, &live, &tracker, quiet, &mut nodes, &mut acks).await? {
+                    let span = tracing::info_span!("coordinator.rebalance_round", moe.version = a.version, moe.quiet = quiet, moe.changed = false);
+                    if rebalance_round(store, cfg, leadership, status, a, &live, &tracker, quiet, &mut nodes, &mut acks).instrument(span.clone()).await? {
+                        span.record("moe.changed", true);
                         quiet_until = tokio::time::Instant::now() + cfg.rebalance.cooldown;
                         status.send_modify(|s| s.rebalance_rounds += 1);
                     }

@@ -30,58 +30,14 @@ pub struct CoordinatorStatus {
     pub last_rebalance: Option<LayerRebalance>,
     /// Load-driven rounds that changed the placement.
     pub rebalance_rounds: u64,
+    /// Rollouts completed, and their total duration.
+    pub rollouts: u64,
+    pub rollout_seconds: f64,
 }
 
 impl CoordinatorStatus {
     /// Prometheus text exposition of the status, for the coordinator's `/metrics`.
     pub fn render_metrics(&self) -> String {
-        use std::fmt::Write;
-        let mut out = String::new();
-        let mut gauge = |name: &str, help: &str, value: f64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-            );
-        };
-        gauge(
-            "moe_coordinator_leading",
-            "1 while this replica leads.",
-            f64::from(u8::from(self.leading)),
-        );
-        gauge(
-            "moe_placement_active_version",
-            "Active placement version.",
-            self.active_version as f64,
-        );
-        gauge(
-            "moe_placement_nodes",
-            "Nodes in the active placement.",
-            self.nodes as f64,
-        );
-        gauge(
-            "moe_placement_last_moved",
-            "Experts the last rollout moved.",
-            self.last_moved as f64,
-        );
-        gauge(
-            "moe_placement_last_rollout_seconds",
-            "Time from the change to the active placement, last rollout.",
-            self.last_rollout.as_secs_f64(),
-        );
-        let _ = writeln!(
-            out,
-            "# HELP moe_rebalance_rounds_total Load-driven rounds that changed the placement.\n\
-             # TYPE moe_rebalance_rounds_total counter\nmoe_rebalance_rounds_total {}",
-            self.rebalance_rounds
-        );
-        let _ = writeln!(
-            out,
-            "# HELP moe_layer_balancedness Mean / max node load of a layer under the smoothed \
-             load and the active placement.\n# TYPE moe_layer_balancedness gauge"
-        );
-        for (l, b) in &self.balancedness {
-            let _ = writeln!(out, "moe_layer_balancedness{{layer=\"{l}\"}} {b}");
-        }
-        out
+        crate::metrics::render(self)
     }
 }

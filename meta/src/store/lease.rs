@@ -41,6 +41,7 @@ impl LeaseKeeper {
         let id = store.grant(ttl).await?;
         let (lost_tx, lost) = watch::channel(false);
         let (stale_tx, stale) = watch::channel(false);
+        let alive = crate::telemetry::store_metrics::LeaseAlive::new();
         let task = tokio::spawn(async move {
             let mut last_ok = tokio::time::Instant::now();
             let mut failures = 0u32;
@@ -77,6 +78,7 @@ impl LeaseKeeper {
                     }
                 }
             }
+            alive.lost();
             tracing::warn!(lease = id, "lease lost (the store no longer has it)");
             let _ = lost_tx.send(true);
         });

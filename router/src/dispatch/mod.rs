@@ -136,6 +136,8 @@ struct InFlight {
     rx: oneshot::Receiver<Result<DispatchResponse, Status>>,
     sent: std::time::Instant,
     client: ExpertClient,
+    /// The client span of this node's round trip (`moe.dispatch.node`), ended on its answer.
+    span: tracing::Span,
 }
 
 impl RemoteExperts {
@@ -179,6 +181,7 @@ impl RemoteExperts {
                     cache
                         .entry(a.clone())
                         .or_insert_with(|| {
+                            crate::metrics::new_node(a);
                             ExpertClient::spawn(a.clone(), self.opts.max_message_bytes)
                         })
                         .clone()
@@ -188,6 +191,7 @@ impl RemoteExperts {
         let v = placement.as_ref().map_or(0, |p| p.version);
         *self.routes.write().unwrap_or_else(|p| p.into_inner()) =
             Arc::new(Routes { placement, clients });
+        metrics::gauge!(crate::metrics::PLACEMENT_VERSION).set(v as f64);
         self.version.send_replace(v);
     }
 
@@ -309,28 +313,42 @@ impl RemoteExperts {
         work: NodeWork,
         parent: &tracing::Span,
     ) -> InFlight {
-        let span = tracing::info_span!(parent: parent, "moe.dispatch.node", node = work.node, tokens = work.tokens.len());
+        let client = routes.clients[work.node].clone();
         let rows = x.gather_rows(&work.tokens);
+        let hidden = tensor::encode(&rows.data, self.opts.wire);
+        let span = if moe_meta::telemetry::is_sampled(parent) {
+            tracing::debug_span!(parent: parent, "moe.dispatch.node", otel.kind = "client",
+                otel.status_code = tracing::field::Empty, rpc.system = "grpc",
+                rpc.method = "moe.ExpertService/Dispatch", server.address = client.addr(),
+                moe.node = client.addr(), moe.layer = layer, moe.tokens = work.tokens.len(),
+                moe.experts = work.experts.len(), moe.bytes = hidden.len())
+        } else {
+            tracing::Span::none()
+        };
         let req = DispatchRequest {
             request_id: 0,
             layer: layer as u32,
             placement_version: routes.placement.as_ref().map_or(0, |p| p.version),
             num_tokens: work.tokens.len() as u32,
             dtype: self.opts.wire as i32,
-            hidden: tensor::encode(&rows.data, self.opts.wire),
+            hidden,
             offsets: work.offsets.clone(),
             expert_ids: work.experts.clone(),
             weights: tensor::encode(&work.weights, Dtype::F32),
             traceparent: moe_meta::telemetry::traceparent(&span),
         };
-        let client = routes.clients[work.node].clone();
-        metrics::counter!(crate::metrics::DISPATCH_PAIRS, "node" => client.addr().to_string())
+        let node = client.addr().to_string();
+        metrics::counter!(crate::metrics::DISPATCH_PAIRS, "node" => node.clone())
             .increment(work.experts.len() as u64);
+        metrics::counter!(crate::metrics::DISPATCH_BYTES, "node" => node.clone(), "direction" => "sent")
+            .increment(req.hidden.len() as u64);
+        metrics::gauge!(crate::metrics::DISPATCH_IN_FLIGHT, "node" => node).increment(1.0);
         InFlight {
             rx: client.send(req),
             work,
             sent: std::time::Instant::now(),
             client,
+            span,
         }
     }
 
@@ -414,7 +432,7 @@ impl ExpertBackend for RemoteExperts {
         x: &'a Matrix,
         routing: &'a Routing,
     ) -> moe_model::Result<Box<dyn PendingExperts + 'a>> {
-        let span = tracing::info_span!("moe.dispatch", layer, tokens = x.rows);
+        let span = tracing::debug_span!("moe.dispatch", moe.layer = layer, moe.tokens = x.rows);
         let entries = plan::entries(routing);
         self.loads.record(layer, &entries);
         let inflight = self
@@ -457,6 +475,16 @@ impl PendingExperts for Pending<'_> {
                     };
                     metrics::histogram!(crate::metrics::DISPATCH_LATENCY, "node" => f.client.addr().to_string())
                         .record(f.sent.elapsed().as_secs_f64());
+                    let node = f.client.addr().to_string();
+                    metrics::gauge!(crate::metrics::DISPATCH_IN_FLIGHT, "node" => node.clone()).decrement(1.0);
+                    if let Ok(resp) = &r {
+                        metrics::counter!(crate::metrics::DISPATCH_BYTES, "node" => node, "direction" => "received")
+                            .increment(resp.output.len() as u64);
+                    }
+                    if !matches!(&r, Ok(resp) if resp.code == 0) {
+                        f.span.record("otel.status_code", "error");
+                    }
+                    drop(f.span);
                     (f.work, f.client, r)
                 });
                 futures::future::join_all(waits).await

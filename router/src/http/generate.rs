@@ -7,11 +7,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
+use super::trace::{self, Operation};
 use super::{AppState, count, fail, parse};
 use crate::api::*;
 use crate::error::ApiError;
@@ -131,26 +132,52 @@ fn chat_logprobs(
     Some(ChatLogprobs { content })
 }
 
-/// Parses and validates a request body, then submits it: the validated request and its events.
+/// Parses and validates a request body, then submits it under `span` (the scheduler's spans
+/// for the request are its children): the validated request and its events.
 fn accept<R: serde::de::DeserializeOwned>(
     s: &AppState,
     body: Result<Bytes, BytesRejection>,
     validate: fn(&R, &TextCodec, &validation::Limits) -> Result<Validated, ApiError>,
+    span: &tracing::Span,
 ) -> Result<(Validated, mpsc::UnboundedReceiver<Event>), ApiError> {
-    let v =
-        parse::<R>(body, s.max_body_bytes).and_then(|req| validate(&req, &s.codec, &s.limits))?;
-    let rx = s.scheduler.submit(v.request.clone())?;
-    Ok((v, rx))
+    span.in_scope(|| {
+        let v = parse::<R>(body, s.max_body_bytes)
+            .and_then(|req| validate(&req, &s.codec, &s.limits))?;
+        trace::record_request(span, &v);
+        let rx = s.scheduler.submit(v.request.clone())?;
+        Ok((v, rx))
+    })
+}
+
+/// Fails the request: counted, and recorded on its span.
+fn fail_traced(span: &tracing::Span, e: ApiError) -> Response {
+    trace::record_error(span, e.status(), e.error_type());
+    fail(e)
+}
+
+/// Records a streamed event on the request's span.
+fn trace_event(span: &tracing::Span, ev: Option<&Event>) {
+    match ev {
+        Some(Event::Finished {
+            reason,
+            prompt_tokens,
+            completion_tokens,
+        }) => trace::record_finish(span, *reason, *prompt_tokens, *completion_tokens),
+        Some(Event::Failed(e)) => trace::record_error(span, e.status(), e.error_type()),
+        _ => {}
+    }
 }
 
 /// `POST /v1/completions`.
 pub async fn completions(
     State(s): State<AppState>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let (v, rx) = match accept(&s, body, validation::completion) {
+    let span = trace::request_span(Operation::TextCompletion, &s.limits.model_name, &headers);
+    let (v, rx) = match accept(&s, body, validation::completion, &span) {
         Ok(accepted) => accepted,
-        Err(e) => return fail(e),
+        Err(e) => return fail_traced(&span, e),
     };
     let (id, created, model) = (next_id("cmpl"), now(), s.limits.model_name.clone());
     if v.stream {
@@ -159,6 +186,7 @@ pub async fn completions(
         let mut offset = 0usize;
         let mut usage: Option<Usage> = None;
         return super::stream::sse(rx, move |ev| {
+            trace_event(&span, ev);
             let chunk = |text: String,
                          logprobs: Option<CompletionLogprobs>,
                          finish: Option<&'static str>| {
@@ -205,6 +233,12 @@ pub async fn completions(
     match collect(rx).await {
         Ok(c) => {
             count(StatusCode::OK, "");
+            trace::record_finish(
+                &span,
+                c.finish,
+                c.usage.prompt_tokens,
+                c.usage.completion_tokens,
+            );
             axum::Json(CompletionResponse {
                 id,
                 object: "text_completion",
@@ -220,15 +254,20 @@ pub async fn completions(
             })
             .into_response()
         }
-        Err(e) => fail(e),
+        Err(e) => fail_traced(&span, e),
     }
 }
 
 /// `POST /v1/chat/completions`.
-pub async fn chat(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
-    let (v, rx) = match accept(&s, body, validation::chat) {
+pub async fn chat(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let span = trace::request_span(Operation::Chat, &s.limits.model_name, &headers);
+    let (v, rx) = match accept(&s, body, validation::chat, &span) {
         Ok(accepted) => accepted,
-        Err(e) => return fail(e),
+        Err(e) => return fail_traced(&span, e),
     };
     let (id, created, model) = (next_id("chatcmpl"), now(), s.limits.model_name.clone());
     if v.stream {
@@ -237,6 +276,7 @@ pub async fn chat(State(s): State<AppState>, body: Result<Bytes, BytesRejection>
         let mut started = false;
         let mut usage: Option<Usage> = None;
         return super::stream::sse(rx, move |ev| {
+            trace_event(&span, ev);
             let chunk =
                 |delta: ChatDelta, logprobs: Option<ChatLogprobs>, finish: Option<&'static str>| {
                     serde_json::to_value(ChatChunk {
@@ -315,6 +355,12 @@ pub async fn chat(State(s): State<AppState>, body: Result<Bytes, BytesRejection>
     match collect(rx).await {
         Ok(c) => {
             count(StatusCode::OK, "");
+            trace::record_finish(
+                &span,
+                c.finish,
+                c.usage.prompt_tokens,
+                c.usage.completion_tokens,
+            );
             axum::Json(ChatResponse {
                 id,
                 object: "chat.completion",
@@ -333,6 +379,6 @@ pub async fn chat(State(s): State<AppState>, body: Result<Bytes, BytesRejection>
             })
             .into_response()
         }
-        Err(e) => fail(e),
+        Err(e) => fail_traced(&span, e),
     }
 }

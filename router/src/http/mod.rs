@@ -3,6 +3,7 @@
 
 mod generate;
 mod stream;
+mod trace;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -122,7 +123,7 @@ async fn ready(State(s): State<AppState>) -> Response {
 async fn metrics(State(s): State<AppState>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.metrics.render(),
+        crate::metrics::render(&s.metrics),
     )
         .into_response()
 }

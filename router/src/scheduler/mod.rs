@@ -224,8 +224,9 @@ impl Loop {
                 break;
             }
             used += front.reserved_tokens();
-            if let Some(seq) = self.waiting.pop_front() {
+            if let Some(mut seq) = self.waiting.pop_front() {
                 self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+                seq.phase = tracing::info_span!(parent: &seq.span, "engine.prefill", prompt_tokens = seq.req.prompt.len());
                 self.running.push(seq);
             }
         }
@@ -272,6 +273,14 @@ impl Loop {
         metrics::histogram!(m::BATCH_TOKENS).record(tokens as f64);
         metrics::counter!(m::PROMPT_TOKENS).increment(prefill_tokens as u64);
 
+        // A step serves many requests: it is a root linked to each of them (and sampled when
+        // any of them is), not a child of one.
+        let span = tracing::debug_span!(parent: None, "engine.step", moe.sequences = inputs.len(), moe.tokens = tokens, moe.prefill_tokens = prefill_tokens);
+        if !span.is_disabled() {
+            for (i, _) in &inputs {
+                span.follows_from(&self.running[*i].span);
+            }
+        }
         let result = {
             let mut seqs: Vec<SeqInput<'_>> = Vec::with_capacity(inputs.len());
             let mut caches: Vec<Option<&mut SeqCache>> = self
@@ -287,7 +296,6 @@ impl Loop {
                     });
                 }
             }
-            let span = tracing::info_span!("engine.step", sequences = seqs.len(), tokens);
             let _e = span.enter();
             self.engine.forward(&mut seqs, LogitsMode::Last)
         };
@@ -338,6 +346,7 @@ impl Loop {
                 let now = Instant::now();
                 if s.first_token_at.is_none() {
                     s.first_token_at = Some(now);
+                    s.phase = tracing::Span::none(); // prefill done
                     metrics::histogram!(m::TTFT).record((now - s.arrived).as_secs_f64());
                 }
                 metrics::counter!(m::GENERATED_TOKENS).increment(1);

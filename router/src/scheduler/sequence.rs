@@ -79,7 +79,10 @@ pub(crate) struct Seq {
     pub events: mpsc::UnboundedSender<Event>,
     pub arrived: Instant,
     pub first_token_at: Option<Instant>,
+    /// The request's HTTP span, and its open phase (`scheduler.queue` until admitted, then
+    /// `engine.prefill` until the first token): children of `span`, closed by dropping.
     pub span: tracing::Span,
+    pub phase: tracing::Span,
     detok: Detokenizer,
     /// Output text produced but not yet sent (a possible stop-string prefix).
     held: String,
@@ -101,6 +104,7 @@ impl Seq {
             events,
             arrived: Instant::now(),
             first_token_at: None,
+            phase: tracing::info_span!(parent: &span, "scheduler.queue"),
             span,
             detok: Detokenizer::default(),
             held: String::new(),

@@ -26,6 +26,7 @@ use futures::stream::BoxStream;
 use self::keepalive::{KeepAlives, is_not_found};
 use self::members::{ATTEMPT_TIMEOUT, Failure, Members, classify};
 use super::*;
+use crate::telemetry::store_metrics::observe;
 
 /// A store on an etcd cluster (cheap to clone; clones share channels and member health).
 #[derive(Clone)]
@@ -111,7 +112,7 @@ impl EtcdStore {
 impl MetaStore for EtcdStore {
     fn get(&self, key: &str) -> BoxFut<'_, Result<Option<KeyValue>>> {
         let key = key.to_string();
-        Box::pin(async move {
+        Box::pin(observe("get", async move {
             let (_, r) = self
                 .members
                 .call(|mut c| {
@@ -121,12 +122,12 @@ impl MetaStore for EtcdStore {
                 .await
                 .map_err(plain)?;
             Ok(r.kvs().first().map(kv))
-        })
+        }))
     }
 
     fn list(&self, prefix: &str) -> BoxFut<'_, Result<(Vec<KeyValue>, i64)>> {
         let prefix = prefix.to_string();
-        Box::pin(async move {
+        Box::pin(observe("list", async move {
             let (_, r) = self
                 .members
                 .call(|mut c| {
@@ -137,12 +138,12 @@ impl MetaStore for EtcdStore {
                 .map_err(plain)?;
             let rev = r.header().map_or(0, |h| h.revision());
             Ok((r.kvs().iter().map(kv).collect(), rev))
-        })
+        }))
     }
 
     fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> BoxFut<'_, Result<i64>> {
         let key = key.to_string();
-        Box::pin(async move {
+        Box::pin(observe("put", async move {
             let (_, r) = self
                 .members
                 .call(|mut c| {
@@ -156,12 +157,12 @@ impl MetaStore for EtcdStore {
                     None => plain(f),
                 })?;
             Ok(r.header().map_or(0, |h| h.revision()))
-        })
+        }))
     }
 
     fn delete(&self, key: &str) -> BoxFut<'_, Result<()>> {
         let key = key.to_string();
-        Box::pin(async move {
+        Box::pin(observe("delete", async move {
             self.members
                 .call(|mut c| {
                     let key = key.clone();
@@ -170,11 +171,11 @@ impl MetaStore for EtcdStore {
                 .await
                 .map_err(plain)?;
             Ok(())
-        })
+        }))
     }
 
     fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> BoxFut<'_, Result<bool>> {
-        Box::pin(async move {
+        Box::pin(observe("txn", async move {
             let when: Vec<ECompare> = compares
                 .into_iter()
                 .map(|cmp| match cmp {
@@ -209,26 +210,28 @@ impl MetaStore for EtcdStore {
                     None => plain(f),
                 })?;
             Ok(r.succeeded())
-        })
+        }))
     }
 
     fn grant(&self, ttl: Duration) -> BoxFut<'_, Result<LeaseId>> {
-        Box::pin(async move {
+        Box::pin(observe("grant", async move {
             let (_, r) = self
                 .members
                 .call(|mut c| async move { c.lease_grant(ttl_secs(ttl), None).await })
                 .await
                 .map_err(plain)?;
             Ok(r.id())
-        })
+        }))
     }
 
     fn keep_alive(&self, lease: LeaseId) -> BoxFut<'_, Result<()>> {
-        Box::pin(async move { self.keepalives.refresh(&self.members, lease).await })
+        Box::pin(observe("keep_alive", async move {
+            self.keepalives.refresh(&self.members, lease).await
+        }))
     }
 
     fn revoke(&self, lease: LeaseId) -> BoxFut<'_, Result<()>> {
-        Box::pin(async move {
+        Box::pin(observe("revoke", async move {
             self.keepalives.forget(lease);
             match self
                 .members
@@ -240,17 +243,17 @@ impl MetaStore for EtcdStore {
                 Err(Failure::Answer(e)) if is_not_found(&e) => Ok(()),
                 Err(f) => Err(plain(f)),
             }
-        })
+        }))
     }
 
     fn compact(&self, revision: i64) -> BoxFut<'_, Result<()>> {
-        Box::pin(async move {
+        Box::pin(observe("compact", async move {
             self.members
                 .call(|mut c| async move { c.compact(revision, None).await })
                 .await
                 .map_err(plain)?;
             Ok(())
-        })
+        }))
     }
 
     fn watch(
@@ -259,7 +262,7 @@ impl MetaStore for EtcdStore {
         from_revision: i64,
     ) -> BoxFut<'_, Result<BoxStream<'static, Result<WatchEvent>>>> {
         let prefix = prefix.to_string();
-        Box::pin(async move {
+        Box::pin(observe("watch", async move {
             let mut opts = WatchOptions::new().with_prefix();
             if from_revision > 0 {
                 opts = opts.with_start_revision(from_revision);
@@ -297,7 +300,7 @@ impl MetaStore for EtcdStore {
             Err(StoreError::Unavailable(format!(
                 "cannot watch {prefix} on any etcd member (last: {last})"
             )))
-        })
+        }))
     }
 }
 

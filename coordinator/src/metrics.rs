@@ -1,0 +1,106 @@
+//! Every metric a coordinator exports, by name and with its help text, in one place, rendered
+//! from its [`CoordinatorStatus`] as Prometheus text, plus the families every role shares
+//! ([`moe_meta::telemetry::process`]). Dashboards read these names.
+
+use std::fmt::Write;
+
+use crate::leader::CoordinatorStatus;
+
+/// 1 while this replica leads.
+pub const LEADING: &str = "moe_coordinator_leading";
+/// Active placement version (as this replica last wrote or read it).
+pub const ACTIVE_VERSION: &str = "moe_placement_active_version";
+/// Nodes in the active placement.
+pub const NODES: &str = "moe_placement_nodes";
+/// Experts the last rollout moved.
+pub const LAST_MOVED: &str = "moe_placement_last_moved";
+/// Duration of the last rollout.
+pub const LAST_ROLLOUT: &str = "moe_placement_last_rollout_seconds";
+/// Rollouts completed.
+pub const ROLLOUTS: &str = "moe_placement_rollouts_total";
+/// Total rollout time (with [`ROLLOUTS`]: the mean rollout duration over a window).
+pub const ROLLOUT_SECONDS: &str = "moe_placement_rollout_seconds_total";
+/// Load-driven rounds that changed the placement.
+pub const REBALANCE_ROUNDS: &str = "moe_rebalance_rounds_total";
+/// Balancedness per layer under the smoothed load, by `layer`.
+pub const LAYER_BALANCEDNESS: &str = "moe_layer_balancedness";
+
+fn sample(out: &mut String, name: &str, kind: &str, help: &str, value: f64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+    );
+}
+
+/// The `/metrics` text of a coordinator in `status`.
+pub fn render(status: &CoordinatorStatus) -> String {
+    let mut out = String::new();
+    let s = status;
+    let g = "gauge";
+    let c = "counter";
+    sample(
+        &mut out,
+        LEADING,
+        g,
+        "1 while this coordinator replica leads.",
+        f64::from(u8::from(s.leading)),
+    );
+    sample(
+        &mut out,
+        ACTIVE_VERSION,
+        g,
+        "Active placement version.",
+        s.active_version as f64,
+    );
+    sample(
+        &mut out,
+        NODES,
+        g,
+        "Expert nodes in the active placement.",
+        s.nodes as f64,
+    );
+    sample(
+        &mut out,
+        LAST_MOVED,
+        g,
+        "Experts the last rollout moved.",
+        s.last_moved as f64,
+    );
+    sample(
+        &mut out,
+        LAST_ROLLOUT,
+        g,
+        "Time from the membership change to the active placement, last rollout.",
+        s.last_rollout.as_secs_f64(),
+    );
+    sample(
+        &mut out,
+        ROLLOUTS,
+        c,
+        "Placement rollouts completed by this replica.",
+        s.rollouts as f64,
+    );
+    sample(
+        &mut out,
+        ROLLOUT_SECONDS,
+        c,
+        "Total duration of the rollouts completed by this replica.",
+        s.rollout_seconds,
+    );
+    sample(
+        &mut out,
+        REBALANCE_ROUNDS,
+        c,
+        "Load-driven rebalance rounds that changed the placement.",
+        s.rebalance_rounds as f64,
+    );
+    let _ = writeln!(
+        out,
+        "# HELP {LAYER_BALANCEDNESS} Mean over max node load of a layer under the smoothed load and the active placement (1 is perfectly balanced).\n# TYPE {LAYER_BALANCEDNESS} gauge"
+    );
+    for (l, b) in &s.balancedness {
+        let _ = writeln!(out, "{LAYER_BALANCEDNESS}{{layer=\"{l}\"}} {b}");
+    }
+    out.push_str(&moe_meta::telemetry::process::render("coordinator"));
+    out
+}
