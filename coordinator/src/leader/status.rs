@@ -30,6 +30,10 @@ pub struct CoordinatorStatus {
     pub last_rebalance: Option<LayerRebalance>,
     /// Load-driven rounds that changed the placement.
     pub rebalance_rounds: u64,
+    /// Rollouts started while leading (membership and load together).
+    pub rollouts: u64,
+    /// Nodes left out of placement (load failed or timed out), with why.
+    pub excluded: Vec<(String, String)>,
 }
 
 impl CoordinatorStatus {
@@ -67,6 +71,17 @@ impl CoordinatorStatus {
             "moe_placement_last_rollout_seconds",
             "Time from the change to the active placement, last rollout.",
             self.last_rollout.as_secs_f64(),
+        );
+        gauge(
+            "moe_placement_excluded_nodes",
+            "Nodes left out of placement because their load failed or timed out.",
+            self.excluded.len() as f64,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP moe_placement_rollouts_total Rollouts started while leading.\n\
+             # TYPE moe_placement_rollouts_total counter\nmoe_placement_rollouts_total {}",
+            self.rollouts
         );
         let _ = writeln!(
             out,

@@ -59,7 +59,8 @@ impl World {
         let (acks, rev) = self.store.list(&self.keys.acks()).await.expect("list");
         let all = acks.len() == nodes
             && acks.iter().all(|kv| {
-                records::decode::<AckRecord>(&kv.key, &kv.value).is_ok_and(|a| a.version == v)
+                records::decode::<AckRecord>(&kv.key, &kv.value)
+                    .is_ok_and(|a| a.version == v && a.error.is_none())
             });
         (all, rev)
     }
@@ -99,6 +100,7 @@ impl World {
             min_replicas,
             lease_ttl: TTL,
             ack_timeout: Duration::from_secs(3600),
+            settle: Duration::from_millis(500),
             rebalance,
         };
         let (status, rx) = watch::channel(CoordinatorStatus::default());
