@@ -16,10 +16,12 @@ pub const NODES: &str = "moe_placement_nodes";
 pub const LAST_MOVED: &str = "moe_placement_last_moved";
 /// Duration of the last rollout.
 pub const LAST_ROLLOUT: &str = "moe_placement_last_rollout_seconds";
-/// Rollouts completed.
+/// Rollouts started.
 pub const ROLLOUTS: &str = "moe_placement_rollouts_total";
 /// Total rollout time (with [`ROLLOUTS`]: the mean rollout duration over a window).
 pub const ROLLOUT_SECONDS: &str = "moe_placement_rollout_seconds_total";
+/// Nodes left out of placement because their load failed or timed out.
+pub const EXCLUDED_NODES: &str = "moe_placement_excluded_nodes";
 /// Load-driven rounds that changed the placement.
 pub const REBALANCE_ROUNDS: &str = "moe_rebalance_rounds_total";
 /// Balancedness per layer under the smoothed load, by `layer`.
@@ -77,7 +79,7 @@ pub fn render(status: &CoordinatorStatus) -> String {
         &mut out,
         ROLLOUTS,
         c,
-        "Placement rollouts completed by this replica.",
+        "Placement rollouts started by this replica (membership and load).",
         s.rollouts as f64,
     );
     sample(
@@ -86,6 +88,13 @@ pub fn render(status: &CoordinatorStatus) -> String {
         c,
         "Total duration of the rollouts completed by this replica.",
         s.rollout_seconds,
+    );
+    sample(
+        &mut out,
+        EXCLUDED_NODES,
+        g,
+        "Nodes left out of placement because their load failed or timed out.",
+        s.excluded.len() as f64,
     );
     sample(
         &mut out,

@@ -62,19 +62,29 @@ async fn reconcile(
     }
     let hosted = node.hosted();
     let missing: Vec<(usize, usize)> = desired.difference(&hosted).copied().collect();
+    let newest_rec = [&pending, &active]
+        .into_iter()
+        .flatten()
+        .max_by_key(|p| p.version);
     if !missing.is_empty() {
         let n = node.clone();
         let loaded = tokio::task::spawn_blocking(move || n.load_pairs(&missing)).await;
-        match loaded {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::error!(node = %node.id, error = %e, "cannot load experts");
-                return Ok(None);
+        let why = match loaded {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(e) => Some(format!("load task failed: {e}")),
+        };
+        if let Some(why) = why {
+            tracing::error!(node = %node.id, error = %why, "cannot load experts");
+            // Say so, naming the record, so the coordinator re-plans without this node.
+            if let Some(rec) = newest_rec {
+                let ack = AckRecord {
+                    error: Some(why),
+                    ..AckRecord::loaded(rec)
+                };
+                write_ack(store, cfg, placements, &node.id, &ack, lease).await?;
             }
-            Err(e) => {
-                tracing::error!(node = %node.id, error = %e, "load task failed");
-                return Ok(None);
-            }
+            return Ok(None);
         }
     }
     // Serve every version from the oldest one a router may still use up to the newest.
@@ -86,20 +96,27 @@ async fn reconcile(
         });
         node.set_versions((oldest.min(newest)..=newest).collect());
     }
-    // Acknowledge the newest version whose experts are all here, unless that very ack is in
-    // the store under this lease already: acks live under the watched placement prefix, so
-    // writing one again would wake every node to write theirs again, without end.
-    let acked = newest;
-    if let Some(v) = acked {
-        let key = cfg.keys.ack(&node.id);
-        let rec = records::encode(&AckRecord { version: v });
-        let stored = placements.entries.get(&key);
-        if stored.is_none_or(|kv| kv.lease != lease || kv.value != rec) {
-            store.put(&key, rec, Some(lease)).await?;
-        }
+    // Acknowledge the newest record (its experts are all here).
+    if let Some(rec) = newest_rec {
+        write_ack(
+            store,
+            cfg,
+            placements,
+            &node.id,
+            &AckRecord::loaded(rec),
+            lease,
+        )
+        .await?;
     }
-    // Unload what no placement needs once every router routes with the active version.
+    let acked = newest;
+    // Unload what no placement needs once every router routes with the active version. A node
+    // the active placement does not name (back from a lease blip, not yet re-placed) keeps what
+    // it holds: the coordinator gives it back without loading anything.
+    let named = active
+        .as_ref()
+        .is_some_and(|a| a.nodes.iter().any(|n| n.id == node.id));
     if let Some(av) = active_v
+        && named
         && pending.is_none()
         && min_router_version(routers).is_none_or(|r| r >= av)
     {
@@ -107,6 +124,26 @@ async fn reconcile(
         node.unload_pairs(&extra);
     }
     Ok(acked)
+}
+
+/// Writes `ack` unless that very ack is in the store under this lease already: acks live under
+/// the watched placement prefix, so writing one again would wake every node to write theirs
+/// again, without end.
+async fn write_ack(
+    store: &Arc<dyn MetaStore>,
+    cfg: &MemberConfig,
+    placements: &Snapshot,
+    id: &str,
+    ack: &AckRecord,
+    lease: i64,
+) -> Result<(), StoreError> {
+    let key = cfg.keys.ack(id);
+    let rec = records::encode(ack);
+    let stored = placements.entries.get(&key);
+    if stored.is_none_or(|kv| kv.lease != lease || kv.value != rec) {
+        store.put(&key, rec, Some(lease)).await?;
+    }
+    Ok(())
 }
 
 /// Registers `node` and follows the placement until `shutdown` resolves. `Err` when the node

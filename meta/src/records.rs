@@ -120,10 +120,31 @@ pub struct LoadRecord {
     pub layers: Vec<(u16, Vec<u32>)>,
 }
 
-/// A node's acknowledgement that it has loaded a placement version.
+/// A node's answer to a placement record: it has loaded everything the record gives it, or it
+/// cannot (`error` says why). The record is named by its version and [`PlacementRecord::digest`],
+/// so an ack for another record that happens to carry the same version never counts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AckRecord {
     pub version: u64,
+    pub digest: u64,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+impl AckRecord {
+    /// A successful ack of `rec`.
+    pub fn loaded(rec: &PlacementRecord) -> AckRecord {
+        AckRecord {
+            version: rec.version,
+            digest: rec.digest(),
+            error: None,
+        }
+    }
+
+    /// Whether this ack names `rec`.
+    pub fn names(&self, rec: &PlacementRecord) -> bool {
+        self.version == rec.version && self.digest == rec.digest()
+    }
 }
 
 /// Encodes a record (format byte + bincode).
@@ -161,6 +182,13 @@ pub fn decode_or_skip<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Option<T>
 }
 
 impl PlacementRecord {
+    /// A 64-bit digest (FNV-1a) of the record's encoding: what acks name besides the version.
+    pub fn digest(&self) -> u64 {
+        encode(self).iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        })
+    }
+
     /// Resolves the record into a routable placement (checks coverage of the model).
     pub fn to_placement(
         &self,
@@ -247,5 +275,12 @@ mod tests {
         assert_eq!(spec_of(&p.nodes[0].experts), "1:0,1;2:5");
         let placement = p.to_placement(&[1, 2], 6);
         assert!(placement.is_err(), "does not cover");
+        // Acks name the record: same version, other contents → not acknowledged.
+        let ack = AckRecord::loaded(&p);
+        assert!(ack.names(&p));
+        let mut other = p.clone();
+        other.nodes[0].experts.pop();
+        assert_eq!(other.version, p.version);
+        assert!(!ack.names(&other));
     }
 }

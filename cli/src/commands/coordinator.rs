@@ -14,12 +14,18 @@ pub struct Args {
     /// Model directory (its config gives the MoE layers and expert count).
     #[arg(long, env = "MOE_MODEL")]
     model: PathBuf,
-    /// Replicas of every expert (capped at the number of nodes).
-    #[arg(long, env = "MOE_MIN_REPLICAS", default_value_t = 1)]
+    /// Replicas of every expert (capped at the number of nodes). The default, 2, survives the
+    /// loss of any one node with no failed request; 1 halves memory but a node's death stalls
+    /// its experts until re-placement.
+    #[arg(long, env = "MOE_MIN_REPLICAS", default_value_t = moe_coordinator::leader::DEFAULT_MIN_REPLICAS)]
     min_replicas: usize,
     /// Longest wait for nodes to load a new placement, milliseconds.
     #[arg(long, env = "MOE_ACK_TIMEOUT_MS", default_value_t = 120_000)]
     ack_timeout_ms: u64,
+    /// Quiet time membership must keep before a new placement is planned, milliseconds (nodes
+    /// that register together are placed together; changes during a rollout wait for it).
+    #[arg(long, env = "MOE_SETTLE_MS", default_value_t = moe_coordinator::leader::DEFAULT_SETTLE.as_millis() as u64)]
+    settle_ms: u64,
     /// Replica id (default: generated).
     #[arg(long, env = "MOE_COORDINATOR_ID")]
     id: Option<String>,
@@ -134,6 +140,7 @@ pub fn config(
         min_replicas,
         lease_ttl: cluster.ttl(),
         ack_timeout,
+        settle: moe_coordinator::leader::DEFAULT_SETTLE,
         rebalance,
     })
 }
@@ -147,7 +154,7 @@ impl Args {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let id = a.id.clone().unwrap_or_else(|| process_id("coordinator"));
-    let cfg = config(
+    let mut cfg = config(
         &a.model,
         a.min_replicas,
         id.clone(),
@@ -155,6 +162,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Duration::from_millis(a.ack_timeout_ms),
         a.rebalance.config(),
     )?;
+    cfg.settle = Duration::from_millis(a.settle_ms);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

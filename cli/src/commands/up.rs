@@ -25,7 +25,7 @@ pub struct Args {
     #[arg(long, env = "MOE_NODES", default_value_t = 4)]
     nodes: usize,
     /// Replicas of every expert (at least; hot experts get more when load rebalancing is on).
-    #[arg(long, env = "MOE_REPLICAS", default_value_t = 2)]
+    #[arg(long, env = "MOE_REPLICAS", default_value_t = moe_coordinator::leader::DEFAULT_MIN_REPLICAS)]
     replicas: usize,
     #[command(flatten)]
     rebalance: super::coordinator::RebalanceArgs,

@@ -1,9 +1,17 @@
 //! The coordinator: campaign for leadership under a lease; while leading, watch node
 //! membership, plan the placement ([`crate::plan`]) and roll every change out in two phases:
-//! write it as `pending` (version v+1), wait until every node in it has acknowledged v+1 (it has
-//! loaded what it needs), then make it `active` and drop `pending` in one transaction. Every
-//! write is fenced on the election key, so a deposed leader cannot write. Losing the lease (or
-//! the store) ends the term; the coordinator campaigns again.
+//! write it as `pending` (version v+1), wait until every node in it has acknowledged that very
+//! record (version and digest), then make it `active` and drop `pending` in one transaction.
+//! Every write is fenced on the term (the election key's revision), so a deposed leader cannot
+//! write. Losing the lease (or the store) ends the term; the coordinator resigns what it can,
+//! revokes the lease and campaigns again under a new one.
+//!
+//! Rollouts always finish: membership changes are gathered for a settle window before planning
+//! (nodes that register together are placed together); joins during a rollout wait for the next
+//! one instead of aborting it; a node that answers with a failure ack, or does not answer within
+//! the ack timeout, is left out of the next plan until it registers again; and a `pending` no
+//! rollout of this term is waiting for (a dead leader's, an aborted one's) is resumed when it is
+//! what the plan wants, and otherwise replaced or deleted, at once.
 //!
 //! With load-driven rebalancing on ([`RebalanceConfig::threshold`] > 0), every interval it also
 //! folds the routers' load records into a moving average, measures each layer's balancedness
@@ -11,12 +19,16 @@
 //! as its own two-phase rollout, so nodes load one layer's new replicas at a time and serving
 //! never stops. Membership changes come first: load rebalancing waits until the active
 //! placement covers exactly the live nodes. With `min_replicas` > 1 it keeps that floor and
-//! only adds replicas of hot experts.
+//! only adds replicas of hot experts. Planning and rebalancing run on blocking threads, so the
+//! lease and the watches keep their deadlines while a large plan is computed.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use moe_meta::records::{self, AckRecord, Keys, LoadRecord, NodeRecord, PlacementRecord};
+use moe_meta::records::{
+    self, AckRecord, Keys, LoadRecord, NodeRecord, PlacedNode, PlacementRecord,
+};
 use moe_meta::store::election::{Leadership, campaign};
 use moe_meta::store::mirror::{Snapshot, mirror};
 use moe_meta::store::register::{Term, TermError, hold};
@@ -25,7 +37,7 @@ use moe_meta::store::{MetaStore, Op, StoreError};
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use crate::plan::{NodeSlot, plan};
+use crate::plan::{NodeSlot, plan_with};
 use crate::rebalance::{LoadTracker, RebalanceConfig};
 
 mod on_load;
@@ -33,6 +45,12 @@ mod status;
 
 use on_load::rebalance_round;
 pub use status::{CoordinatorStatus, LayerRebalance};
+
+/// Replicas of every expert unless told otherwise: two survive the loss of any one node with
+/// no failed request (routers re-send its tokens to the other replica at once).
+pub const DEFAULT_MIN_REPLICAS: usize = 2;
+/// Quiet time membership must keep before a plan: nodes registering together are placed together.
+pub const DEFAULT_SETTLE: Duration = Duration::from_millis(1000);
 
 /// What the coordinator needs to know.
 #[derive(Debug, Clone)]
@@ -44,8 +62,11 @@ pub struct CoordinatorConfig {
     pub n_experts: usize,
     pub min_replicas: usize,
     pub lease_ttl: Duration,
-    /// Longest wait for nodes to acknowledge a pending placement before re-planning.
+    /// Longest wait for nodes to acknowledge a pending placement; the nodes that did not are
+    /// left out of the next plan.
     pub ack_timeout: Duration,
+    /// Membership must be quiet this long before a plan (at most 5× this after the first change).
+    pub settle: Duration,
     pub rebalance: RebalanceConfig,
 }
 
@@ -57,14 +78,20 @@ enum TermEnd {
     Deposed,
 }
 
-fn live_nodes(snap: &Snapshot) -> Vec<NodeSlot> {
+/// Live nodes, with the revision of each node's registration.
+fn live_nodes(snap: &Snapshot) -> Vec<(NodeSlot, i64)> {
     snap.entries
         .iter()
-        .filter_map(|(k, kv)| records::decode_or_skip::<NodeRecord>(k, &kv.value))
-        .map(|n| NodeSlot {
-            id: n.id,
-            addr: n.addr,
-            capacity: n.capacity as usize,
+        .filter_map(|(k, kv)| {
+            records::decode_or_skip::<NodeRecord>(k, &kv.value).map(|n| (n, kv.mod_revision))
+        })
+        .map(|(n, rev)| {
+            let slot = NodeSlot {
+                id: n.id,
+                addr: n.addr,
+                capacity: n.capacity as usize,
+            };
+            (slot, rev)
         })
         .collect()
 }
@@ -128,6 +155,51 @@ async fn serve_term(
     }
 }
 
+/// Waits until membership has been quiet for `settle` (at most 5× `settle` in all).
+async fn settle(nodes: &mut watch::Receiver<Arc<Snapshot>>, settle: Duration) {
+    let until = tokio::time::Instant::now() + settle * 5;
+    loop {
+        tokio::select! {
+            r = nodes.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(settle) => return,
+            _ = tokio::time::sleep_until(until) => return,
+        }
+    }
+}
+
+/// State a term keeps between rollouts.
+#[derive(Default)]
+struct TermState {
+    /// Nodes whose load failed or timed out, with the registration revision they failed under:
+    /// left out of plans until they register again.
+    excluded: BTreeMap<String, (i64, String)>,
+    /// What nodes dropped from the active placement held there (a node back from a lease blip
+    /// gets it back without loading).
+    departed: BTreeMap<String, PlacedNode>,
+}
+
+impl TermState {
+    fn live(&mut self, snap: &Snapshot) -> Vec<NodeSlot> {
+        let all = live_nodes(snap);
+        self.excluded
+            .retain(|id, (rev, _)| all.iter().any(|(n, r)| &n.id == id && r == rev));
+        all.into_iter()
+            .filter(|(n, _)| !self.excluded.contains_key(&n.id))
+            .map(|(n, _)| n)
+            .collect()
+    }
+
+    fn activated(&mut self, before: Option<&PlacementRecord>, now: &PlacementRecord) {
+        for n in before.map_or(&[][..], |b| b.nodes.as_slice()) {
+            if !now.nodes.iter().any(|x| x.id == n.id) && self.departed.len() < 4096 {
+                self.departed.insert(n.id.clone(), n.clone());
+            }
+        }
+        self.departed
+            .retain(|id, _| !now.nodes.iter().any(|x| &x.id == id));
+    }
+}
+
 async fn lead(
     store: &Arc<dyn MetaStore>,
     cfg: &CoordinatorConfig,
@@ -143,75 +215,159 @@ async fn lead(
     let mut tick = tokio::time::interval(cfg.rebalance.interval.max(Duration::from_millis(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut quiet_until = tokio::time::Instant::now();
+    let mut term = TermState::default();
     loop {
         let noticed = Instant::now();
-        let live = live_nodes(&nodes.borrow_and_update());
-        let active = read_placement(store, &cfg.keys.active()).await?;
-        let pending = read_placement(store, &cfg.keys.pending()).await?;
+        let mut live = term.live(&nodes.borrow_and_update());
+        let mut active = read_placement(store, &cfg.keys.active()).await?;
         if let Some(a) = &active {
             status.send_modify(|s| s.active_version = a.version);
         }
-        if !live.is_empty() && active.as_ref().is_none_or(|a| !same_members(a, &live)) {
-            match plan(
-                active.as_ref(),
-                &live,
-                &cfg.moe_layers,
-                cfg.n_experts,
-                cfg.min_replicas,
-            ) {
-                Ok(next) if active.as_ref().is_none_or(|a| a.nodes != next.nodes) => {
-                    let version = active
-                        .as_ref()
-                        .map_or(0, |a| a.version)
-                        .max(pending.as_ref().map_or(0, |p| p.version))
-                        + 1;
-                    let rec = PlacementRecord {
-                        version,
-                        nodes: next.nodes,
-                    };
+        let changed = !live.is_empty() && active.as_ref().is_none_or(|a| !same_members(a, &live));
+        if changed {
+            // Gather what else is changing before planning.
+            settle(&mut nodes, cfg.settle).await;
+            live = term.live(&nodes.borrow_and_update());
+            active = read_placement(store, &cfg.keys.active()).await?;
+        }
+        let pending = read_placement(store, &cfg.keys.pending()).await?;
+        let target = match (&active, live.is_empty()) {
+            (Some(a), _) if same_members(a, &live) => Some(a.nodes.clone()),
+            (_, true) => active.as_ref().map(|a| a.nodes.clone()),
+            _ => {
+                let returning: Vec<PlacedNode> = live
+                    .iter()
+                    .filter(|l| {
+                        active
+                            .as_ref()
+                            .is_none_or(|a| !a.nodes.iter().any(|n| n.id == l.id))
+                    })
+                    .filter_map(|l| term.departed.get(&l.id).cloned())
+                    .collect();
+                let (a, l, layers) = (active.clone(), live.clone(), cfg.moe_layers.clone());
+                let (e, r) = (cfg.n_experts, cfg.min_replicas);
+                let planned = tokio::task::spawn_blocking(move || {
+                    plan_with(a.as_ref(), &returning, &l, &layers, e, r)
+                })
+                .await;
+                match planned {
+                    Ok(Ok(next)) => {
+                        tracing::info!(nodes = live.len(), moved = next.moved, "planned");
+                        status.send_modify(|s| s.last_moved = next.moved);
+                        Some(next.nodes)
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "no placement fits the live nodes");
+                        None
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "planning failed");
+                        None
+                    }
+                }
+            }
+        };
+        let rolled = match target {
+            Some(t) if active.as_ref().is_none_or(|a| a.nodes != t) => {
+                // Resume a pending that is exactly this plan (a dead leader's), else a new one.
+                let rec = match pending {
+                    Some(p)
+                        if p.nodes == t
+                            && active.as_ref().is_none_or(|a| p.version > a.version) =>
+                    {
+                        tracing::info!(version = p.version, "resuming the pending placement");
+                        (p, false)
+                    }
+                    _ => {
+                        let version = active
+                            .as_ref()
+                            .map_or(0, |a| a.version)
+                            .max(pending.as_ref().map_or(0, |p| p.version))
+                            + 1;
+                        (PlacementRecord { version, nodes: t }, true)
+                    }
+                };
+                Some(rec)
+            }
+            _ => {
+                // Nothing to roll out: a pending left by a dead leader or an aborted rollout goes.
+                if let Some(p) = &pending {
                     tracing::info!(
-                        version,
-                        nodes = live.len(),
-                        moved = next.moved,
-                        "rolling out a placement"
+                        version = p.version,
+                        "deleting a pending placement no rollout waits for"
                     );
-                    let span = tracing::info_span!(
-                        "coordinator.rollout",
-                        moe.version = version,
-                        moe.moved = next.moved,
-                        moe.nodes = rec.nodes.len(),
-                        moe.duration_seconds = tracing::field::Empty,
-                        moe.completed = false
-                    );
-                    if rollout(store, cfg, leadership, &rec, &mut nodes, &mut acks)
-                        .instrument(span.clone())
+                    if !store
+                        .txn(
+                            vec![leadership.fence()],
+                            vec![Op::Delete(cfg.keys.pending())],
+                        )
                         .await?
                     {
-                        let took = noticed.elapsed();
-                        span.record("moe.duration_seconds", took.as_secs_f64());
-                        span.record("moe.completed", true);
-                        tracing::info!(
-                            version,
-                            moved = next.moved,
-                            ms = took.as_millis() as u64,
-                            "placement active"
-                        );
-                        // The load balance of the new membership is judged at once.
-                        quiet_until = tokio::time::Instant::now();
-                        status.send_modify(|s| {
-                            s.active_version = version;
-                            s.last_moved = next.moved;
-                            s.nodes = rec.nodes.len();
-                            s.last_rollout = took;
-                            s.rollouts += 1;
-                            s.rollout_seconds += took.as_secs_f64();
-                        });
+                        return Err(TermEnd::Deposed);
                     }
-                    continue;
                 }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "no placement fits the live nodes"),
+                None
             }
+        };
+        if let Some((rec, write)) = rolled {
+            tracing::info!(
+                version = rec.version,
+                nodes = rec.nodes.len(),
+                "rolling out a placement"
+            );
+            status.send_modify(|s| s.rollouts += 1);
+            let span = tracing::info_span!(
+                "coordinator.rollout",
+                moe.version = rec.version,
+                moe.moved = status.borrow().last_moved,
+                moe.nodes = rec.nodes.len(),
+                moe.duration_seconds = tracing::field::Empty,
+                moe.completed = false
+            );
+            match rollout(store, cfg, leadership, &rec, write, &mut nodes, &mut acks)
+                .instrument(span.clone())
+                .await?
+            {
+                Rollout::Done => {
+                    let took = noticed.elapsed();
+                    span.record("moe.duration_seconds", took.as_secs_f64());
+                    span.record("moe.completed", true);
+                    tracing::info!(
+                        version = rec.version,
+                        ms = took.as_millis() as u64,
+                        "placement active"
+                    );
+                    term.activated(active.as_ref(), &rec);
+                    // The load balance of the new membership is judged at once.
+                    quiet_until = tokio::time::Instant::now();
+                    status.send_modify(|s| {
+                        s.active_version = rec.version;
+                        s.nodes = rec.nodes.len();
+                        s.last_rollout = took;
+                        s.rollout_seconds += took.as_secs_f64();
+                    });
+                }
+                Rollout::MemberLeft => {}
+                Rollout::Failed(failed) => {
+                    let snap = nodes.borrow().clone();
+                    for (id, why) in failed {
+                        let rev = live_nodes(&snap)
+                            .into_iter()
+                            .find(|(n, _)| n.id == id)
+                            .map_or(0, |(_, r)| r);
+                        tracing::warn!(node = %id, reason = %why, "leaving a node out until it registers again");
+                        term.excluded.insert(id, (rev, why));
+                    }
+                    status.send_modify(|s| {
+                        s.excluded = term
+                            .excluded
+                            .iter()
+                            .map(|(k, v)| (k.clone(), v.1.clone()))
+                            .collect()
+                    });
+                }
+            }
+            continue;
         }
         tokio::select! {
             r = nodes.changed() => if r.is_err() {
@@ -248,50 +404,85 @@ fn same_members(active: &PlacementRecord, live: &[NodeSlot]) -> bool {
             .all(|n| live.iter().any(|l| l.id == n.id && l.addr == n.addr))
 }
 
-/// Phase 1: pending; wait for every node's ack; phase 2: active. Returns false when membership
-/// changed under it (the caller re-plans).
+/// How a rollout ended.
+#[derive(Debug)]
+enum Rollout {
+    Done,
+    /// A node of the record left (or moved): it will never acknowledge; re-plan.
+    MemberLeft,
+    /// These nodes answered with a failure, or not within the ack timeout: re-plan without them.
+    Failed(Vec<(String, String)>),
+}
+
+/// Phase 1: pending (unless `write` is false: it is there already); wait for every node's ack
+/// of this record; phase 2: active. Joins do not interrupt it (the next plan takes them).
 async fn rollout(
     store: &Arc<dyn MetaStore>,
     cfg: &CoordinatorConfig,
     leadership: &Leadership,
     rec: &PlacementRecord,
+    write: bool,
     nodes: &mut watch::Receiver<Arc<Snapshot>>,
     acks: &mut watch::Receiver<Arc<Snapshot>>,
-) -> Result<bool, TermEnd> {
-    let put = Op::Put {
-        key: cfg.keys.pending(),
-        value: records::encode(rec),
-        lease: None,
-    };
-    if !store.txn(vec![leadership.fence()], vec![put]).await? {
-        return Err(TermEnd::Deposed);
+) -> Result<Rollout, TermEnd> {
+    if write {
+        let put = Op::Put {
+            key: cfg.keys.pending(),
+            value: records::encode(rec),
+            lease: None,
+        };
+        if !store.txn(vec![leadership.fence()], vec![put]).await? {
+            return Err(TermEnd::Deposed);
+        }
     }
-    let members: Vec<String> = rec.nodes.iter().map(|n| n.id.clone()).collect();
     let deadline = tokio::time::Instant::now() + cfg.ack_timeout;
     loop {
         let snap = acks.borrow_and_update().clone();
-        let acked = |id: &String| {
+        let ack = |id: &str| {
             let key = cfg.keys.ack(id);
             snap.entries
                 .get(&key)
                 .and_then(|kv| records::decode_or_skip::<AckRecord>(&key, &kv.value))
-                .is_some_and(|a| a.version >= rec.version)
+                .filter(|a| a.names(rec))
         };
-        if members.iter().all(acked) {
+        let answers: Vec<(String, Option<AckRecord>)> = rec
+            .nodes
+            .iter()
+            .map(|n| (n.id.clone(), ack(&n.id)))
+            .collect();
+        let failed: Vec<(String, String)> = answers
+            .iter()
+            .filter_map(|(id, a)| Some((id.clone(), a.as_ref()?.error.clone()?)))
+            .collect();
+        if !failed.is_empty() {
+            tracing::warn!(
+                version = rec.version,
+                ?failed,
+                "nodes cannot load the placement; re-planning"
+            );
+            return Ok(Rollout::Failed(failed));
+        }
+        if answers.iter().all(|(_, a)| a.is_some()) {
             break;
         }
         tokio::select! {
             _ = acks.changed() => {}
             _ = nodes.changed() => {
                 let live = live_nodes(&nodes.borrow());
-                if members.iter().any(|m| !live.iter().any(|n| &n.id == m)) || live.len() != members.len() {
-                    tracing::info!(version = rec.version, "membership changed during rollout; re-planning");
-                    return Ok(false);
+                let gone = rec.nodes.iter().any(|m| !live.iter().any(|(n, _)| n.id == m.id && n.addr == m.addr));
+                if gone {
+                    tracing::info!(version = rec.version, "a node of the rollout left; re-planning");
+                    return Ok(Rollout::MemberLeft);
                 }
             }
             _ = tokio::time::sleep_until(deadline) => {
-                tracing::warn!(version = rec.version, "nodes did not acknowledge in time; re-planning");
-                return Ok(false);
+                let silent: Vec<(String, String)> = answers
+                    .into_iter()
+                    .filter(|(_, a)| a.is_none())
+                    .map(|(id, _)| (id, format!("no ack within {:?}", cfg.ack_timeout)))
+                    .collect();
+                tracing::warn!(version = rec.version, ?silent, "nodes did not acknowledge in time; re-planning");
+                return Ok(Rollout::Failed(silent));
             }
         }
     }
@@ -306,5 +497,5 @@ async fn rollout(
     if !store.txn(vec![leadership.fence()], ops).await? {
         return Err(TermEnd::Deposed);
     }
-    Ok(true)
+    Ok(Rollout::Done)
 }

@@ -12,8 +12,8 @@ use moe_meta::store::mirror::Snapshot;
 use tokio::sync::watch;
 
 use super::{
-    CoordinatorConfig, CoordinatorStatus, LayerRebalance, TermEnd, read_placement, rollout,
-    same_members,
+    CoordinatorConfig, CoordinatorStatus, LayerRebalance, Rollout, TermEnd, read_placement,
+    rollout, same_members,
 };
 use crate::plan::NodeSlot;
 use crate::rebalance::{LoadTracker, layer_of, layer_slots, rebalance};
@@ -65,14 +65,17 @@ pub(super) async fn rebalance_round(
     let mut changed = false;
     for (_, layer) in worst {
         let slots = layer_slots(&rec, layer, &capacity, layers);
-        let Some(mut change) = rebalance(
-            &rec,
-            layer,
-            &tracker.rate[&layer],
-            &slots,
+        // Off the async workers: a large layer's re-placement takes a while.
+        let (r, rate) = (rec.clone(), tracker.rate[&layer].clone());
+        let (floor, tolerance) = (
             cfg.min_replicas.min(active.nodes.len()),
             cfg.rebalance.tolerance,
-        ) else {
+        );
+        let computed = tokio::task::spawn_blocking(move || {
+            rebalance(&r, layer, &rate, &slots, floor, tolerance)
+        })
+        .await;
+        let Ok(Some(mut change)) = computed else {
             continue;
         };
         if change.after < change.before + 0.01 {
@@ -89,7 +92,11 @@ pub(super) async fn rebalance_round(
             moved = change.moved,
             "rebalancing a layer"
         );
-        if !rollout(store, cfg, leadership, &change.record, nodes, acks).await? {
+        status.send_modify(|s| s.rollouts += 1);
+        if !matches!(
+            rollout(store, cfg, leadership, &change.record, true, nodes, acks).await?,
+            Rollout::Done
+        ) {
             return Ok(changed);
         }
         let done = LayerRebalance {

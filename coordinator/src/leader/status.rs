@@ -30,9 +30,12 @@ pub struct CoordinatorStatus {
     pub last_rebalance: Option<LayerRebalance>,
     /// Load-driven rounds that changed the placement.
     pub rebalance_rounds: u64,
-    /// Rollouts completed, and their total duration.
+    /// Rollouts started while leading (membership and load together), and the total duration
+    /// of those that completed.
     pub rollouts: u64,
     pub rollout_seconds: f64,
+    /// Nodes left out of placement (load failed or timed out), with why.
+    pub excluded: Vec<(String, String)>,
 }
 
 impl CoordinatorStatus {

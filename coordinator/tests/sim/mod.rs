@@ -40,6 +40,14 @@ impl World {
         }
     }
 
+    /// One 100 ms step of simulated time, with a little real time for the loading threads.
+    pub async fn step(&self) {
+        self.advance(Duration::from_millis(100)).await;
+        tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_millis(2)))
+            .await
+            .expect("join");
+    }
+
     /// Advances time until `cond` holds (at most `limit`).
     pub async fn until(&self, what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
         let mut waited = Duration::ZERO;
@@ -59,7 +67,8 @@ impl World {
         let (acks, rev) = self.store.list(&self.keys.acks()).await.expect("list");
         let all = acks.len() == nodes
             && acks.iter().all(|kv| {
-                records::decode::<AckRecord>(&kv.key, &kv.value).is_ok_and(|a| a.version == v)
+                records::decode::<AckRecord>(&kv.key, &kv.value)
+                    .is_ok_and(|a| a.version == v && a.error.is_none())
             });
         (all, rev)
     }
@@ -99,6 +108,7 @@ impl World {
             min_replicas,
             lease_ttl: TTL,
             ack_timeout: Duration::from_secs(3600),
+            settle: Duration::from_millis(500),
             rebalance,
         };
         let (status, rx) = watch::channel(CoordinatorStatus::default());
@@ -124,6 +134,22 @@ impl World {
         let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("../tests/fixtures/models/tiny-dsv3-bf16");
         let node = Arc::new(ExpertNode::load(id.into(), &dir, &[], BTreeSet::new()).expect("node"));
+        self.member(node, capacity)
+    }
+
+    /// A node that registers like any other but cannot load a single expert (it has no
+    /// checkpoint to load from): every load it is asked for fails.
+    pub fn broken_node(&self, id: &str) -> JoinHandle<()> {
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/models/tiny-dsv3-bf16");
+        let cfg = moe_model::Config::from_dir(&dir).expect("config");
+        let store = moe_model::ExpertStore::default();
+        let node = ExpertNode::from_store(id.into(), cfg, store, &[], BTreeSet::new());
+        self.member(Arc::new(node), 768)
+    }
+
+    fn member(&self, node: Arc<ExpertNode>, capacity: usize) -> JoinHandle<()> {
+        let id = node.id.clone();
         let cfg = MemberConfig {
             keys: self.keys.clone(),
             addr: format!("{id}:1"),
