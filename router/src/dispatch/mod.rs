@@ -85,6 +85,12 @@ pub enum DispatchError {
         tokens: usize,
         got: usize,
     },
+    #[error("node {addr} returned a non-finite partial sum for token {token} at layer {layer}")]
+    NonFinite {
+        addr: String,
+        layer: usize,
+        token: usize,
+    },
     #[error("not every node connected within {0:?}: {1}")]
     NotReady(Duration, String),
     #[error("node {addr} does not match the placement: {why}")]
@@ -311,14 +317,18 @@ impl RemoteExperts {
         parent: &tracing::Span,
     ) -> InFlight {
         let span = tracing::info_span!(parent: parent, "moe.dispatch.node", node = work.node, tokens = work.tokens.len());
-        let rows = x.gather_rows(&work.tokens);
         let req = DispatchRequest {
             request_id: 0,
             layer: layer as u32,
             placement_version: routes.placement.as_ref().map_or(0, |p| p.version),
             num_tokens: work.tokens.len() as u32,
             dtype: self.opts.wire as i32,
-            hidden: tensor::encode(&rows.data, self.opts.wire),
+            hidden: tensor::encode_rows(
+                &x.data,
+                x.cols,
+                work.tokens.iter().copied(),
+                self.opts.wire,
+            ),
             offsets: work.offsets.clone(),
             expert_ids: work.experts.clone(),
             weights: tensor::encode(&work.weights, Dtype::F32),
@@ -442,7 +452,8 @@ impl PendingExperts for Pending<'_> {
         } = *self;
         let _enter = span.enter();
         let hidden = experts.hidden;
-        let size = tensor::dtype_size(experts.opts.wire);
+        let answer = tensor::answer_dtype(experts.opts.wire);
+        let size = tensor::dtype_size(answer);
         let mut out = Matrix::zeros(x.rows, hidden);
         let mut excluded: BTreeSet<String> = BTreeSet::new();
         let mut stale: HashMap<String, usize> = HashMap::new();
@@ -477,9 +488,21 @@ impl PendingExperts for Pending<'_> {
                             }
                             .into_model(layer));
                         }
+                        // Checked before any of it is added, so a bad answer changes nothing.
+                        if let Err(tensor::NonFinite(i)) =
+                            tensor::check_finite(&resp.output, answer)
+                        {
+                            return Err(DispatchError::NonFinite {
+                                addr,
+                                layer,
+                                token: work.tokens[i / hidden],
+                            }
+                            .into_model(layer));
+                        }
                         for (i, &tok) in work.tokens.iter().enumerate() {
                             let row = &resp.output[i * hidden * size..(i + 1) * hidden * size];
-                            tensor::accumulate(out.row_mut(tok), row, experts.opts.wire);
+                            // Finite values checked above: the sum cannot fail here.
+                            let _ = tensor::accumulate(out.row_mut(tok), row, answer);
                         }
                         continue;
                     }
