@@ -21,7 +21,8 @@ pub struct RemoteArgs {
     /// Placement file; without it the placement is read from the nodes (Info).
     #[arg(long, env = "MOE_PLACEMENT")]
     pub placement: Option<PathBuf>,
-    /// Wire dtype of hidden states: bf16 or f32.
+    /// Wire dtype of hidden states: bf16, f32, or fp8 (e4m3 with one scale per 128 values, as
+    /// DeepEP dispatches; nodes answer in bf16).
     #[arg(long, env = "MOE_WIRE", default_value = "bf16", value_parser = parse_wire)]
     pub wire: Dtype,
     /// Deadline of one node's answer, milliseconds.
@@ -57,7 +58,8 @@ fn parse_wire(s: &str) -> Result<Dtype, String> {
     match s {
         "bf16" => Ok(Dtype::Bf16),
         "f32" => Ok(Dtype::F32),
-        other => Err(format!("wire dtype `{other}` (bf16, f32)")),
+        "fp8" => Ok(Dtype::Fp8E4m3),
+        other => Err(format!("wire dtype `{other}` (bf16, f32, fp8)")),
     }
 }
 

@@ -85,7 +85,7 @@ async fn handle(node: Arc<ExpertNode>, req: DispatchRequest) -> Result<DispatchR
             request_id: req.request_id,
             code: 0,
             message: String::new(),
-            output: tensor::encode(&out.data, job.dtype),
+            output: tensor::encode_vec(out.data, out.cols, tensor::answer_dtype(job.dtype)),
             num_tokens: req.num_tokens,
             compute_micros: started.elapsed().as_micros() as u64,
             traceparent,

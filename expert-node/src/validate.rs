@@ -31,8 +31,13 @@ pub fn validate(req: &DispatchRequest, node: &ExpertNode) -> Result<Job, Status>
     let cfg = node.config();
     let inv = |m: String| Err(Status::invalid_argument(m));
     let dtype = match Dtype::try_from(req.dtype) {
-        Ok(d @ (Dtype::Bf16 | Dtype::F32)) => d,
-        _ => return inv(format!("dtype {} is not BF16 (1) or F32 (2)", req.dtype)),
+        Ok(d @ (Dtype::Bf16 | Dtype::F32 | Dtype::Fp8E4m3)) => d,
+        _ => {
+            return inv(format!(
+                "dtype {} is not BF16 (1), F32 (2) or FP8_E4M3 (3)",
+                req.dtype
+            ));
+        }
     };
     let layer = req.layer as usize;
     if !cfg.is_moe_layer(layer) {
@@ -54,12 +59,12 @@ pub fn validate(req: &DispatchRequest, node: &ExpertNode) -> Result<Job, Status>
         return inv(format!("num_tokens must be in 1..={MAX_TOKENS}, got {t}"));
     }
     let h = cfg.hidden_size;
-    let want = t * h * tensor::dtype_size(dtype);
+    let want = tensor::payload_len(dtype, t, h);
     if req.hidden.len() != want {
         return inv(format!(
-            "hidden has {} bytes, expected num_tokens {t} × hidden {h} × {} bytes = {want}",
+            "hidden has {} bytes, expected {want} for num_tokens {t} × hidden {h} in {}",
             req.hidden.len(),
-            tensor::dtype_size(dtype)
+            dtype.as_str_name()
         ));
     }
     if req.offsets.len() != t + 1 {
@@ -113,14 +118,16 @@ pub fn validate(req: &DispatchRequest, node: &ExpertNode) -> Result<Job, Status>
             }
         }
     }
-    let values = tensor::decode(&req.hidden, dtype);
-    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-        return inv(format!(
-            "hidden state of token {} is not finite at feature {}",
-            i / h,
-            i % h
-        ));
-    }
+    let values = match tensor::decode_finite(&req.hidden, t, h, dtype) {
+        Ok(v) => v,
+        Err(tensor::NonFinite(i)) => {
+            return inv(format!(
+                "hidden state of token {} is not finite at feature {}",
+                i / h,
+                i % h
+            ));
+        }
+    };
     Ok(Job {
         layer,
         dtype,

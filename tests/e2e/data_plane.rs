@@ -141,6 +141,19 @@ fn run_layout(nodes: &[Proc], extra: &[&str]) {
         max_diff(&local, &remote)
     );
     check_greedy(&bf16, 0.05);
+
+    // FP8 dispatch (e4m3 + a scale per 128 values), bf16 combine: half the request bytes. Its
+    // logits move about twice as far as bf16's (2.85 vs 1.47 here) and the first greedy flip
+    // is at a golden margin of 0.117 (prompt_0 step 7), so ids are held only where the golden
+    // margin exceeds 0.25; a broken encoding flips tokens with margins of several units.
+    let mut fp8 = vec!["--experts-at", addrs.as_str(), "--wire", "fp8"];
+    fp8.extend_from_slice(extra);
+    let remote = logits(dir.path(), &fp8);
+    eprintln!(
+        "fp8 wire: max |logit diff| vs single process = {:e}",
+        max_diff(&local, &remote)
+    );
+    check_greedy(&fp8, 0.25);
 }
 
 #[test]

@@ -84,6 +84,12 @@ pub enum DispatchError {
         tokens: usize,
         got: usize,
     },
+    #[error("node {addr} returned a non-finite partial sum for token {token} at layer {layer}")]
+    NonFinite {
+        addr: String,
+        layer: usize,
+        token: usize,
+    },
     #[error("not every node connected within {0:?}: {1}")]
     NotReady(Duration, String),
     #[error("node {addr} does not match the placement: {why}")]
@@ -314,8 +320,8 @@ impl RemoteExperts {
         parent: &tracing::Span,
     ) -> InFlight {
         let client = routes.clients[work.node].clone();
-        let rows = x.gather_rows(&work.tokens);
-        let hidden = tensor::encode(&rows.data, self.opts.wire);
+        let hidden =
+            tensor::encode_rows(&x.data, x.cols, work.tokens.iter().copied(), self.opts.wire);
         let span = if moe_meta::telemetry::is_sampled(parent) {
             tracing::debug_span!(parent: parent, "moe.dispatch.node", otel.kind = "client",
                 otel.status_code = tracing::field::Empty, rpc.system = "grpc",
@@ -459,7 +465,8 @@ impl PendingExperts for Pending<'_> {
         } = *self;
         let _enter = span.enter();
         let hidden = experts.hidden;
-        let size = tensor::dtype_size(experts.opts.wire);
+        let answer = tensor::answer_dtype(experts.opts.wire);
+        let size = tensor::dtype_size(answer);
         let mut out = Matrix::zeros(x.rows, hidden);
         let mut excluded: BTreeSet<String> = BTreeSet::new();
         let mut stale: HashMap<String, usize> = HashMap::new();
@@ -504,9 +511,21 @@ impl PendingExperts for Pending<'_> {
                             }
                             .into_model(layer));
                         }
+                        // Checked before any of it is added, so a bad answer changes nothing.
+                        if let Err(tensor::NonFinite(i)) =
+                            tensor::check_finite(&resp.output, answer)
+                        {
+                            return Err(DispatchError::NonFinite {
+                                addr,
+                                layer,
+                                token: work.tokens[i / hidden],
+                            }
+                            .into_model(layer));
+                        }
                         for (i, &tok) in work.tokens.iter().enumerate() {
                             let row = &resp.output[i * hidden * size..(i + 1) * hidden * size];
-                            tensor::accumulate(out.row_mut(tok), row, experts.opts.wire);
+                            // Finite values checked above: the sum cannot fail here.
+                            let _ = tensor::accumulate(out.row_mut(tok), row, answer);
                         }
                         continue;
                     }
