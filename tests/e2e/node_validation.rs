@@ -182,7 +182,7 @@ async fn malformed_messages_get_precise_codes_and_the_node_keeps_serving() {
         .to_string();
     assert_eq!(
         msg,
-        "hidden has 508 bytes, expected num_tokens 2 × hidden 64 × 4 bytes = 512"
+        "hidden has 508 bytes, expected 512 for num_tokens 2 × hidden 64 in DTYPE_F32"
     );
     let mut absent = good();
     absent.expert_ids = vec![3, 200, 5];
