@@ -1,7 +1,7 @@
 //! The etcd members one store talks to, each on its own channel, with health tracking.
 //!
 //! etcd-client's balanced channel keeps sending to a member that died (upstream
-//! etcdv3/etcd-client#39, /work/shared/STACK.md trap 11), so the store keeps one single-endpoint
+//! etcdv3/etcd-client#39, the workplace's STACK.md trap 11), so the store keeps one single-endpoint
 //! client per member and picks the member itself: the preferred member first (the last one that
 //! answered), then the other healthy ones, then the unhealthy ones. A member is marked down when a
 //! request to it fails with a transport-level code (`Unavailable`, `DeadlineExceeded`, ...) or
