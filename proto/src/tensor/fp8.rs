@@ -17,19 +17,19 @@ pub fn payload_len(rows: usize, cols: usize) -> usize {
 }
 
 /// Nearest e4m3fn byte (ties to even) of `y`, saturating at ±448 (no infinities in e4m3fn).
+/// Branch-free, so the encode loop vectorises (see `simd::encode_e4m3`).
+#[inline(always)]
 pub fn e4m3_bits(y: f32) -> u8 {
-    let sign = ((y.to_bits() >> 24) & 0x80) as u8;
+    let sign = (y.to_bits() >> 24) & 0x80;
     let a = y.abs().min(MAX);
-    let magnitude = if a < 2f32.powi(-6) {
-        // Subnormals are multiples of 2^-9; 8 × 2^-9 is the smallest normal, byte 0x08 too.
-        (a * 512.0).round_ties_even() as u8
-    } else {
-        let b = a.to_bits();
-        let r = b + 0x7_FFFF + ((b >> 20) & 1);
-        let exp = (r >> 23) + 7 - 127;
-        ((exp << 3) | ((r >> 20) & 7)).min(0x7E) as u8
-    };
-    sign | magnitude
+    // Subnormals are multiples of 2^-9; 8 × 2^-9 is the smallest normal, byte 0x08 too.
+    let sub = (a * 512.0).round_ties_even() as u32;
+    let b = a.to_bits();
+    let r = b.wrapping_add(0x7_FFFF + ((b >> 20) & 1));
+    let exp = (r >> 23).wrapping_add(7).wrapping_sub(127);
+    let normal = ((exp << 3) | ((r >> 20) & 7)).min(0x7E);
+    let magnitude = if a < 2f32.powi(-6) { sub } else { normal };
+    (sign | magnitude) as u8
 }
 
 /// The value of every e4m3fn byte (`S.1111.111` is NaN).
@@ -63,13 +63,10 @@ pub fn encode_rows(data: &[f32], cols: usize, rows: &[usize], out: &mut Vec<u8>)
         let src = &data[row * cols..(row + 1) * cols];
         let dst = &mut values[r * cols..(r + 1) * cols];
         for (b, (s, d)) in src.chunks(BLOCK).zip(dst.chunks_mut(BLOCK)).enumerate() {
-            let amax = s.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             // A non-finite amax gives a non-finite scale, which the receiver refuses.
+            let amax = super::simd::amax(s);
             let scale = if amax == 0.0 { 1.0 } else { amax / MAX };
-            let inv = 1.0 / scale;
-            for (d, v) in d.iter_mut().zip(s) {
-                *d = e4m3_bits(v * inv);
-            }
+            super::simd::encode_e4m3(s, 1.0 / scale, d);
             let at = (r * blocks + b) * 4;
             scales[at..at + 4].copy_from_slice(&scale.to_le_bytes());
         }

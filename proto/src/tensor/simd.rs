@@ -83,6 +83,23 @@ fn accumulate_f32_body(acc: &mut [f32], src: &[u8]) -> u32 {
     bad
 }
 
+/// Largest |value| by the integer order of the magnitude bits (the float order for every
+/// non-NaN value; a NaN counts as larger than infinity, so it shows as a non-finite result).
+#[inline(always)]
+fn amax_body(src: &[f32]) -> f32 {
+    f32::from_bits(
+        src.iter()
+            .fold(0u32, |m, v| m.max(v.to_bits() & 0x7FFF_FFFF)),
+    )
+}
+
+#[inline(always)]
+fn encode_e4m3_body(src: &[f32], inv: f32, dst: &mut [u8]) {
+    for (d, v) in dst.iter_mut().zip(src) {
+        *d = super::fp8::e4m3_bits(v * inv);
+    }
+}
+
 /// Defines `pub fn $name(args) -> ret` that runs `$body` compiled for AVX-512 or AVX2 when the
 /// CPU has them, else the portable build of the same body.
 macro_rules! dispatched {
@@ -134,6 +151,15 @@ dispatched!(
 dispatched!(
     /// `acc += f32 values`; returns the count of non-finite values added.
     accumulate_f32(acc: &mut [f32], src: &[u8]) -> u32 = accumulate_f32_body
+);
+
+dispatched!(
+    /// The largest magnitude in `src` (0 for an empty slice).
+    amax(src: &[f32]) -> f32 = amax_body
+);
+dispatched!(
+    /// `dst[i] = e4m3(src[i] × inv)`.
+    encode_e4m3(src: &[f32], inv: f32, dst: &mut [u8]) -> () = encode_e4m3_body
 );
 
 #[cfg(test)]
