@@ -80,7 +80,11 @@ impl SamplingParams {
 
 /// Index of the largest logit (first on ties).
 pub fn argmax(logits: &[f32]) -> u32 {
-    let max = vector::max(logits);
+    first_at(logits, vector::max(logits))
+}
+
+/// Index of the first logit equal to `max` (the maximum, already known).
+fn first_at(logits: &[f32], max: f32) -> u32 {
     logits.iter().position(|&v| v == max).unwrap_or(0) as u32
 }
 
@@ -124,8 +128,7 @@ impl Sampler {
     ) -> (u32, Option<TokenLogprobs>) {
         let max = vector::max(logits);
         let (id, sum) = if self.params.is_greedy() {
-            let id = logits.iter().position(|&v| v == max).unwrap_or(0) as u32;
-            (id, None)
+            (first_at(logits, max), None)
         } else {
             self.draw(logits, max)
         };
@@ -178,7 +181,7 @@ impl Sampler {
             let found = vector::draw(&s.weights, u * cut.mass, |i| cut.keeps(logits[i], i));
             (found, total)
         };
-        let id = found.map_or_else(|| argmax(logits), |i| i as u32);
+        let id = found.map_or_else(|| first_at(logits, max), |i| i as u32);
         let exact = p.temperature == 1.0 && p.min_p == 0.0;
         (id, exact.then_some(total))
     }

@@ -480,9 +480,9 @@ impl PendingExperts for Pending<'_> {
                         Ok(Err(_)) => Err(Status::unavailable("client actor stopped")),
                         Err(_) => Err(Status::deadline_exceeded(format!("no answer within {timeout:?}"))),
                     };
-                    metrics::histogram!(crate::metrics::DISPATCH_LATENCY, "node" => f.client.addr().to_string())
-                        .record(f.sent.elapsed().as_secs_f64());
                     let node = f.client.addr().to_string();
+                    metrics::histogram!(crate::metrics::DISPATCH_LATENCY, "node" => node.clone())
+                        .record(f.sent.elapsed().as_secs_f64());
                     metrics::gauge!(crate::metrics::DISPATCH_IN_FLIGHT, "node" => node.clone()).decrement(1.0);
                     if let Ok(resp) = &r {
                         metrics::counter!(crate::metrics::DISPATCH_BYTES, "node" => node, "direction" => "received")
@@ -511,21 +511,18 @@ impl PendingExperts for Pending<'_> {
                             }
                             .into_model(layer));
                         }
-                        // Checked before any of it is added, so a bad answer changes nothing.
-                        if let Err(tensor::NonFinite(i)) =
-                            tensor::check_finite(&resp.output, answer)
-                        {
-                            return Err(DispatchError::NonFinite {
-                                addr,
-                                layer,
-                                token: work.tokens[i / hidden],
-                            }
-                            .into_model(layer));
-                        }
+                        // One pass: a non-finite value fails the whole step, so `out` (partly
+                        // summed by then) is never used.
                         for (i, &tok) in work.tokens.iter().enumerate() {
                             let row = &resp.output[i * hidden * size..(i + 1) * hidden * size];
-                            // Finite values checked above: the sum cannot fail here.
-                            let _ = tensor::accumulate(out.row_mut(tok), row, answer);
+                            if tensor::accumulate(out.row_mut(tok), row, answer).is_err() {
+                                return Err(DispatchError::NonFinite {
+                                    addr,
+                                    layer,
+                                    token: tok,
+                                }
+                                .into_model(layer));
+                            }
                         }
                         continue;
                     }
