@@ -6,8 +6,10 @@
 //! - [`service`]: the tonic service (bidirectional data-plane stream, unary compute, info, health).
 //! - [`server`]: listening, HTTP/2 tuning and graceful drain.
 //! - [`membership`]: registration under a lease and following the coordinator's placement.
+//! - [`memory`]: returning unloaded weights to the operating system, and private memory.
 
 pub mod membership;
+pub mod memory;
 pub mod node;
 pub mod server;
 pub mod service;

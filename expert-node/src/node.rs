@@ -115,6 +115,11 @@ impl ExpertNode {
             .collect()
     }
 
+    /// Bytes of the hosted experts' weights.
+    pub fn expert_bytes(&self) -> usize {
+        self.read().store.bytes()
+    }
+
     /// Placement versions served; empty means any.
     pub fn versions(&self) -> BTreeSet<u64> {
         self.read().versions.clone()
@@ -133,14 +138,20 @@ impl ExpertNode {
         let ckpt = self.ckpt.as_ref().ok_or_else(|| {
             ModelError::InvalidInput("this node has no checkpoint to load experts from".into())
         })?;
-        let loaded = ExpertStore::load(&self.cfg, ckpt, pairs)?;
-        let mut st = self.write();
-        st.store.absorb(loaded);
-        for &(l, e) in pairs {
-            st.pairs.entry(l).or_default().insert(e);
-        }
+        let loaded = ExpertStore::load(&self.cfg, ckpt, pairs);
+        // The staging buffers of a load (read, widened, packed) are freed either way.
+        let loaded = loaded.inspect_err(|_| crate::memory::release_to_os())?;
+        let hosted = {
+            let mut st = self.write();
+            st.store.absorb(loaded);
+            for &(l, e) in pairs {
+                st.pairs.entry(l).or_default().insert(e);
+            }
+            st.store.len()
+        };
+        crate::memory::release_to_os();
         self.stats.record_loads(pairs.len());
-        tracing::info!(node = %self.id, added = pairs.len(), hosted = st.store.len(), "experts loaded");
+        tracing::info!(node = %self.id, added = pairs.len(), hosted, "experts loaded");
         Ok(())
     }
 
@@ -149,27 +160,34 @@ impl ExpertNode {
         if pairs.is_empty() {
             return;
         }
-        let mut st = self.write();
-        for &(l, e) in pairs {
-            st.store.remove(l, e);
-            if let Some(s) = st.pairs.get_mut(&l) {
-                s.remove(&e);
+        let hosted = {
+            let mut st = self.write();
+            for &(l, e) in pairs {
+                st.store.remove(l, e);
+                if let Some(s) = st.pairs.get_mut(&l) {
+                    s.remove(&e);
+                }
             }
-        }
+            st.store.len()
+        };
+        // Outside the lock: computes go on while the pages go back.
+        crate::memory::release_to_os();
         self.stats.record_unloads(pairs.len());
-        tracing::info!(node = %self.id, removed = pairs.len(), hosted = st.store.len(), "experts unloaded");
+        tracing::info!(node = %self.id, removed = pairs.len(), hosted, "experts unloaded");
     }
 
     /// The node's `/metrics` text.
     pub fn render_metrics(&self) -> String {
-        let (hosted, version) = {
+        let (hosted, expert_bytes, version) = {
             let st = self.read();
-            (st.store.len(), st.versions.last().copied().unwrap_or(0))
+            let v = st.versions.last().copied().unwrap_or(0);
+            (st.store.len(), st.store.bytes() as u64, v)
         };
         self.stats.render(crate::stats::NodeGauges {
             node: &self.id,
             in_flight: self.in_flight(),
             hosted,
+            expert_bytes,
             placement_version: version,
         })
     }

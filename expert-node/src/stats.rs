@@ -30,6 +30,8 @@ pub const DISPATCH_ERRORS: &str = "moe_node_dispatch_errors_total";
 pub const IN_FLIGHT: &str = "moe_node_in_flight";
 /// (layer, expert) pairs hosted, by `node`.
 pub const HOSTED: &str = "moe_node_hosted_experts";
+/// Bytes of the hosted experts' weights, by `node`.
+pub const EXPERT_BYTES: &str = "moe_node_expert_bytes";
 /// (layer, expert) pairs loaded since start, by `node`.
 pub const LOADS: &str = "moe_node_expert_loads_total";
 /// (layer, expert) pairs unloaded since start, by `node`.
@@ -53,6 +55,7 @@ pub struct NodeGauges<'a> {
     pub node: &'a str,
     pub in_flight: u64,
     pub hosted: usize,
+    pub expert_bytes: u64,
     pub placement_version: u64,
 }
 
@@ -173,6 +176,12 @@ impl NodeStats {
                 g.hosted as u64,
             ),
             (
+                EXPERT_BYTES,
+                "gauge",
+                "Bytes of the hosted experts' weights in memory.",
+                g.expert_bytes,
+            ),
+            (
                 LOADS,
                 "counter",
                 "(layer, expert) pairs loaded since start.",
@@ -260,6 +269,7 @@ mod tests {
             node: "n0",
             in_flight: 2,
             hosted: 6,
+            expert_bytes: 6 << 20,
             placement_version: 4,
         }
     }

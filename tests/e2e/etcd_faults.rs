@@ -3,9 +3,9 @@
 //! greedy requests (checked against the golden ids) while the etcd raft leader is killed (and
 //! brought back), and another member is frozen (SIGSTOP) for two TTLs. No request fails, no
 //! process loses its lease or registers again, leadership changes at most once per fault; then,
-//! with etcd healthy, an expert node is killed and a new one joins, and the router stays ready
-//! throughout (every expert keeps a live replica). Last, a second process with a live node's
-//! id is refused.
+//! with one etcd member down, an expert node is killed and a new one joins, both rolled out on
+//! the two members left, and the router stays ready throughout (every expert keeps a live
+//! replica). Last, with etcd whole again, a second process with a live node's id is refused.
 
 pub mod harness;
 pub mod roles;
@@ -176,8 +176,14 @@ async fn the_cluster_serves_through_etcd_member_faults() {
     );
     let during_faults = done.load(Ordering::Relaxed);
 
-    // With etcd healthy: kill an expert node; the router stays ready (every expert has another
-    // replica) and the coordinator re-places without it.
+    // With etcd degraded (one member of three down, a follower so no election interferes):
+    // kill an expert node; the router stays ready (every expert has another replica) and the
+    // coordinator re-places without it; a new node joins and is placed; then the member is
+    // brought back.
+    let leader_now = etcd.leader().await.expect("a raft leader");
+    let down = (leader_now + 1) % 3;
+    etcd.kill(down);
+    eprintln!("etcd degraded: m{down} down (leader m{leader_now})");
     nodes[1] = None;
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(1) {
@@ -217,6 +223,8 @@ async fn the_cluster_serves_through_etcd_member_faults() {
             golden_ids(i)
         );
     }
+    etcd.restart(down);
+    etcd.wait_leader(Duration::from_secs(20)).await;
 
     // A second process with a live node's id is refused (after waiting out two TTLs), and the
     // live one keeps its registration.

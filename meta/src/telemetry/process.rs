@@ -14,6 +14,8 @@ pub const OTEL_SPANS_EXPORTED: &str = "moe_otel_spans_exported_total";
 pub const OTEL_SPANS_DROPPED: &str = "moe_otel_spans_dropped_total";
 /// Resident memory.
 pub const PROCESS_RSS: &str = "process_resident_memory_bytes";
+/// Private resident memory: anonymous pages (`RssAnon`), what the process allocated itself.
+pub const PROCESS_PRIVATE: &str = "moe_process_private_memory_bytes";
 /// User plus system CPU time.
 pub const PROCESS_CPU: &str = "process_cpu_seconds_total";
 /// Open file descriptors.
@@ -79,6 +81,15 @@ pub fn render(role: &str) -> String {
             "Resident memory size in bytes.",
         );
         let _ = writeln!(out, "{PROCESS_RSS} {}", p.rss_bytes);
+        if let Some(private) = private_bytes() {
+            family(
+                &mut out,
+                PROCESS_PRIVATE,
+                "gauge",
+                "Private resident memory in bytes (anonymous pages: weights, caches and buffers this process allocated; memory-mapped checkpoint pages are not counted).",
+            );
+            let _ = writeln!(out, "{PROCESS_PRIVATE} {private}");
+        }
         family(
             &mut out,
             "process_virtual_memory_bytes",
@@ -124,6 +135,21 @@ pub fn render(role: &str) -> String {
         }
     }
     out
+}
+
+/// This process's private resident memory, bytes: its anonymous pages (`RssAnon` of
+/// `/proc/self/status`), which is what the weights, caches and buffers it allocated occupy.
+/// Memory-mapped checkpoint pages are file-backed (the page cache can drop them) and not
+/// counted. `None` where `/proc` is not available.
+pub fn private_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    parse_rss_anon(&status)
+}
+
+fn parse_rss_anon(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("RssAnon:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// What `/proc/self` says about this process.
@@ -202,6 +228,13 @@ mod tests {
     }
 
     #[test]
+    fn reads_rss_anon_in_kib() {
+        let s = "Name:\tmoe\nVmRSS:\t  9000 kB\nRssAnon:\t  2048 kB\nRssFile:\t 100 kB\n";
+        assert_eq!(parse_rss_anon(s), Some(2048 * 1024));
+        assert_eq!(parse_rss_anon("Name:\tmoe\n"), None);
+    }
+
+    #[test]
     fn every_family_has_help_and_type() {
         let text = render("router");
         assert!(text.contains("moe_build_info{version=\""));
@@ -211,5 +244,6 @@ mod tests {
             assert!(text.contains(&format!("# TYPE {name} ")), "{name}");
         }
         assert!(text.contains("process_threads "), "{text}");
+        assert!(text.contains("moe_process_private_memory_bytes "), "{text}");
     }
 }
