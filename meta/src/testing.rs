@@ -2,7 +2,8 @@
 //! started on free ports with temporary data directories, stopped on drop. [`EtcdCluster`] runs
 //! several members (3 where a test is about etcd faults) and injects faults: kill a member
 //! (SIGKILL), restart it on its data, freeze it (SIGSTOP) and thaw it (SIGCONT), and find the
-//! raft leader.
+//! raft leader. [`EtcdCluster::start_in`] runs each member inside a network namespace the test
+//! made (`ip netns exec`), on that namespace's address, so a test can cut it off the network.
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -20,6 +21,9 @@ fn free_port() -> u16 {
 #[derive(Debug)]
 struct Member {
     name: String,
+    /// The address it listens on, and the network namespace it runs in (None: this one).
+    ip: String,
+    netns: Option<String>,
     child: Option<Child>,
     dir: PathBuf,
     client_port: u16,
@@ -43,6 +47,8 @@ impl EtcdCluster {
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
+                ip: "127.0.0.1".into(),
+                netns: None,
                 child: None,
                 dir: std::env::temp_dir().join(format!("moe-etcd-{tag}-{i}")),
                 client_port: free_port(),
@@ -50,9 +56,36 @@ impl EtcdCluster {
                 frozen: false,
             })
             .collect();
+        EtcdCluster::launch(members, tag)
+    }
+
+    /// Starts one member per `(network namespace, address)`, each run with `ip netns exec` and
+    /// listening on that address (ports 2379 and 2380: the namespace is its own), and waits
+    /// until each accepts connections from the calling thread's namespace.
+    pub fn start_in(hosts: &[(String, String)]) -> EtcdCluster {
+        let tag = format!("{}-{}", std::process::id(), free_port());
+        let members: Vec<Member> = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, (ns, ip))| Member {
+                name: format!("m{i}"),
+                ip: ip.clone(),
+                netns: Some(ns.clone()),
+                child: None,
+                dir: std::env::temp_dir().join(format!("moe-etcd-{tag}-{i}")),
+                client_port: 2379,
+                peer_port: 2380,
+                frozen: false,
+            })
+            .collect();
+        EtcdCluster::launch(members, tag)
+    }
+
+    fn launch(members: Vec<Member>, tag: String) -> EtcdCluster {
+        let n = members.len();
         let initial_cluster = members
             .iter()
-            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .map(|m| format!("{}=http://{}:{}", m.name, m.ip, m.peer_port))
             .collect::<Vec<_>>()
             .join(",");
         let mut c = EtcdCluster {
@@ -72,17 +105,23 @@ impl EtcdCluster {
     fn spawn(&mut self, i: usize) {
         let (ic, token) = (self.initial_cluster.clone(), self.token.clone());
         let m = &mut self.members[i];
-        let (c, q) = (m.client_port, m.peer_port);
-        let child = Command::new("etcd")
+        let (c, q, ip) = (m.client_port, m.peer_port, &m.ip);
+        // `ip netns exec` enters the namespace and execs etcd: the child is etcd itself.
+        let mut cmd = match &m.netns {
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns, "etcd"]);
+                cmd
+            }
+            None => Command::new("etcd"),
+        };
+        let child = cmd
             .args(["--name", &m.name, "--data-dir"])
             .arg(&m.dir)
-            .args(["--listen-client-urls", &format!("http://127.0.0.1:{c}")])
-            .args(["--advertise-client-urls", &format!("http://127.0.0.1:{c}")])
-            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{q}")])
-            .args([
-                "--initial-advertise-peer-urls",
-                &format!("http://127.0.0.1:{q}"),
-            ])
+            .args(["--listen-client-urls", &format!("http://{ip}:{c}")])
+            .args(["--advertise-client-urls", &format!("http://{ip}:{c}")])
+            .args(["--listen-peer-urls", &format!("http://{ip}:{q}")])
+            .args(["--initial-advertise-peer-urls", &format!("http://{ip}:{q}")])
             .args(["--initial-cluster", &ic])
             .args(["--initial-cluster-state", "new"])
             .args(["--initial-cluster-token", &token])
@@ -95,10 +134,10 @@ impl EtcdCluster {
     }
 
     fn wait_accepting(&self, i: usize) {
-        let c = self.members[i].client_port;
+        let (ip, c) = (self.members[i].ip.as_str(), self.members[i].client_port);
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", c)).is_err() {
-            assert!(Instant::now() < deadline, "etcd did not start on port {c}");
+        while std::net::TcpStream::connect((ip, c)).is_err() {
+            assert!(Instant::now() < deadline, "etcd did not start on {ip}:{c}");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -123,7 +162,10 @@ impl EtcdCluster {
 
     /// Member `i`'s client URL.
     pub fn url(&self, i: usize) -> String {
-        format!("http://127.0.0.1:{}", self.members[i].client_port)
+        format!(
+            "http://{}:{}",
+            self.members[i].ip, self.members[i].client_port
+        )
     }
 
     /// Kills member `i` (SIGKILL) without removing its data.

@@ -7,12 +7,10 @@
 //! the two members left, and the router stays ready throughout (every expert keeps a live
 //! replica). Last, with etcd whole again, a second process with a live node's id is refused.
 
+pub mod etcd_watch;
 pub mod harness;
 pub mod roles;
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use moe_meta::records::Keys;
@@ -21,55 +19,8 @@ use moe_meta::store::etcd::EtcdStore;
 use moe_meta::testing::EtcdCluster;
 use reqwest::StatusCode;
 
+use etcd_watch::*;
 use roles::*;
-
-/// Every lease-bound registration: key → lease.
-async fn registrations(store: &dyn MetaStore) -> BTreeMap<String, i64> {
-    let keys = Keys::new("default");
-    let mut out = BTreeMap::new();
-    for prefix in [keys.nodes(), keys.routers()] {
-        let (kvs, _) = store.list(&prefix).await.expect("list");
-        out.extend(kvs.into_iter().map(|kv| (kv.key, kv.lease)));
-    }
-    let e = store.get(&keys.election()).await.expect("get");
-    let e = e.expect("a leader");
-    out.insert(e.key, e.lease);
-    out
-}
-
-/// Lines the coordinators printed so far, appended to `seen`.
-fn drain(coords: &[&Role], seen: &mut [Vec<String>]) {
-    for (c, s) in coords.iter().zip(seen.iter_mut()) {
-        while let Ok(l) = c.lines.try_recv() {
-            s.push(l);
-        }
-    }
-}
-
-/// Waits until some coordinator prints a line containing `needle`.
-fn expect_any(coords: &[&Role], seen: &mut [Vec<String>], needle: &str, within: Duration) {
-    let deadline = Instant::now() + within;
-    let mut from: Vec<usize> = seen.iter().map(Vec::len).collect();
-    loop {
-        drain(coords, seen);
-        for (s, f) in seen.iter().zip(from.iter_mut()) {
-            if s[*f..].iter().any(|l| l.contains(needle)) {
-                return;
-            }
-            *f = s.len();
-        }
-        assert!(Instant::now() < deadline, "no `{needle}` within {within:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// "leading"/"standby" lines: each is one leadership change seen by that coordinator.
-fn leadership_changes(seen: &[Vec<String>]) -> usize {
-    seen.iter()
-        .flatten()
-        .filter(|l| *l == "leading" || *l == "standby")
-        .count()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cluster_serves_through_etcd_member_faults() {
@@ -85,22 +36,13 @@ async fn the_cluster_serves_through_etcd_member_faults() {
         .map(|&i| etcd.url(i))
         .collect::<Vec<_>>()
         .join(",");
-    let c1 = coordinator(&urls);
-    c1.expect_line("leading", Duration::from_secs(30));
-    let c2 = coordinator(&urls);
-    let mut nodes: Vec<Option<Role>> = (0..3)
-        .map(|i| Some(node(&urls, &format!("n{i}"))))
-        .collect();
-    let r = router(&urls);
     let c = reqwest::Client::new();
-    c1.expect_line("active (3 nodes", Duration::from_secs(60));
-    wait_ready(&c, &r.proc.addr).await;
-    for i in PROMPTS {
-        assert_eq!(
-            greedy(&c, &r.proc.addr, i).await.expect("ok"),
-            golden_ids(i)
-        );
-    }
+    let Cluster {
+        c1,
+        c2,
+        mut nodes,
+        router: r,
+    } = bring_up(&c, &urls).await;
     let store = EtcdStore::connect(&urls).await.expect("connects");
     let before = registrations(&store).await;
     assert_eq!(before.len(), 3 + 1 + 1, "{before:?}");
@@ -108,26 +50,7 @@ async fn the_cluster_serves_through_etcd_member_faults() {
     let mut seen = vec![vec!["leading".to_string()], Vec::new()];
 
     // Concurrent greedy requests for the whole test.
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicUsize::new(0));
-    let load: Vec<_> = (0..4)
-        .map(|k| {
-            let (c, a, stop, done) = (c.clone(), r.proc.addr.clone(), stop.clone(), done.clone());
-            tokio::spawn(async move {
-                let mut failures = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    let i = PROMPTS[k % 2];
-                    match greedy(&c, &a, i).await {
-                        Ok(ids) if ids == golden_ids(i) => {}
-                        Ok(ids) => failures.push(format!("prompt {i}: wrong ids {ids:?}")),
-                        Err(e) => failures.push(format!("prompt {i}: {e}")),
-                    }
-                    done.fetch_add(1, Ordering::Relaxed);
-                }
-                failures
-            })
-        })
-        .collect();
+    let load = Load::start(&c, &r.proc.addr);
     let ttl = Duration::from_millis(TTL_MS.parse().expect("ms"));
 
     // Fault 1: kill the raft leader for two TTLs, then bring it back.
@@ -174,7 +97,7 @@ async fn the_cluster_serves_through_etcd_member_faults() {
         after_freeze - after_kill <= 2,
         "at most one leadership change per fault: {seen:?}"
     );
-    let during_faults = done.load(Ordering::Relaxed);
+    let during_faults = load.done();
 
     // With etcd degraded (one member of three down, a follower so no election interferes):
     // kill an expert node; the router stays ready (every expert has another replica) and the
@@ -249,12 +172,8 @@ async fn the_cluster_serves_through_etcd_member_faults() {
         "the live n0 keeps its registration"
     );
 
-    stop.store(true, Ordering::Relaxed);
-    let mut failures = Vec::new();
-    for t in load {
-        failures.extend(t.await.expect("join"));
-    }
-    let total = done.load(Ordering::Relaxed);
+    let total = load.done();
+    let failures = load.stop().await;
     eprintln!(
         "{total} requests ({during_faults} through the etcd faults), {} failed; test took {:?}",
         failures.len(),
