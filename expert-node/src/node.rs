@@ -139,8 +139,9 @@ impl ExpertNode {
             ModelError::InvalidInput("this node has no checkpoint to load experts from".into())
         })?;
         let loaded = ExpertStore::load(&self.cfg, ckpt, pairs);
-        // The staging buffers of a load (read, widened, packed) are freed either way.
-        let loaded = loaded.inspect_err(|_| crate::memory::release_to_os())?;
+        // The load's staging buffers (read, widened, packed) are freed by now, whatever it gave.
+        crate::memory::release_to_os();
+        let loaded = loaded?;
         let hosted = {
             let mut st = self.write();
             st.store.absorb(loaded);
@@ -149,7 +150,6 @@ impl ExpertNode {
             }
             st.store.len()
         };
-        crate::memory::release_to_os();
         self.stats.record_loads(pairs.len());
         tracing::info!(node = %self.id, added = pairs.len(), hosted, "experts loaded");
         Ok(())

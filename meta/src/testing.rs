@@ -43,46 +43,38 @@ impl EtcdCluster {
     /// Starts `n` members and waits until each accepts connections (panics with a clear message
     /// when the binary is missing: tests need it).
     pub fn start(n: usize) -> EtcdCluster {
-        let tag = format!("{}-{}", std::process::id(), free_port());
-        let members: Vec<Member> = (0..n)
-            .map(|i| Member {
-                name: format!("m{i}"),
-                ip: "127.0.0.1".into(),
-                netns: None,
-                child: None,
-                dir: std::env::temp_dir().join(format!("moe-etcd-{tag}-{i}")),
-                client_port: free_port(),
-                peer_port: free_port(),
-                frozen: false,
-            })
-            .collect();
-        EtcdCluster::launch(members, tag)
+        let hosts = (0..n).map(|_| (None, "127.0.0.1".to_string(), free_port(), free_port()));
+        EtcdCluster::launch(hosts.collect())
     }
 
     /// Starts one member per `(network namespace, address)`, each run with `ip netns exec` and
     /// listening on that address (ports 2379 and 2380: the namespace is its own), and waits
     /// until each accepts connections from the calling thread's namespace.
     pub fn start_in(hosts: &[(String, String)]) -> EtcdCluster {
-        let tag = format!("{}-{}", std::process::id(), free_port());
-        let members: Vec<Member> = hosts
+        let hosts = hosts
             .iter()
+            .map(|(ns, ip)| (Some(ns.clone()), ip.clone(), 2379, 2380));
+        EtcdCluster::launch(hosts.collect())
+    }
+
+    /// Starts one member per `(namespace, address, client port, peer port)`.
+    fn launch(hosts: Vec<(Option<String>, String, u16, u16)>) -> EtcdCluster {
+        let tag = format!("{}-{}", std::process::id(), free_port());
+        let n = hosts.len();
+        let members: Vec<Member> = hosts
+            .into_iter()
             .enumerate()
-            .map(|(i, (ns, ip))| Member {
+            .map(|(i, (netns, ip, client_port, peer_port))| Member {
                 name: format!("m{i}"),
-                ip: ip.clone(),
-                netns: Some(ns.clone()),
+                ip,
+                netns,
                 child: None,
                 dir: std::env::temp_dir().join(format!("moe-etcd-{tag}-{i}")),
-                client_port: 2379,
-                peer_port: 2380,
+                client_port,
+                peer_port,
                 frozen: false,
             })
             .collect();
-        EtcdCluster::launch(members, tag)
-    }
-
-    fn launch(members: Vec<Member>, tag: String) -> EtcdCluster {
-        let n = members.len();
         let initial_cluster = members
             .iter()
             .map(|m| format!("{}=http://{}:{}", m.name, m.ip, m.peer_port))

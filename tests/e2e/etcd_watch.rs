@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use moe_meta::records::Keys;
 use moe_meta::store::MetaStore;
+use moe_meta::testing::EtcdCluster;
 
 use super::roles::*;
 
@@ -24,6 +25,20 @@ pub async fn registrations(store: &dyn MetaStore) -> BTreeMap<String, i64> {
     let e = e.expect("a leader");
     out.insert(e.key, e.lease);
     out
+}
+
+/// The members in the order the processes are given them: the raft leader first (so every
+/// lease stream and watch starts there), then the one they move to when it fails, then the
+/// last; with those URLs, comma-separated (what `--etcd` takes).
+pub async fn leader_first(etcd: &EtcdCluster) -> (Vec<usize>, String) {
+    let leader = etcd.wait_leader(Duration::from_secs(30)).await;
+    let order: Vec<usize> = (0..etcd.len()).map(|k| (leader + k) % etcd.len()).collect();
+    let urls = order
+        .iter()
+        .map(|&i| etcd.url(i))
+        .collect::<Vec<_>>()
+        .join(",");
+    (order, urls)
 }
 
 /// Lines the coordinators printed so far, appended to `seen`.
@@ -98,14 +113,18 @@ impl Load {
         self.done.load(Ordering::Relaxed)
     }
 
-    /// Stops the clients; every failure they saw.
-    pub async fn stop(self) -> Vec<String> {
+    /// Stops the clients and fails the test if any request failed; the number answered.
+    /// `what` says what they ran through, for the summary line.
+    pub async fn finish(self, what: &str) -> usize {
         self.stop.store(true, Ordering::Relaxed);
+        let total = self.done();
         let mut failures = Vec::new();
         for t in self.tasks {
             failures.extend(t.await.expect("join"));
         }
-        failures
+        eprintln!("{total} requests ({what}), {} failed", failures.len());
+        assert!(failures.is_empty(), "{failures:?}");
+        total
     }
 }
 
