@@ -11,7 +11,7 @@
 
 use rayon::prelude::*;
 
-use crate::checkpoint::{Checkpoint, WeightData};
+use crate::checkpoint::Checkpoint;
 use crate::config::Config;
 use crate::error::Result;
 use crate::kernels::{self, Linear};
@@ -67,15 +67,6 @@ pub(crate) fn linear(ckpt: &Checkpoint, name: &str, out: usize, inp: usize) -> R
     Ok(Linear::new(ckpt.read_weight(name, &[out, inp])?, out, inp))
 }
 
-/// Wraps float32 values for a Linear, as bf16 when they are exactly bf16 (halves memory).
-fn f32_or_bf16(values: Vec<f32>, bf16_source: bool) -> WeightData {
-    if bf16_source {
-        WeightData::Bf16(values.iter().map(|v| (v.to_bits() >> 16) as u16).collect())
-    } else {
-        WeightData::F32(values)
-    }
-}
-
 impl Mla {
     /// Loads `model.layers.{layer}.self_attn.*`.
     pub fn load(cfg: &Config, ckpt: &Checkpoint, layer: usize, scale: f32) -> Result<Mla> {
@@ -96,26 +87,14 @@ impl Mla {
             },
             None => QProj::Direct(linear(ckpt, &format!("{p}.q_proj.weight"), h * qk, hid)?),
         };
-        let kv_b_name = format!("{p}.kv_b_proj.weight");
-        let bf16_source = matches!(ckpt.dtype(&kv_b_name), Some(safetensors::Dtype::BF16));
-        let kv_b = ckpt.read_f32(&kv_b_name, &[h * (nope + v), lora])?;
-        let mut uk = Vec::with_capacity(h);
-        let mut uv = Vec::with_capacity(h);
-        for head in 0..h {
-            let rows = &kv_b[head * (nope + v) * lora..][..(nope + v) * lora];
-            let mut t = vec![0.0f32; lora * nope];
-            for i in 0..nope {
-                for j in 0..lora {
-                    t[j * nope + i] = rows[i * lora + j];
-                }
-            }
-            uk.push(Linear::new(f32_or_bf16(t, bf16_source), lora, nope));
-            uv.push(Linear::new(
-                f32_or_bf16(rows[nope * lora..].to_vec(), bf16_source),
-                v,
-                lora,
-            ));
-        }
+        let (uk, uv) = crate::absorb::absorbed_heads(
+            ckpt,
+            &format!("{p}.kv_b_proj.weight"),
+            h,
+            nope,
+            v,
+            lora,
+        )?;
         Ok(Mla {
             q,
             kv_a: linear(

@@ -10,6 +10,7 @@
 //! - [`model`]: the backbone (everything but routed experts) and the full forward pass.
 //! - [`sampling`], [`presets`]: token sampling and random-weight checkpoints for tests/benchmarks.
 
+mod absorb;
 pub mod attention;
 pub mod checkpoint;
 pub mod config;

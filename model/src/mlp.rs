@@ -27,12 +27,12 @@ fn concat_rows(a: WeightData, b: WeightData, rows: usize, cols: usize) -> Weight
             WeightData::Bf16(a)
         }
         (
-            WeightData::Bf16Scaled {
+            WeightData::Fp8 {
                 values: mut va,
                 scales: sa,
                 block,
             },
-            WeightData::Bf16Scaled {
+            WeightData::Fp8 {
                 values: vb,
                 scales: sb,
                 block: block_b,
@@ -42,7 +42,7 @@ fn concat_rows(a: WeightData, b: WeightData, rows: usize, cols: usize) -> Weight
             let mut scales = kernels::row_scales(&sa, rows, cols, block);
             scales.extend(kernels::row_scales(&sb, rows, cols, block));
             va.extend(vb);
-            WeightData::Bf16RowScaled {
+            WeightData::Fp8RowScaled {
                 values: va,
                 row_scales: scales,
                 block_k: block[1],
@@ -61,26 +61,16 @@ fn to_f32(w: WeightData, rows: usize, cols: usize) -> Vec<f32> {
     match w {
         WeightData::F32(v) => v,
         WeightData::Bf16(v) => v.into_iter().map(bf).collect(),
-        WeightData::Bf16Scaled {
+        WeightData::Fp8 {
             values,
             scales,
             block,
-        } => {
-            let kb = fp8::blocks(cols, block[1]);
-            (0..rows * cols)
-                .map(|i| bf(values[i]) * scales[(i / cols / block[0]) * kb + (i % cols) / block[1]])
-                .collect()
-        }
-        WeightData::Bf16RowScaled {
+        } => fp8::dequantize_block_fp8(&values, rows, cols, &scales, block),
+        WeightData::Fp8RowScaled {
             values,
             row_scales,
             block_k,
-        } => {
-            let kb = fp8::blocks(cols, block_k);
-            (0..rows * cols)
-                .map(|i| bf(values[i]) * row_scales[(i / cols) * kb + (i % cols) / block_k])
-                .collect()
-        }
+        } => fp8::dequantize_block_fp8(&values, rows, cols, &row_scales, [1, block_k]),
     }
 }
 

@@ -56,27 +56,63 @@ fn an_expert_node_reads_only_its_experts() {
     }
 }
 
+#[test]
+fn fp8_experts_stay_one_byte_per_weight_in_memory() {
+    // The same experts of the bf16 and the FP8 golden models: FP8 holds its bytes and block
+    // scales (what the checkpoint stores, plus panel padding), about half of bf16's memory.
+    let pairs: Vec<(usize, usize)> = (0..256).map(|e| (1, e)).collect();
+    let held = |name: &str| {
+        let (cfg, ckpt) = open(name);
+        let store = ExpertStore::load(&cfg, &ckpt, &pairs).expect("experts");
+        (store.bytes() as f64, ckpt.bytes_read() as f64)
+    };
+    let (bf16, bf16_file) = held("tiny-dsv3-bf16");
+    let (fp8, fp8_file) = held("tiny-dsv3-fp8");
+    eprintln!(
+        "layer 1 experts in memory: bf16 {bf16} B, FP8 {fp8} B (stored: {bf16_file} B, {fp8_file} B)"
+    );
+    assert!(bf16 >= bf16_file, "bf16 {bf16} B for {bf16_file} B stored");
+    assert!(
+        fp8 <= 1.25 * fp8_file && fp8 <= 0.6 * bf16,
+        "FP8 experts hold {fp8} B for {fp8_file} B stored (bf16: {bf16} B)"
+    );
+}
+
 /// Copies the f32 tiny model into `dir`, transforming its tensors with `edit`.
 fn rewrite(
     dir: &Path,
     edit: impl Fn(&str, Dtype, Vec<usize>, Vec<u8>) -> Option<(String, Dtype, Vec<usize>, Vec<u8>)>,
 ) {
-    let src = fixture("tiny-dsv3");
-    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(src.join(f), dir.join(f)).expect("copy");
+    rewrite_from("tiny-dsv3", dir, edit)
+}
+
+/// [`rewrite`] of the golden model `name`.
+fn rewrite_from(
+    name: &str,
+    dir: &Path,
+    edit: impl Fn(&str, Dtype, Vec<usize>, Vec<u8>) -> Option<(String, Dtype, Vec<usize>, Vec<u8>)>,
+) {
+    let src = fixture(name);
+    for entry in std::fs::read_dir(&src).expect("ls") {
+        let path = entry.expect("entry").path();
+        let file = path.file_name().expect("name").to_owned();
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            let bytes = std::fs::read(&path).expect("read");
+            let st = SafeTensors::deserialize(&bytes).expect("parse");
+            let tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = st
+                .tensors()
+                .into_iter()
+                .filter_map(|(n, v)| edit(&n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+                .collect();
+            let views: HashMap<String, TensorView<'_>> = tensors
+                .iter()
+                .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).expect("view")))
+                .collect();
+            safetensors::serialize_to_file(views, None, &dir.join(file)).expect("write");
+        } else if path.is_file() {
+            std::fs::copy(&path, dir.join(file)).expect("copy");
+        }
     }
-    let bytes = std::fs::read(src.join("model.safetensors")).expect("read");
-    let st = SafeTensors::deserialize(&bytes).expect("parse");
-    let tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = st
-        .tensors()
-        .into_iter()
-        .filter_map(|(n, v)| edit(&n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
-        .collect();
-    let views: HashMap<String, TensorView<'_>> = tensors
-        .iter()
-        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).expect("view")))
-        .collect();
-    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).expect("write");
 }
 
 fn load_err(dir: &Path) -> ModelError {
@@ -109,6 +145,26 @@ fn wrong_shape_names_tensor_and_both_shapes() {
     assert_eq!(
         err.to_string(),
         format!("tensor `{victim}` has shape [64, 32], expected [32, 64]")
+    );
+}
+
+#[test]
+fn a_nan_in_an_fp8_weight_is_refused_by_name() {
+    // FP8 weights stay bytes in memory and the kernels widen them without a NaN check, so the
+    // loader refuses the NaN encodings (0x7F, 0xFF) instead of computing with them.
+    let dir = tempfile::tempdir().expect("tmp");
+    let victim = "model.layers.1.self_attn.q_a_proj.weight";
+    rewrite_from("tiny-dsv3-fp8", dir.path(), |n, d, s, mut b| {
+        if n == victim {
+            assert_eq!(d, Dtype::F8_E4M3);
+            b[5] = 0xFF;
+        }
+        Some((n.to_string(), d, s, b))
+    });
+    let err = load_err(dir.path()).to_string();
+    assert!(
+        err.contains(victim) && err.contains("FP8 NaN (byte 0xff at element 5)"),
+        "{err}"
     );
 }
 

@@ -28,17 +28,18 @@ pub enum WeightData {
     F32(Vec<f32>),
     /// bf16 bit patterns (f16 checkpoints are converted to f32 instead: not every f16 is a bf16).
     Bf16(Vec<u16>),
-    /// Exact bf16 images of FP8 values plus the per-block float32 scales
-    /// (`[ceil(rows/block[0]), ceil(cols/block[1])]`).
-    Bf16Scaled {
-        values: Vec<u16>,
+    /// FP8 (e4m3fn) bytes as stored, plus the per-block float32 scales
+    /// (`[ceil(rows/block[0]), ceil(cols/block[1])]`). Kept as 1 byte per weight and widened
+    /// inside the GEMM kernel. Never holds a NaN byte (the loader refuses them).
+    Fp8 {
+        values: Vec<u8>,
         scales: Vec<f32>,
         block: [usize; 2],
     },
-    /// Like `Bf16Scaled` with one scale per (row, k block): `[rows, ceil(cols/block_k)]`
-    /// (what stacking two scaled weights gives when rows do not fill whole blocks).
-    Bf16RowScaled {
-        values: Vec<u16>,
+    /// Like `Fp8` with one scale per (row, k block): `[rows, ceil(cols/block_k)]` (what stacking
+    /// two scaled weights gives when rows do not fill whole blocks).
+    Fp8RowScaled {
+        values: Vec<u8>,
         row_scales: Vec<f32>,
         block_k: usize,
     },
@@ -307,28 +308,26 @@ impl Checkpoint {
         match self.read_weight(name, shape)? {
             WeightData::F32(v) => Ok(v),
             WeightData::Bf16(v) => Ok(v.into_iter().map(bf16_to_f32).collect()),
-            WeightData::Bf16RowScaled { .. } => unreachable!("never read from a file"),
-            WeightData::Bf16Scaled {
+            WeightData::Fp8 {
                 values,
                 scales,
                 block,
             } => {
                 let cols = shape.last().copied().unwrap_or(1);
-                let grid_cols = fp8::blocks(cols, block[1]);
-                Ok(values
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &b)| {
-                        let (r, c) = (i / cols, i % cols);
-                        bf16_to_f32(b) * scales[(r / block[0]) * grid_cols + c / block[1]]
-                    })
-                    .collect())
+                Ok(fp8::dequantize_block_fp8(
+                    &values,
+                    values.len() / cols.max(1),
+                    cols,
+                    &scales,
+                    block,
+                ))
             }
+            WeightData::Fp8RowScaled { .. } => unreachable!("never read from a file"),
         }
     }
 
     /// Reads `name` in the representation the engine keeps: bf16 stays bf16, f32 stays f32, f16
-    /// becomes f32 and FP8 becomes exact bf16 plus block scales.
+    /// becomes f32 and FP8 stays FP8 bytes plus block scales (a NaN byte is an error).
     pub fn read_weight(&self, name: &str, shape: &[usize]) -> Result<WeightData> {
         let (entry, bytes) = self.raw(name, shape)?;
         match entry.dtype {
@@ -359,8 +358,17 @@ impl Checkpoint {
                 let scale_name = format!("{name}_scale_inv");
                 let grid = [fp8::blocks(rows, block[0]), fp8::blocks(cols, block[1])];
                 let scales = self.read_f32(&scale_name, &grid)?;
-                Ok(WeightData::Bf16Scaled {
-                    values: fp8::e4m3_to_bf16_bits(bytes),
+                if let Some(i) = bytes.iter().position(|&b| fp8::is_nan(b)) {
+                    return Err(ModelError::Checkpoint {
+                        path: self.files[entry.file].0.clone(),
+                        reason: format!(
+                            "tensor `{name}` holds an FP8 NaN (byte {:#04x} at element {i})",
+                            bytes[i]
+                        ),
+                    });
+                }
+                Ok(WeightData::Fp8 {
+                    values: bytes.to_vec(),
                     scales,
                     block,
                 })

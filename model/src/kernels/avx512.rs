@@ -1,9 +1,11 @@
-//! AVX-512 micro-kernels over packed bf16 weight panels (see [`super::pack`]).
+//! AVX-512 micro-kernels over packed bf16 or FP8 weight panels (see [`super::pack`]).
 //!
-//! Activations stay float32: each 64-byte panel row is widened to two float32 vectors with one
-//! shift and one mask (bf16 → f32 is exact), then multiplied with broadcast activations by FMA
-//! into float32 accumulators. Weights are read at 2 bytes each, which is what matters for
-//! memory-bound decode, and results equal a float32 GEMM over the bf16-valued weights. Every
+//! Activations stay float32: each 64-byte bf16 panel row is widened to two float32 vectors with
+//! one shift and one mask (bf16 → f32 is exact); each 32-byte FP8 row is widened to 32 halves
+//! (`e4m3 · 2^-8`, two shifts and two masks) and converted by `vcvtph2ps` (exact). Both are then
+//! multiplied with broadcast activations by FMA into float32 accumulators. Weights are read at 2
+//! (bf16) or 1 (FP8) byte each, which is what matters for memory-bound decode, and results equal a
+//! float32 GEMM over the weights' values (FP8's 2^-8 is folded into its block scales). Every
 //! output element is accumulated over k in the same order whatever the tile shape, so a token's
 //! result does not depend on which or how many other tokens share the batch.
 #![allow(unsafe_code)]
@@ -19,8 +21,8 @@ pub struct Tile {
     /// Activations at (row 0, k0); row stride `lda`.
     pub a: *const f32,
     pub lda: usize,
-    /// First panel's data at k0; next panel `panel_stride` u16 further.
-    pub b: *const u16,
+    /// First panel's data at k0; next panel `panel_stride` bytes further.
+    pub b: *const u8,
     pub panel_stride: usize,
     /// Output at (row 0, first panel column); row stride `ldc`.
     pub c: *mut f32,
@@ -33,10 +35,43 @@ pub struct Tile {
     pub first: bool,
 }
 
-/// Panel rows prefetched ahead (4 KiB per panel). The hardware prefetcher alone left decode
+/// Bytes prefetched ahead in each panel (64 bf16 rows). The hardware prefetcher alone left decode
 /// ~20% short of it at batch 32 and less so at batch 1 (`cargo bench --bench decode`, A/B in one
 /// run; 24 and 128 rows were close, 256 no better than none).
-const PREFETCH_ROWS: usize = 64;
+const PREFETCH_BYTES: usize = 64 * NR * 2;
+
+/// One panel row of weights as float32 columns `[0..16, 16..32]`.
+///
+/// # Safety
+/// `row` has `NR` values of the format (64 bytes for bf16, 32 for FP8).
+#[inline(always)]
+unsafe fn widen<const FP8: bool>(row: *const u8) -> [__m512; 2] {
+    // SAFETY: forwarded from the caller; AVX-512F/BW are enabled in the calling kernel.
+    unsafe {
+        if FP8 {
+            let v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(row.cast()));
+            let magnitude = _mm512_and_si512(_mm512_slli_epi16::<7>(v), _mm512_set1_epi16(0x3F80));
+            let sign = _mm512_and_si512(
+                _mm512_slli_epi16::<8>(v),
+                _mm512_set1_epi16(0x8000u16 as i16),
+            );
+            let h = _mm512_or_si512(magnitude, sign);
+            [
+                _mm512_cvtph_ps(_mm512_castsi512_si256(h)),
+                _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(h)),
+            ]
+        } else {
+            let v = _mm512_loadu_si512(row.cast());
+            [
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v)),
+                _mm512_castsi512_ps(_mm512_and_si512(
+                    v,
+                    _mm512_set1_epi32(0xFFFF_0000u32 as i32),
+                )),
+            ]
+        }
+    }
+}
 
 #[inline(always)]
 fn mask_for(cols: usize) -> __mmask16 {
@@ -47,24 +82,25 @@ fn mask_for(cols: usize) -> __mmask16 {
     }
 }
 
-#[target_feature(enable = "avx512f")]
-unsafe fn tile<const R: usize, const P: usize>(t: &Tile) {
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn tile<const R: usize, const P: usize, const FP8: bool>(t: &Tile) {
+    let row_bytes = if FP8 { NR } else { NR * 2 };
     let mut acc = [[[_mm512_setzero_ps(); 2]; P]; R];
-    let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
     for kk in 0..t.kc {
         let mut w = [[_mm512_setzero_ps(); 2]; P];
-        for p in 0..P {
-            // A prefetch never faults, even past the panel; wrapping_add keeps the address
-            // arithmetic defined.
-            let ahead =
-                t.b.wrapping_add(p * t.panel_stride + (kk + PREFETCH_ROWS) * NR);
-            _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+        // One prefetch per 64-byte line: every row in bf16, every other row in FP8.
+        if !FP8 || kk.is_multiple_of(2) {
+            for p in 0..P {
+                // A prefetch never faults, even past the panel; wrapping_add keeps the address
+                // arithmetic defined.
+                let ahead =
+                    t.b.wrapping_add(p * t.panel_stride + kk * row_bytes + PREFETCH_BYTES);
+                _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+            }
         }
         for (p, wp) in w.iter_mut().enumerate() {
-            // SAFETY: the driver guarantees panel p has kc rows of NR u16 from `b`.
-            let v = unsafe { _mm512_loadu_si512(t.b.add(p * t.panel_stride + kk * NR).cast()) };
-            wp[0] = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
-            wp[1] = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+            // SAFETY: the driver guarantees panel p has kc rows of NR values from `b`.
+            *wp = unsafe { widen::<FP8>(t.b.add(p * t.panel_stride + kk * row_bytes)) };
         }
         for (r, accr) in acc.iter_mut().enumerate() {
             // SAFETY: rows 0..R of `a` have at least kc readable elements.
@@ -121,26 +157,40 @@ pub fn panels_for(rows: usize) -> usize {
     }
 }
 
-/// Runs one tile of `rows` (1..=8) × `panels` (1, or [`panels_for`]`(rows)`).
+/// Runs one tile of `rows` (1..=8) × `panels` (1, or [`panels_for`]`(rows)`) over FP8 panels when
+/// `fp8`, bf16 ones otherwise.
 ///
 /// # Safety
-/// The CPU supports AVX-512F, and every pointer in `t` covers the region the tile touches.
-pub unsafe fn run(rows: usize, panels: usize, t: &Tile) {
+/// The CPU supports AVX-512F and BW, and every pointer in `t` covers the region the tile touches.
+pub unsafe fn run(rows: usize, panels: usize, fp8: bool, t: &Tile) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        if fp8 {
+            run_format::<true>(rows, panels, t)
+        } else {
+            run_format::<false>(rows, panels, t)
+        }
+    }
+}
+
+/// # Safety
+/// As [`run`].
+unsafe fn run_format<const FP8: bool>(rows: usize, panels: usize, t: &Tile) {
     // SAFETY: forwarded from the caller.
     unsafe {
         match (rows, panels) {
-            (1, 4) => tile::<1, 4>(t),
-            (2, 4) => tile::<2, 4>(t),
-            (3, 2) => tile::<3, 2>(t),
-            (4, 2) => tile::<4, 2>(t),
-            (1, 1) => tile::<1, 1>(t),
-            (2, 1) => tile::<2, 1>(t),
-            (3, 1) => tile::<3, 1>(t),
-            (4, 1) => tile::<4, 1>(t),
-            (5, 1) => tile::<5, 1>(t),
-            (6, 1) => tile::<6, 1>(t),
-            (7, 1) => tile::<7, 1>(t),
-            (8, 1) => tile::<8, 1>(t),
+            (1, 4) => tile::<1, 4, FP8>(t),
+            (2, 4) => tile::<2, 4, FP8>(t),
+            (3, 2) => tile::<3, 2, FP8>(t),
+            (4, 2) => tile::<4, 2, FP8>(t),
+            (1, 1) => tile::<1, 1, FP8>(t),
+            (2, 1) => tile::<2, 1, FP8>(t),
+            (3, 1) => tile::<3, 1, FP8>(t),
+            (4, 1) => tile::<4, 1, FP8>(t),
+            (5, 1) => tile::<5, 1, FP8>(t),
+            (6, 1) => tile::<6, 1, FP8>(t),
+            (7, 1) => tile::<7, 1, FP8>(t),
+            (8, 1) => tile::<8, 1, FP8>(t),
             _ => unreachable!("no tile for {rows}x{panels}"),
         }
     }
@@ -148,5 +198,5 @@ pub unsafe fn run(rows: usize, panels: usize, t: &Tile) {
 
 /// Whether this CPU can run the kernels.
 pub fn available() -> bool {
-    is_x86_feature_detected!("avx512f")
+    is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")
 }

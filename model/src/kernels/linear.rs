@@ -1,8 +1,9 @@
 //! `Linear`: a weight matrix `W[out, in]` and `y = x Wᵀ` over a batch of rows.
 //!
-//! float32 weights go through `faer`. bf16 (and FP8-as-bf16-with-scales) weights are packed into
-//! panels at load and multiplied by the AVX-512 micro-kernels when the CPU has them, otherwise by
-//! unpacking panel chunks to float32 and calling `faer` (the portable path; also selectable with
+//! float32 weights go through `faer`. bf16 and FP8 (e4m3fn bytes with block scales, one byte per
+//! weight in memory) weights are packed into panels at load and multiplied by the AVX-512
+//! micro-kernels when the CPU has them, otherwise by unpacking panel chunks to float32 and
+//! calling `faer` (the portable path; also selectable with
 //! `MOE_KERNEL=portable` or [`set_kernel_choice`] to test it). Work is split over rayon tasks by
 //! panels and, for tall inputs, by rows.
 #![allow(unsafe_code)]
@@ -100,19 +101,19 @@ impl Linear {
                 Repr::F32(w)
             }
             WeightData::Bf16(w) => Repr::Packed(Packed::new(&w, out, inp, None)),
-            WeightData::Bf16Scaled {
+            WeightData::Fp8 {
                 values,
                 scales,
                 block,
             } => {
                 let rows = super::pack::row_scales(&scales, out, inp, block);
-                Repr::Packed(Packed::new(&values, out, inp, Some((&rows, block[1]))))
+                Repr::Packed(Packed::fp8(&values, out, inp, &rows, block[1]))
             }
-            WeightData::Bf16RowScaled {
+            WeightData::Fp8RowScaled {
                 values,
                 row_scales,
                 block_k,
-            } => Repr::Packed(Packed::new(&values, out, inp, Some((&row_scales, block_k)))),
+            } => Repr::Packed(Packed::fp8(&values, out, inp, &row_scales, block_k)),
         };
         Linear { out, inp, repr }
     }
@@ -352,6 +353,7 @@ unsafe fn task_avx512(
     rows: std::ops::Range<usize>,
 ) {
     use super::avx512;
+    let fp8 = matches!(p.data, super::pack::PanelData::Fp8(_));
     for (ci, &(k0, k1)) in chunks.iter().enumerate() {
         let kb = p.scales.as_ref().map(|s| k0 / s.block_k);
         let mut r0 = rows.start;
@@ -365,8 +367,8 @@ unsafe fn task_avx512(
                     kc: k1 - k0,
                     a: x[r0 * p.k + k0..].as_ptr(),
                     lda: p.k,
-                    b: p.panel_from(q, k0).as_ptr(),
-                    panel_stride: p.k * NR,
+                    b: p.panel_bytes_from(q, k0).as_ptr(),
+                    panel_stride: p.k * p.row_bytes(),
                     // SAFETY: (r0, q * NR) is inside the output.
                     c: unsafe { c.add(r0 * p.n + q * NR) },
                     ldc: p.n,
@@ -380,7 +382,7 @@ unsafe fn task_avx512(
                 };
                 // SAFETY: AVX-512F was detected; the tile covers rows r0..r0+r, panels q..q+np,
                 // k0..k1, all inside the operands.
-                unsafe { avx512::run(r, np, &tile) };
+                unsafe { avx512::run(r, np, fp8, &tile) };
                 q += np;
             }
             r0 += r;
@@ -498,24 +500,37 @@ mod tests {
         }
     }
 
+    /// FP8 bytes covering every finite e4m3 value (both signs, subnormals, the largest), no NaN.
+    fn fp8_bytes(n: usize, k: usize) -> Vec<u8> {
+        (0..n * k)
+            .map(|i| (i * 37 % 251) as u8)
+            .map(|b| if fp8::is_nan(b) { b & 0xF0 } else { b })
+            .collect()
+    }
+
     #[test]
     fn block_scaled_weights_apply_each_blocks_scale() {
         // 70×300 with 32×128 blocks: partial blocks in both directions, chunks split at 128.
         let (n, k, block) = (70, 300, [32, 128]);
-        let bytes: Vec<u8> = (0..n * k).map(|i| (i * 37 % 251) as u8 & 0x7E).collect();
+        let bytes = fp8_bytes(n, k);
         let grid = [fp8::blocks(n, block[0]), fp8::blocks(k, block[1])];
         let scales: Vec<f32> = (0..grid[0] * grid[1])
             .map(|i| 0.01 * (i + 1) as f32)
             .collect();
         let dense = fp8::dequantize_block_fp8(&bytes, n, k, &scales, block);
         let lin = Linear::new(
-            WeightData::Bf16Scaled {
-                values: fp8::e4m3_to_bf16_bits(&bytes),
+            WeightData::Fp8 {
+                values: bytes,
                 scales,
                 block,
             },
             n,
             k,
+        );
+        assert_eq!(
+            lin.bytes(),
+            3 * NR * k + 3 * 3 * NR * 4,
+            "one byte per weight"
         );
         for m in [1, 5, 9] {
             let x: Vec<f32> = (0..m * k).map(|i| ((i % 17) as f32 - 8.0) * 0.05).collect();
@@ -529,6 +544,57 @@ mod tests {
                     .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
                     .fold(0.0, f32::max);
                 assert!(err < 1e-5, "{choice:?} m={m}: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn fp8_panels_equal_their_bf16_images_bit_for_bit() {
+        // The FP8 kernels widen in registers; the same bytes as exact bf16 images with the same
+        // scales (how FP8 weights were held before) must give identical outputs on both paths.
+        let (n, k, block_k) = (100, 520, 128);
+        let bytes = fp8_bytes(n, k);
+        let rows: Vec<f32> = (0..n * fp8::blocks(k, block_k))
+            .map(|i| 1e-3 * (1 + i % 23) as f32)
+            .collect();
+        let fp8_lin = Linear::new(
+            WeightData::Fp8RowScaled {
+                values: bytes.clone(),
+                row_scales: rows.clone(),
+                block_k,
+            },
+            n,
+            k,
+        );
+        let images: Vec<u16> = bytes
+            .iter()
+            .map(|&b| half::bf16::from_f32(fp8::e4m3_to_f32(b)).to_bits())
+            .collect();
+        let bf16_lin = Linear {
+            out: n,
+            inp: k,
+            repr: Repr::Packed(Packed::new(&images, n, k, Some((&rows, block_k)))),
+        };
+        assert_eq!(
+            bf16_lin.bytes() - fp8_lin.bytes(),
+            4 * NR * k,
+            "half the value bytes"
+        );
+        let mut choices = vec![KernelChoice::Portable];
+        if kernel_choice() == KernelChoice::Avx512 {
+            choices.push(KernelChoice::Avx512);
+        }
+        for m in [1, 2, 3, 4, 8, 13] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 29 % 101) as f32 - 50.0) * 0.013)
+                .collect();
+            for &choice in &choices {
+                let (mut a, mut b) = (vec![0.0; m * n], vec![0.0; m * n]);
+                fp8_lin.forward_with(&x, m, &mut a, choice);
+                bf16_lin.forward_with(&x, m, &mut b, choice);
+                let a: Vec<u32> = a.iter().map(|v| v.to_bits()).collect();
+                let b: Vec<u32> = b.iter().map(|v| v.to_bits()).collect();
+                assert_eq!(a, b, "{choice:?} m={m}");
             }
         }
     }

@@ -1,10 +1,16 @@
-//! Pre-packed bf16 weight panels for the GEMM micro-kernels.
+//! Pre-packed weight panels for the GEMM micro-kernels: bf16, or FP8 (e4m3fn) kept at one byte.
 //!
-//! A Linear weight `W[n, k]` (`y = x Wᵀ`) is cut into panels of [`NR`] = 32 output rows. Panel
-//! `p` stores, for every `k`, its 32 values as 16 little-endian u32 lanes: lane `l` holds
-//! `W[32p + l, k]` in the low half and `W[32p + 16 + l, k]` in the high half. A 64-byte load
-//! then yields both halves as float32 vectors with one shift and one mask, no shuffles. Rows past
-//! `n` are zero. FP8 weights carry a float32 scale per (panel lane, k block).
+//! A Linear weight `W[n, k]` (`y = x Wᵀ`) is cut into panels of [`NR`] = 32 output rows.
+//! - bf16: panel `p` stores, for every `k`, its 32 values as 16 little-endian u32 lanes: lane `l`
+//!   holds `W[32p + l, k]` in the low half and `W[32p + 16 + l, k]` in the high half. A 64-byte
+//!   load then yields both halves as float32 vectors with one shift and one mask, no shuffles.
+//! - FP8: panel `p` stores, for every `k`, its 32 bytes in column order (`W[32p + j, k]` at byte
+//!   `j`). A 32-byte load widens to 32 halves (`e4m3 · 2^-8` exactly, see
+//!   [`fp8::e4m3_to_f16_bits`]) and the hardware half → float conversion gives the two float32
+//!   vectors of columns 0..16 and 16..32. Its block scales are stored times 2^8, so the product
+//!   equals the bf16 path's bit for bit (scaling by a power of two is exact).
+//!
+//! Rows past `n` are zero. Block-quantised weights carry a float32 scale per (panel lane, k block).
 
 use rayon::prelude::*;
 
@@ -46,67 +52,120 @@ impl PanelScales {
     }
 }
 
-/// A packed bf16 weight `[n, k]`.
+/// The panel values, in the layout of their format (see the module header).
+#[derive(Debug, Clone)]
+pub enum PanelData {
+    /// `[panels, k, NR]` bf16 bits in lane order.
+    Bf16(Vec<u16>),
+    /// `[panels, k, NR]` e4m3fn bytes in column order.
+    Fp8(Vec<u8>),
+}
+
+/// A packed weight `[n, k]`.
 #[derive(Debug, Clone)]
 pub struct Packed {
     pub n: usize,
     pub k: usize,
     pub panels: usize,
-    /// `[panels, k, NR]` bf16 bits in lane order.
-    pub data: Vec<u16>,
+    pub data: PanelData,
     pub scales: Option<PanelScales>,
+}
+
+/// Lays `w[n, k]` (row-major) out as `[panels, k, NR]`, column `j` of a panel at `slot(j)`.
+fn panelize<T: Copy + Default + Send + Sync>(
+    w: &[T],
+    n: usize,
+    k: usize,
+    slot: fn(usize) -> usize,
+) -> Vec<T> {
+    assert_eq!(w.len(), n * k, "packed weight size");
+    let panels = n.div_ceil(NR);
+    let mut data = vec![T::default(); panels * k * NR];
+    if k > 0 {
+        data.par_chunks_mut(k * NR)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                for j in 0..NR.min(n - p * NR) {
+                    let row = &w[(p * NR + j) * k..][..k];
+                    let lane = slot(j);
+                    for (kk, &v) in row.iter().enumerate() {
+                        panel[kk * NR + lane] = v;
+                    }
+                }
+            });
+    }
+    data
+}
+
+/// Per-panel scales from per-row block scales (`[n, ceil(k/block_k)]`), each times `factor`.
+fn panel_scales(rows: &[f32], n: usize, k: usize, block_k: usize, factor: f32) -> PanelScales {
+    let panels = n.div_ceil(NR);
+    let kblocks = fp8::blocks(k, block_k);
+    assert_eq!(rows.len(), n * kblocks, "row scales size");
+    let mut data = vec![0.0f32; panels * kblocks * NR];
+    for p in 0..panels {
+        for kb in 0..kblocks {
+            for j in 0..NR.min(n - p * NR) {
+                data[(p * kblocks + kb) * NR + j] = rows[(p * NR + j) * kblocks + kb] * factor;
+            }
+        }
+    }
+    PanelScales {
+        block_k,
+        kblocks,
+        data,
+    }
 }
 
 impl Packed {
     /// Packs row-major bf16 bits `w[n, k]`; `scales` are per-row block scales
     /// (`[n, ceil(k/block_k)]`, `block_k`) of a block-quantised weight.
     pub fn new(w: &[u16], n: usize, k: usize, scales: Option<(&[f32], usize)>) -> Packed {
-        assert_eq!(w.len(), n * k, "packed weight size");
-        let panels = n.div_ceil(NR);
-        let mut data = vec![0u16; panels * k * NR];
-        if k > 0 {
-            data.par_chunks_mut(k * NR)
-                .enumerate()
-                .for_each(|(p, panel)| {
-                    for j in 0..NR.min(n - p * NR) {
-                        let row = &w[(p * NR + j) * k..][..k];
-                        let lane = lane_of(j);
-                        for (kk, &v) in row.iter().enumerate() {
-                            panel[kk * NR + lane] = v;
-                        }
-                    }
-                });
-        }
-        let scales = scales.map(|(rows, block_k)| {
-            let kblocks = fp8::blocks(k, block_k);
-            assert_eq!(rows.len(), n * kblocks, "row scales size");
-            let mut data = vec![0.0f32; panels * kblocks * NR];
-            for p in 0..panels {
-                for kb in 0..kblocks {
-                    for j in 0..NR.min(n - p * NR) {
-                        data[(p * kblocks + kb) * NR + j] = rows[(p * NR + j) * kblocks + kb];
-                    }
-                }
-            }
-            PanelScales {
-                block_k,
-                kblocks,
-                data,
-            }
-        });
         Packed {
             n,
             k,
-            panels,
-            data,
-            scales,
+            panels: n.div_ceil(NR),
+            data: PanelData::Bf16(panelize(w, n, k, lane_of)),
+            scales: scales.map(|(rows, block_k)| panel_scales(rows, n, k, block_k, 1.0)),
         }
     }
 
-    /// Panel `p`'s data from `k0` on.
+    /// Packs row-major e4m3fn bytes `w[n, k]` (no NaN byte) with their per-row block scales
+    /// (`[n, ceil(k/block_k)]`).
+    pub fn fp8(w: &[u8], n: usize, k: usize, row_scales: &[f32], block_k: usize) -> Packed {
+        debug_assert!(!w.iter().any(|&b| fp8::is_nan(b)), "NaN in an FP8 weight");
+        Packed {
+            n,
+            k,
+            panels: n.div_ceil(NR),
+            data: PanelData::Fp8(panelize(w, n, k, |j| j)),
+            scales: Some(panel_scales(
+                row_scales,
+                n,
+                k,
+                block_k,
+                fp8::F16_SHIFT_SCALE,
+            )),
+        }
+    }
+
+    /// Bytes per panel k-row (`NR` values).
     #[inline]
-    pub fn panel_from(&self, p: usize, k0: usize) -> &[u16] {
-        &self.data[(p * self.k + k0) * NR..(p + 1) * self.k * NR]
+    pub fn row_bytes(&self) -> usize {
+        match self.data {
+            PanelData::Bf16(_) => NR * 2,
+            PanelData::Fp8(_) => NR,
+        }
+    }
+
+    /// Panel `p`'s data from `k0` on, as bytes.
+    #[inline]
+    pub fn panel_bytes_from(&self, p: usize, k0: usize) -> &[u8] {
+        let (start, end) = ((p * self.k + k0) * NR, (p + 1) * self.k * NR);
+        match &self.data {
+            PanelData::Bf16(d) => bytemuck::cast_slice(&d[start..end]),
+            PanelData::Fp8(d) => &d[start..end],
+        }
     }
 
     /// Valid columns of panel `p`.
@@ -117,20 +176,36 @@ impl Packed {
 
     /// Unpacks panel `p`, k range `[k0, k0 + kc)`, into `out[kc, NR]` float32 (scales applied).
     pub fn unpack(&self, p: usize, k0: usize, kc: usize, out: &mut [f32]) {
-        let src = self.panel_from(p, k0);
         let scale = self.scales.as_ref().map(|s| s.get(p, k0 / s.block_k));
+        let start = (p * self.k + k0) * NR;
         for kk in 0..kc {
-            let row = &src[kk * NR..][..NR];
             let dst = &mut out[kk * NR..][..NR];
-            for j in 0..NR {
-                let v = f32::from_bits(u32::from(row[lane_of(j)]) << 16);
-                dst[j] = scale.map_or(v, |s| v * s[j]);
+            match &self.data {
+                PanelData::Bf16(d) => {
+                    let row = &d[start + kk * NR..][..NR];
+                    for j in 0..NR {
+                        let v = f32::from_bits(u32::from(row[lane_of(j)]) << 16);
+                        dst[j] = scale.map_or(v, |s| v * s[j]);
+                    }
+                }
+                PanelData::Fp8(d) => {
+                    let row = &d[start + kk * NR..][..NR];
+                    let s = scale.expect("FP8 panels are scaled");
+                    for j in 0..NR {
+                        let v = half::f16::from_bits(fp8::e4m3_to_f16_bits(row[j])).to_f32();
+                        dst[j] = v * s[j];
+                    }
+                }
             }
         }
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.data.len() * 2 + self.scales.as_ref().map_or(0, |s| s.data.len() * 4)
+        let values = match &self.data {
+            PanelData::Bf16(d) => d.len() * 2,
+            PanelData::Fp8(d) => d.len(),
+        };
+        values + self.scales.as_ref().map_or(0, |s| s.data.len() * 4)
     }
 }
