@@ -16,6 +16,9 @@ pub enum ApiError {
         param: Option<String>,
         code: Option<String>,
     },
+    /// No or a wrong API key (401).
+    #[error("{0}")]
+    Unauthorized(String),
     /// The body is larger than the configured limit (413).
     #[error("request body exceeds the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
@@ -67,6 +70,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -77,9 +81,9 @@ impl ApiError {
     /// The OpenAI error type, also the `error_type` label of metrics.
     pub fn error_type(&self) -> &'static str {
         match self {
-            ApiError::BadRequest { .. } | ApiError::PayloadTooLarge { .. } => {
-                "invalid_request_error"
-            }
+            ApiError::BadRequest { .. }
+            | ApiError::PayloadTooLarge { .. }
+            | ApiError::Unauthorized(_) => "invalid_request_error",
             ApiError::Overloaded { .. } => "rate_limit_error",
             ApiError::Unavailable(_) => "service_unavailable",
             ApiError::Internal(_) => "server_error",
@@ -91,6 +95,7 @@ impl ApiError {
         let (param, code) = match self {
             ApiError::BadRequest { param, code, .. } => (param.as_deref(), code.as_deref()),
             ApiError::PayloadTooLarge { .. } => (None, Some("payload_too_large")),
+            ApiError::Unauthorized(_) => (None, Some("invalid_api_key")),
             ApiError::Overloaded { .. } => (None, Some("queue_full")),
             _ => (None, None),
         };

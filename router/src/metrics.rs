@@ -56,6 +56,12 @@ pub const HOTTEST_SHARE: &str = "moe_expert_load_hottest_share";
 pub const DISPATCH_FAILOVERS: &str = "moe_dispatch_failovers_total";
 /// Placement version this router dispatches by.
 pub const PLACEMENT_VERSION: &str = "moe_placement_version";
+/// Authenticated API requests, by `key` (the first 8 hex digits of the key's SHA-256).
+pub const API_KEY_REQUESTS: &str = "moe_api_key_requests_total";
+/// Requests refused for a missing, malformed or unknown API key, by `reason`.
+pub const API_AUTH_FAILURES: &str = "moe_api_auth_failures_total";
+/// Times the API key file was re-read with new keys.
+pub const API_KEY_RELOADS: &str = "moe_api_key_reloads_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -71,6 +77,18 @@ fn describe() {
     c!(
         REQUESTS,
         "Requests finished, by HTTP status and error type."
+    );
+    c!(
+        API_KEY_REQUESTS,
+        "Authenticated API requests, by key id (a hash prefix, never the key)."
+    );
+    c!(
+        API_AUTH_FAILURES,
+        "Requests refused for a missing, malformed or unknown API key, by reason."
+    );
+    c!(
+        API_KEY_RELOADS,
+        "Times the API key file was re-read with new keys."
     );
     h!(
         TTFT,

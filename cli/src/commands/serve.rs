@@ -45,6 +45,39 @@ pub struct ServeArgs {
     /// 0 picks one, and the address is printed).
     #[arg(long, env = "MOE_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// API keys clients must send as `Authorization: Bearer KEY` (repeat the flag, or a
+    /// comma-separated `MOE_API_KEYS`); with none and no key file the API is open.
+    #[arg(
+        long = "api-key",
+        env = "MOE_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    api_keys: Vec<ApiKey>,
+    /// A file of API keys, one per line (`#` comments), re-read every second: a rotated key
+    /// works, and a removed one is refused, without a restart.
+    #[arg(long, env = "MOE_API_KEY_FILE")]
+    api_key_file: Option<PathBuf>,
+    /// `/metrics` on the API port needs an API key too (the `--metrics-listen` port never does).
+    #[arg(long, env = "MOE_METRICS_REQUIRE_KEY")]
+    metrics_require_key: bool,
+}
+
+/// An API key from the command line or the environment; its `Debug` never shows it.
+#[derive(Clone)]
+pub struct ApiKey(String);
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
+}
+
+impl std::str::FromStr for ApiKey {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(ApiKey(s.to_string()))
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -177,6 +210,13 @@ pub fn app_state(
         kv_cache_tokens = sched_cfg.kv_cache_tokens,
         "scheduler limits"
     );
+    let keys: Vec<String> = a.api_keys.iter().map(|k| k.0.clone()).collect();
+    let api_keys = moe_router::http::auth::ApiKeys::new(&keys, a.api_key_file.as_deref())
+        .map_err(anyhow::Error::msg)?;
+    if let Some(k) = &api_keys {
+        tracing::info!(keys = k.count(), file = ?a.api_key_file, "API keys required on /v1");
+        k.watch();
+    }
     // The recorder first: the scheduler publishes gauges as it starts.
     let metrics = moe_router::metrics::install();
     let scheduler = Scheduler::start(engine, codec.clone(), sched_cfg);
@@ -187,6 +227,8 @@ pub fn app_state(
         metrics,
         ready,
         max_body_bytes: a.max_body_bytes,
+        api_keys,
+        metrics_need_key: a.metrics_require_key,
     })
 }
 

@@ -147,6 +147,29 @@ unsafe fn tile<const R: usize, const P: usize, const FP8: bool>(t: &Tile) {
     }
 }
 
+/// Widens `kc` rows of one FP8 panel at `src` into the bf16 panel layout at `dst` (`kc · NR`
+/// u16): the values `e4m3 · 2^-8` are exact in bf16, so the bf16 tiles over `dst`, with the same
+/// (2^8-folded) scales, give exactly what the FP8 tiles give. Tall inputs use this once per panel
+/// chunk instead of widening every weight row once per 8 activation rows.
+///
+/// # Safety
+/// The CPU supports AVX-512F and BW; `src` has `kc · NR` bytes and `dst` room for `kc · NR` u16.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn widen_fp8_panel(src: *const u8, kc: usize, dst: *mut u16) {
+    let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+    for kk in 0..kc {
+        // SAFETY: row kk of both buffers is in range (see the contract above).
+        unsafe {
+            let [lo, hi] = widen::<true>(src.add(kk * NR));
+            let packed = _mm512_or_si512(
+                _mm512_srli_epi32::<16>(_mm512_castps_si512(lo)),
+                _mm512_and_si512(_mm512_castps_si512(hi), high),
+            );
+            _mm512_storeu_si512(dst.add(kk * NR).cast(), packed);
+        }
+    }
+}
+
 /// Panels per tile for `rows` activation rows (more panels keep enough FMA chains in flight
 /// when there are few rows).
 pub fn panels_for(rows: usize) -> usize {

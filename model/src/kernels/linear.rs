@@ -354,6 +354,11 @@ unsafe fn task_avx512(
 ) {
     use super::avx512;
     let fp8 = matches!(p.data, super::pack::PanelData::Fp8(_));
+    if fp8 && rows.len() > 8 {
+        // SAFETY: forwarded from the caller.
+        unsafe { task_avx512_fp8_tall(p, x, c, chunks, panels, rows) };
+        return;
+    }
     for (ci, &(k0, k1)) in chunks.iter().enumerate() {
         let kb = p.scales.as_ref().map(|s| k0 / s.block_k);
         let mut r0 = rows.start;
@@ -386,6 +391,65 @@ unsafe fn task_avx512(
                 q += np;
             }
             r0 += r;
+        }
+    }
+}
+
+/// FP8 weights against more than one tile of rows: each panel chunk is widened once into a bf16
+/// scratch panel, which the bf16 tiles then read for every row tile (the same bits as widening
+/// in the tiles, since every output is accumulated in the same order whatever the tile shape).
+///
+/// # Safety
+/// As [`task_avx512`].
+#[cfg(target_arch = "x86_64")]
+unsafe fn task_avx512_fp8_tall(
+    p: &Packed,
+    x: &[f32],
+    c: *mut f32,
+    chunks: &[(usize, usize)],
+    panels: std::ops::Range<usize>,
+    rows: std::ops::Range<usize>,
+) {
+    use super::avx512;
+    let mut scratch = vec![0u16; KC * NR];
+    for (ci, &(k0, k1)) in chunks.iter().enumerate() {
+        let kc = k1 - k0;
+        let kb = p.scales.as_ref().map(|s| k0 / s.block_k);
+        for q in panels.clone() {
+            // SAFETY: AVX-512F/BW were detected; panel q has kc rows of NR bytes from k0, and
+            // the scratch holds KC >= kc rows.
+            unsafe {
+                avx512::widen_fp8_panel(
+                    p.panel_bytes_from(q, k0).as_ptr(),
+                    kc,
+                    scratch.as_mut_ptr(),
+                )
+            };
+            let mut r0 = rows.start;
+            while r0 < rows.end {
+                let r = (rows.end - r0).min(8);
+                let tile = avx512::Tile {
+                    kc,
+                    a: x[r0 * p.k + k0..].as_ptr(),
+                    lda: p.k,
+                    b: scratch.as_ptr().cast(),
+                    panel_stride: kc * NR * 2,
+                    // SAFETY: (r0, q * NR) is inside the output.
+                    c: unsafe { c.add(r0 * p.n + q * NR) },
+                    ldc: p.n,
+                    last_cols: p.cols_of(q),
+                    scale: p
+                        .scales
+                        .as_ref()
+                        .zip(kb)
+                        .map(|(s, kb)| (s.get(q, kb).as_ptr(), s.kblocks * NR)),
+                    first: ci == 0,
+                };
+                // SAFETY: AVX-512F was detected; the tile covers rows r0..r0+r of one panel
+                // (the scratch) over kc columns, all inside the operands.
+                unsafe { avx512::run(r, 1, false, &tile) };
+                r0 += r;
+            }
         }
     }
 }
@@ -584,7 +648,7 @@ mod tests {
         if kernel_choice() == KernelChoice::Avx512 {
             choices.push(KernelChoice::Avx512);
         }
-        for m in [1, 2, 3, 4, 8, 13] {
+        for m in [1, 2, 3, 4, 8, 13, 40] {
             let x: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 29 % 101) as f32 - 50.0) * 0.013)
                 .collect();

@@ -1,6 +1,9 @@
 //! The OpenAI-compatible HTTP API (axum handlers only): `/v1/completions`,
-//! `/v1/chat/completions`, `/v1/models`, `/health`, `/ready`, `/metrics`.
+//! `/v1/chat/completions`, `/v1/models`, `/health`, `/ready`, `/metrics`. With API keys
+//! configured ([`auth`]), `/v1/*` needs one; `/health` and `/ready` never do (probes), `/metrics`
+//! only with [`AppState::metrics_need_key`].
 
+pub mod auth;
 mod generate;
 mod stream;
 mod trace;
@@ -35,18 +38,30 @@ pub struct AppState {
     /// Extra readiness check (for `moe router`: every expert node reachable).
     pub ready: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
     pub max_body_bytes: usize,
+    /// Accepted API keys; `None` leaves the API open.
+    pub api_keys: Option<Arc<auth::ApiKeys>>,
+    /// `/metrics` on the API port needs a key too.
+    pub metrics_need_key: bool,
 }
 
 /// The API router.
 pub fn router(state: AppState) -> Router {
     let limit = state.max_body_bytes;
-    Router::new()
+    let keys = axum::middleware::from_fn_with_state(state.api_keys.clone(), auth::require);
+    let api = Router::new()
         .route("/v1/completions", post(generate::completions))
         .route("/v1/chat/completions", post(generate::chat))
         .route("/v1/models", get(models))
+        .route_layer(keys.clone());
+    let mut metrics_route = Router::new().route("/metrics", get(metrics));
+    if state.metrics_need_key {
+        metrics_route = metrics_route.route_layer(keys);
+    }
+    Router::new()
+        .merge(api)
+        .merge(metrics_route)
         .route("/health", get(health))
         .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
