@@ -112,11 +112,18 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Classified once: invalid input is 400, an unavailable expert 503, anything else (an internal
+/// dispatch error included) 500.
 impl From<moe_model::ModelError> for ApiError {
     fn from(e: moe_model::ModelError) -> ApiError {
         match e {
             moe_model::ModelError::InvalidInput(m) => ApiError::bad_request(m),
-            moe_model::ModelError::Experts { .. } => ApiError::Unavailable(e.to_string()),
+            moe_model::ModelError::Dispatch {
+                class: moe_model::DispatchClass::Unavailable,
+                ..
+            } => ApiError::Unavailable(e.to_string()),
+            // Internal dispatch errors, a local backend's, and everything else: not the client's
+            // fault, and not a missing expert either.
             other => ApiError::Internal(other.to_string()),
         }
     }
