@@ -124,6 +124,7 @@ impl Scheduler {
         stats.alive.store(true, Ordering::SeqCst);
         metrics::gauge!(m::KV_CAPACITY_TOKENS).set(cfg.kv_cache_tokens as f64);
         let loop_ = Loop {
+            _alive: AliveGuard(stats.clone()),
             engine,
             codec,
             cfg: cfg.clone(),
@@ -133,13 +134,9 @@ impl Scheduler {
             next_id: 0,
             steps: 0,
         };
-        let guard = AliveGuard(stats.clone());
         let spawned = std::thread::Builder::new()
             .name("moe-scheduler".into())
-            .spawn(move || {
-                let _guard = guard;
-                loop_.run(rx);
-            });
+            .spawn(move || loop_.run(rx));
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start the scheduler thread");
             stats.alive.store(false, Ordering::SeqCst);
@@ -200,6 +197,9 @@ impl Scheduler {
 }
 
 struct Loop {
+    /// First field, so dropped first: the engine is marked dead before the sequences' event
+    /// channels close (a handler that sees its channel close then finds `/ready` at 503).
+    _alive: AliveGuard,
     engine: Engine,
     codec: Arc<TextCodec>,
     cfg: SchedulerConfig,
