@@ -173,10 +173,14 @@ impl<'a> State<'a> {
         // is retried on the current routes, and avoided only if it keeps disagreeing.
         let disagreements = self.stale.entry(addr.clone()).or_default();
         *disagreements += 1;
-        if code != Code::FailedPrecondition || *disagreements > 3 {
+        let keeps_disagreeing = code == Code::FailedPrecondition && *disagreements > 3;
+        if code != Code::FailedPrecondition || keeps_disagreeing {
             self.excluded.insert(addr.clone());
         }
-        if quarantine {
+        // A node that keeps disagreeing (restarted with fewer experts, say) is quarantined
+        // too, so later steps do not ask it again; when the quarantine ends it is re-checked
+        // by the next dispatch it gets.
+        if quarantine || keeps_disagreeing {
             self.p.health.quarantine(&addr, &self.last);
         }
         let g = self.parts[i].group;
