@@ -15,7 +15,7 @@ BEFORE=${1:-}
 run() { # label [env...]
     local label=$1; shift
     echo "== $label"
-    env "$@" cargo test -q -p moe --test faults -- --nocapture --test-threads 1 2>&1 |
+    env "$@" cargo test -p moe --test faults -- --nocapture --test-threads 1 2>&1 |
         grep -E "^(golden request|one replica|error at|stall at|stream=)|^test .*(ok|FAILED)$" |
         sed 's/^/  /'
 }

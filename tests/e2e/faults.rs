@@ -258,12 +258,14 @@ async fn with_no_replica_left_a_stream_gets_503_before_any_byte() {
             .send()
             .await
             .expect("request");
-        let status = r.status();
-        let body: Value = r
-            .json()
-            .await
-            .expect("a JSON error body, not an event stream");
-        eprintln!("stream={stream}: {status} in {:?}", t0.elapsed());
+        let (status, headers_at) = (r.status(), t0.elapsed());
+        let text = r.text().await.expect("body");
+        eprintln!(
+            "stream={stream}: {status} after {headers_at:?}, body complete after {:?}",
+            t0.elapsed()
+        );
+        let body: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("a JSON error body, not an event stream ({e}): {text}"));
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
         assert_eq!(body["error"]["type"], "service_unavailable", "{body}");
         assert!(

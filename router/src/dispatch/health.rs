@@ -73,7 +73,10 @@ impl Health {
 
     fn with<R>(&self, addr: &str, f: impl FnOnce(&mut Node) -> R) -> R {
         let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
-        f(nodes.entry(addr.to_string()).or_default())
+        match nodes.get_mut(addr) {
+            Some(n) => f(n),
+            None => f(nodes.entry(addr.to_string()).or_default()),
+        }
     }
 
     /// Records a good answer's round trip.

@@ -457,12 +457,15 @@ impl RemoteExperts {
         entries: &[(usize, u32, f32)],
         excluded: &BTreeSet<String>,
     ) -> Vec<usize> {
+        let ok: Vec<bool> = (0..routes.clients.len())
+            .map(|n| self.usable(routes, excluded, 2, n))
+            .collect();
         let mut rows: Vec<usize> = entries
             .iter()
             .filter(|&&(_, e, _)| {
                 !p.replicas(layer, e as usize)
                     .iter()
-                    .any(|&n| self.usable(routes, excluded, 2, n))
+                    .any(|&n| ok.get(n).copied().unwrap_or(false))
             })
             .map(|&(t, _, _)| t)
             .collect();
@@ -509,9 +512,13 @@ impl RemoteExperts {
                         expert: 0,
                     });
                     for tier in 0..=max_tier {
+                        // Once per node, not once per (token, expert, replica).
+                        let ok: Vec<bool> = (0..routes.clients.len())
+                            .map(|n| self.usable(&routes, excluded, tier, n))
+                            .collect();
                         planned =
                             plan::plan(p, layer, entries, seed, self.opts.split_min_tokens, |n| {
-                                self.usable(&routes, excluded, tier, n)
+                                ok.get(n).copied().unwrap_or(false)
                             });
                         if planned.is_ok() {
                             break;
