@@ -475,31 +475,4 @@ fn hit_inputs(inputs: &[(usize, Vec<u32>)], e: &moe_model::ModelError) -> Vec<us
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use moe_model::{DispatchClass, ModelError};
-
-    fn dispatch_error(rows: Vec<usize>) -> ModelError {
-        ModelError::Dispatch {
-            layer: 1,
-            class: DispatchClass::Unavailable,
-            rows,
-            reason: "test".into(),
-        }
-    }
-
-    #[test]
-    fn only_the_sequences_owning_the_failed_rows_are_hit() {
-        // Three sequences: a decode token (row 0), a 4-token prefill chunk (rows 1-4), a decode
-        // token (row 5).
-        let inputs = vec![(7, vec![1]), (2, vec![1, 2, 3, 4]), (0, vec![9])];
-        assert_eq!(hit_inputs(&inputs, &dispatch_error(vec![3])), vec![1]);
-        assert_eq!(hit_inputs(&inputs, &dispatch_error(vec![0, 5])), vec![0, 2]);
-        assert_eq!(hit_inputs(&inputs, &dispatch_error(vec![1, 4])), vec![1]);
-        // No rows named, rows beyond the batch, or another error: every sequence.
-        assert_eq!(hit_inputs(&inputs, &dispatch_error(vec![])), vec![0, 1, 2]);
-        assert_eq!(hit_inputs(&inputs, &dispatch_error(vec![6])), vec![0, 1, 2]);
-        let other = ModelError::InvalidInput("x".into());
-        assert_eq!(hit_inputs(&inputs, &other), vec![0, 1, 2]);
-    }
-}
+mod tests;
