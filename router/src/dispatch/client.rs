@@ -260,3 +260,24 @@ async fn serve(shared: &Shared, rx: &mut mpsc::UnboundedReceiver<Outgoing>, max:
         fail_all(&mut pending, &format!("node {}: {why}", shared.addr));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stopped_client_ends_its_actor_and_fails_new_requests() {
+        // Nothing listens on port 1: the actor is in its reconnect loop, as for a node that
+        // left the placement and is gone.
+        let c = ExpertClient::spawn("127.0.0.1:1".into(), 1 << 20);
+        c.stop();
+        tokio::time::timeout(Duration::from_secs(10), c.shared.tx.closed())
+            .await
+            .expect("the actor ends (its queue closes) instead of reconnecting for ever");
+        assert!(!c.is_up());
+        let answer = c.send(DispatchRequest::default()).await.expect("an answer");
+        let status = answer.expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(status.message().contains("client stopped"), "{status}");
+    }
+}
