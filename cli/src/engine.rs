@@ -25,9 +25,29 @@ pub struct RemoteArgs {
     /// DeepEP dispatches; nodes answer in bf16).
     #[arg(long, env = "MOE_WIRE", default_value = "bf16", value_parser = parse_wire)]
     pub wire: Dtype,
-    /// Deadline of one node's answer, milliseconds.
+    /// Deadline of one node's answer, milliseconds (a node that misses it is quarantined and
+    /// its work re-sent to another replica).
     #[arg(long, env = "MOE_DISPATCH_TIMEOUT_MS", default_value_t = 30_000)]
     pub dispatch_timeout_ms: u64,
+    /// Time all the layers of one engine step may spend waiting for experts together,
+    /// milliseconds (per-layer deadlines never add up past it).
+    #[arg(long, env = "MOE_DISPATCH_STEP_BUDGET_MS", default_value_t = 60_000)]
+    pub dispatch_step_budget_ms: u64,
+    /// How long a node that answered badly (an error, the wrong size, non-finite values, no
+    /// answer in time) is skipped while another replica is usable, milliseconds.
+    #[arg(long, env = "MOE_DISPATCH_QUARANTINE_MS", default_value_t = 10_000)]
+    pub dispatch_quarantine_ms: u64,
+    /// A dispatch still unanswered after the node's moving p99 times this margin is hedged to
+    /// another replica (0: never hedge).
+    #[arg(long, env = "MOE_DISPATCH_HEDGE_MARGIN", default_value_t = 3.0)]
+    pub dispatch_hedge_margin: f64,
+    /// Never hedge sooner than this after sending, milliseconds.
+    #[arg(long, env = "MOE_DISPATCH_HEDGE_MIN_MS", default_value_t = 20)]
+    pub dispatch_hedge_min_ms: u64,
+    /// How long a node hedged repeatedly (3 times in 10 s) is avoided while another replica is
+    /// usable, milliseconds.
+    #[arg(long, env = "MOE_DISPATCH_SLOW_COOLDOWN_MS", default_value_t = 30_000)]
+    pub dispatch_slow_cooldown_ms: u64,
     /// How long a step whose experts have no live replica waits for one (or a new placement)
     /// before failing, milliseconds.
     #[arg(long, env = "MOE_REPLACEMENT_WAIT_MS", default_value_t = 30_000)]
@@ -50,6 +70,13 @@ impl RemoteArgs {
             max_message_bytes: self.max_message_bytes,
             replacement_wait: Duration::from_millis(self.replacement_wait_ms),
             split_min_tokens: self.dispatch_split_min_tokens,
+            step_budget: Duration::from_millis(self.dispatch_step_budget_ms),
+            health: moe_router::dispatch::HealthOptions {
+                quarantine: Duration::from_millis(self.dispatch_quarantine_ms),
+                hedge_margin: self.dispatch_hedge_margin,
+                hedge_min: Duration::from_millis(self.dispatch_hedge_min_ms),
+                slow_cooldown: Duration::from_millis(self.dispatch_slow_cooldown_ms),
+            },
         }
     }
 }

@@ -40,7 +40,26 @@ pub enum ModelError {
     /// The routed experts of a layer could not be computed.
     #[error("expert backend failed at layer {layer}: {reason}")]
     Experts { layer: usize, reason: String },
+    /// A remote expert dispatch failed; `class` says whose fault it is, `rows` which batch rows
+    /// (tokens of this forward pass) needed the experts that could not be computed (empty: all).
+    #[error("expert dispatch failed at layer {layer}: {reason}")]
+    Dispatch {
+        layer: usize,
+        class: DispatchClass,
+        rows: Vec<usize>,
+        reason: String,
+    },
     /// Writing an output file failed.
     #[error("cannot write {path}: {reason}")]
     Write { path: PathBuf, reason: String },
+}
+
+/// Whose fault a failed dispatch is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DispatchClass {
+    /// No reachable replica could compute the experts (or the step ran out of time): retry
+    /// later or elsewhere.
+    Unavailable,
+    /// A bug or an answer nobody should send (the router's or a node's): not the client's.
+    Internal,
 }

@@ -27,7 +27,7 @@ pub mod sampling;
 pub mod tensor;
 
 pub use config::Config;
-pub use error::{ModelError, Result};
+pub use error::{DispatchClass, ModelError, Result};
 pub use kv_cache::SeqCache;
 pub use model::{Backbone, LoadOptions, LogitsMode, Model, SeqInput, Trace};
 pub use moe::{Assignments, ExpertBackend, ExpertStore, LocalExperts, PendingExperts};

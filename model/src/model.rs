@@ -211,6 +211,7 @@ impl Backbone {
         mut trace: Option<&mut Trace>,
     ) -> Result<Vec<Matrix>> {
         self.check_inputs(seqs)?;
+        experts.begin_step();
         let hid = self.cfg.hidden_size;
         let before: Vec<usize> = seqs.iter().map(|s| s.cache.len()).collect();
         let t: usize = seqs.iter().map(|s| s.tokens.len()).sum();

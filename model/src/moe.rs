@@ -62,6 +62,10 @@ pub trait ExpertBackend: Send + Sync {
         x: &'a Matrix,
         routing: &'a Routing,
     ) -> Result<Box<dyn PendingExperts + 'a>>;
+
+    /// Called once at the start of every forward pass, before its first layer: a backend with
+    /// a time budget per pass (the router's remote experts) starts its clock here.
+    fn begin_step(&self) {}
 }
 
 /// A shared backend (the router's remote experts, also read by its readiness checks).
@@ -73,6 +77,10 @@ impl<T: ExpertBackend + ?Sized> ExpertBackend for std::sync::Arc<T> {
         routing: &'a Routing,
     ) -> Result<Box<dyn PendingExperts + 'a>> {
         (**self).dispatch(layer, x, routing)
+    }
+
+    fn begin_step(&self) {
+        (**self).begin_step()
     }
 }
 

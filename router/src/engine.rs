@@ -27,6 +27,11 @@ impl Engine {
         }
     }
 
+    /// The backbone with any expert backend (tests inject failing ones).
+    pub fn with_backend(backbone: Backbone, experts: Box<dyn ExpertBackend>) -> Engine {
+        Engine { backbone, experts }
+    }
+
     /// The backbone here, routed experts on expert nodes.
     pub fn remote(backbone: Backbone, experts: std::sync::Arc<RemoteExperts>) -> Engine {
         Engine {

@@ -117,12 +117,52 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Classified once: invalid input is 400, an unavailable expert 503, anything else (an internal
+/// dispatch error included) 500.
 impl From<moe_model::ModelError> for ApiError {
     fn from(e: moe_model::ModelError) -> ApiError {
         match e {
             moe_model::ModelError::InvalidInput(m) => ApiError::bad_request(m),
-            moe_model::ModelError::Experts { .. } => ApiError::Unavailable(e.to_string()),
+            moe_model::ModelError::Dispatch {
+                class: moe_model::DispatchClass::Unavailable,
+                ..
+            } => ApiError::Unavailable(e.to_string()),
+            // Internal dispatch errors, a local backend's, and everything else: not the client's
+            // fault, and not a missing expert either.
             other => ApiError::Internal(other.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moe_model::{DispatchClass, ModelError};
+
+    fn dispatch(class: DispatchClass) -> ModelError {
+        ModelError::Dispatch {
+            layer: 2,
+            class,
+            rows: vec![0],
+            reason: "node x: y".into(),
+        }
+    }
+
+    #[test]
+    fn dispatch_errors_keep_their_class_and_are_never_400() {
+        let unavailable = ApiError::from(dispatch(DispatchClass::Unavailable));
+        assert_eq!(unavailable.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(unavailable.error_type(), "service_unavailable");
+        let internal = ApiError::from(dispatch(DispatchClass::Internal));
+        assert_eq!(internal.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(internal.error_type(), "server_error");
+        // A local backend's failure (or the backbone's shape check) is a bug, not a 503.
+        let local = ApiError::from(ModelError::Experts {
+            layer: 1,
+            reason: "expert 3 not loaded".into(),
+        });
+        assert_eq!(local.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let bad = ApiError::from(ModelError::InvalidInput("token 9999".into()));
+        assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
     }
 }

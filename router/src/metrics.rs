@@ -54,6 +54,19 @@ pub const LAYER_BALANCEDNESS: &str = "moe_expert_load_balancedness";
 pub const HOTTEST_SHARE: &str = "moe_expert_load_hottest_share";
 /// Dispatches re-routed away from a failed node, by `node`.
 pub const DISPATCH_FAILOVERS: &str = "moe_dispatch_failovers_total";
+/// Times a node was quarantined for a bad answer (error, wrong size, non-finite, timeout), by
+/// `node`.
+pub const DISPATCH_QUARANTINES: &str = "moe_dispatch_quarantines_total";
+/// 1 while a node is quarantined, by `node`.
+pub const DISPATCH_QUARANTINED: &str = "moe_dispatch_quarantined";
+/// Requests to a node hedged to another replica for being late, by `node` (the late one).
+pub const DISPATCH_HEDGES: &str = "moe_dispatch_hedges_total";
+/// Times a node was marked slow (hedged repeatedly) and avoided, by `node`.
+pub const DISPATCH_SLOW: &str = "moe_dispatch_slow_total";
+/// 1 while a node is avoided for being slow, by `node`.
+pub const DISPATCH_AVOIDED: &str = "moe_dispatch_avoided";
+/// Sequences failed because experts they needed had no reachable replica.
+pub const DISPATCH_FAILED_SEQUENCES: &str = "moe_dispatch_failed_sequences_total";
 /// Placement version this router dispatches by.
 pub const PLACEMENT_VERSION: &str = "moe_placement_version";
 /// Authenticated API requests, by `key` (the first 8 hex digits of the key's SHA-256).
@@ -151,6 +164,30 @@ fn describe() {
         DISPATCH_FAILOVERS,
         "Dispatches re-routed away from a failed or disagreeing expert node, by node."
     );
+    c!(
+        DISPATCH_QUARANTINES,
+        "Times an expert node was quarantined for a bad or missing answer, by node."
+    );
+    g!(
+        DISPATCH_QUARANTINED,
+        "1 while an expert node is quarantined, by node."
+    );
+    c!(
+        DISPATCH_HEDGES,
+        "Dispatches to a late expert node hedged to another replica, by node."
+    );
+    c!(
+        DISPATCH_SLOW,
+        "Times an expert node was marked slow and avoided, by node."
+    );
+    g!(
+        DISPATCH_AVOIDED,
+        "1 while an expert node is avoided for being slow, by node."
+    );
+    c!(
+        DISPATCH_FAILED_SEQUENCES,
+        "Sequences failed because experts they needed had no reachable replica."
+    );
     g!(
         PLACEMENT_VERSION,
         "Placement version this router dispatches by."
@@ -177,6 +214,7 @@ pub fn install() -> PrometheusHandle {
             // Counters that may stay at zero are exported from the start, so rate() over them
             // has data and a first event is not lost to a missing previous sample.
             metrics::counter!(CANCELLED).absolute(0);
+            metrics::counter!(DISPATCH_FAILED_SEQUENCES).absolute(0);
             handle
         })
         .clone()
@@ -187,6 +225,11 @@ pub fn new_node(node: &str) {
     metrics::counter!(DISPATCH_FAILOVERS, "node" => node.to_string()).absolute(0);
     metrics::counter!(DISPATCH_PAIRS, "node" => node.to_string()).absolute(0);
     metrics::gauge!(DISPATCH_IN_FLIGHT, "node" => node.to_string()).set(0.0);
+    metrics::counter!(DISPATCH_QUARANTINES, "node" => node.to_string()).absolute(0);
+    metrics::gauge!(DISPATCH_QUARANTINED, "node" => node.to_string()).set(0.0);
+    metrics::counter!(DISPATCH_HEDGES, "node" => node.to_string()).absolute(0);
+    metrics::counter!(DISPATCH_SLOW, "node" => node.to_string()).absolute(0);
+    metrics::gauge!(DISPATCH_AVOIDED, "node" => node.to_string()).set(0.0);
 }
 
 /// The whole `/metrics` exposition: the router's families plus the process, build and

@@ -8,9 +8,12 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-/// The `moe` binary of this build.
+/// The `moe` binary of this build, or `MOE_E2E_BIN` when set (bench/faults.sh runs a scenario
+/// against an older build for a before/after comparison).
 pub fn moe_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_moe"))
+    std::env::var_os("MOE_E2E_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_moe")))
 }
 
 /// `tests/fixtures/models/<name>`.

@@ -61,6 +61,14 @@ pub struct ServeArgs {
     /// `/metrics` on the API port needs an API key too (the `--metrics-listen` port never does).
     #[arg(long, env = "MOE_METRICS_REQUIRE_KEY")]
     metrics_require_key: bool,
+    /// After the engine thread dies (a panic), how long the API keeps answering (`/ready` 503,
+    /// requests 503) so load balancers see it, before the process exits non-zero for its
+    /// supervisor to restart it, milliseconds.
+    #[arg(long, env = "MOE_ENGINE_FAILURE_GRACE_MS", default_value_t = 2_000)]
+    engine_failure_grace_ms: u64,
+    /// Test hook: the engine thread panics at this step.
+    #[arg(long, hide = true)]
+    debug_panic_engine_at_step: Option<u64>,
 }
 
 /// An API key from the command line or the environment; its `Debug` never shows it.
@@ -175,9 +183,47 @@ fn run(
             crate::metrics_http::start(m, Arc::new(move || moe_router::metrics::render(&handle)))
                 .await?;
         }
-        moe_router::http::serve(listener, state, crate::signal::shutdown()).await?;
-        Ok(())
+        let (shutdown, died) = engine_watch(&state, &a, crate::signal::shutdown());
+        moe_router::http::serve(listener, state, shutdown).await?;
+        engine_verdict(died).await
     })
+}
+
+/// The shutdown future of a server: `signal`, or the engine thread's death followed by the
+/// grace period (`/ready` answers 503 meanwhile); the receiver learns about a death.
+pub fn engine_watch(
+    state: &AppState,
+    a: &ServeArgs,
+    signal: impl std::future::Future<Output = ()> + Send + 'static,
+) -> (
+    impl std::future::Future<Output = ()> + Send + 'static,
+    tokio::sync::oneshot::Receiver<bool>,
+) {
+    let scheduler = state.scheduler.clone();
+    let grace = std::time::Duration::from_millis(a.engine_failure_grace_ms);
+    let (died_tx, died_rx) = tokio::sync::oneshot::channel::<bool>();
+    let shutdown = async move {
+        tokio::select! {
+            () = signal => {}
+            panicked = scheduler.ended() => {
+                tracing::error!(panicked, grace_ms = grace.as_millis() as u64, "the engine stopped; exiting after the grace period");
+                tokio::time::sleep(grace).await;
+                let _ = died_tx.send(panicked);
+            }
+        }
+    };
+    (shutdown, died_rx)
+}
+
+/// An error (the process exits non-zero, for its supervisor to restart it) if the engine died.
+pub async fn engine_verdict(died: tokio::sync::oneshot::Receiver<bool>) -> anyhow::Result<()> {
+    match died.await {
+        Ok(panicked) => anyhow::bail!(
+            "the engine thread {}; exiting for a restart",
+            if panicked { "panicked" } else { "stopped" }
+        ),
+        Err(_) => Ok(()),
+    }
 }
 
 /// The API state: tokenizer, limits, metrics, and the scheduler started on `engine` (call
@@ -196,6 +242,7 @@ pub fn app_state(
         max_running: a.max_running,
         max_waiting: a.max_waiting,
         kv_cache_tokens: a.kv_cache_bytes / per_token,
+        panic_at_step: a.debug_panic_engine_at_step,
     };
     let name = a.served_model_name.clone().unwrap_or_else(|| {
         dir.file_name()

@@ -17,7 +17,7 @@ use moe_router::{DispatchOptions, Engine, RemoteExperts};
 use tokio::sync::watch;
 
 use crate::cluster::{ClusterArgs, model_shape};
-use crate::commands::serve::{ServeArgs, app_state};
+use crate::commands::serve::{ServeArgs, app_state, engine_verdict, engine_watch};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -137,10 +137,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 last = s;
             }
         });
-        let shutdown = async move {
+        let signal = async move {
             crate::signal::shutdown().await;
             println!("stopping");
         };
+        let (shutdown, died) = engine_watch(&state, &a.serve, signal);
         // Requests in flight finish first (the API stops taking new ones); only then do the
         // nodes drain and the coordinator step down, so a stop loses no request.
         let served = moe_router::http::serve(listener, state, shutdown).await;
@@ -151,6 +152,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
         }
         println!("stopped");
-        Ok(())
+        engine_verdict(died).await
     })
 }

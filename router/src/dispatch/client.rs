@@ -3,7 +3,8 @@
 //! An actor task owns the connection: it sends queued requests on the stream, matches responses
 //! to waiters by request id, and when the stream breaks fails every waiter at once with
 //! `Unavailable`, marks the node down, and reconnects with jittered exponential backoff
-//! (50 ms doubling to 2 s). While the node is down, new requests fail immediately.
+//! (50 ms doubling to 2 s). While the node is down, new requests fail immediately. A client of a
+//! node that left the placement is stopped ([`ExpertClient::stop`]) and never reconnects.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -31,6 +32,8 @@ struct Shared {
     compute_micros: AtomicU64,
     next_id: AtomicU64,
     tx: mpsc::UnboundedSender<Outgoing>,
+    /// Set by [`ExpertClient::stop`]: the actor fails what is queued and ends.
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
 /// A handle to one expert node (cheap to clone).
@@ -77,6 +80,7 @@ impl ExpertClient {
             compute_micros: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
             tx,
+            stop: tokio::sync::watch::channel(false).0,
         });
         tokio::spawn(run(shared.clone(), rx, max_message_bytes));
         ExpertClient {
@@ -103,6 +107,12 @@ impl ExpertClient {
     /// Total compute time the node reported in its answers, microseconds.
     pub fn compute_micros(&self) -> u64 {
         self.shared.compute_micros.load(Ordering::Relaxed)
+    }
+
+    /// Stops the actor (the node left the placement): the stream is closed, waiters get
+    /// `Unavailable`, and it never reconnects.
+    pub fn stop(&self) {
+        self.shared.stop.send_replace(true);
     }
 
     /// Queues `req` (its request id is assigned here) and returns the waiter.
@@ -173,9 +183,25 @@ fn jitter() -> f64 {
 }
 
 async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Outgoing>, max: usize) {
+    let mut stop = shared.stop.subscribe();
+    tokio::select! {
+        () = serve(&shared, &mut rx, max) => {}
+        _ = stop.wait_for(|s| *s) => tracing::debug!(node = %shared.addr, "client stopped"),
+    }
+    shared.up.store(false, Ordering::SeqCst);
+    rx.close();
+    while let Ok(o) = rx.try_recv() {
+        let _ = o.reply.send(Err(Status::unavailable(format!(
+            "node {} left the placement",
+            shared.addr
+        ))));
+    }
+}
+
+async fn serve(shared: &Shared, rx: &mut mpsc::UnboundedReceiver<Outgoing>, max: usize) {
     let mut backoff = Duration::from_millis(50);
     loop {
-        let (req_tx, mut inbound) = match connect(&shared, max).await {
+        let (req_tx, mut inbound) = match connect(shared, max).await {
             Ok(c) => c,
             Err(status) => {
                 tracing::debug!(node = %shared.addr, %status, "connect failed");
@@ -232,5 +258,26 @@ async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Outgoing>, max
             tracing::warn!(node = %shared.addr, reason = %why, in_flight = pending.len(), "dispatch stream down");
         }
         fail_all(&mut pending, &format!("node {}: {why}", shared.addr));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stopped_client_ends_its_actor_and_fails_new_requests() {
+        // Nothing listens on port 1: the actor is in its reconnect loop, as for a node that
+        // left the placement and is gone.
+        let c = ExpertClient::spawn("127.0.0.1:1".into(), 1 << 20);
+        c.stop();
+        tokio::time::timeout(Duration::from_secs(10), c.shared.tx.closed())
+            .await
+            .expect("the actor ends (its queue closes) instead of reconnecting for ever");
+        assert!(!c.is_up());
+        let answer = c.send(DispatchRequest::default()).await.expect("an answer");
+        let status = answer.expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(status.message().contains("client stopped"), "{status}");
     }
 }

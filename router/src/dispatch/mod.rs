@@ -1,23 +1,29 @@
 //! The remote expert backend: for each MoE layer, plan which node computes each (token, expert)
 //! ([`plan`]), send every node its tokens once on its stream, concurrently ([`client`]), let the
-//! engine compute the shared expert meanwhile, then combine the partial sums. A node that fails,
-//! answers with a retryable code, or misses the deadline has its entries re-planned onto other
-//! replicas. When no live replica is left, the step waits (bounded by `replacement_wait`) for a
-//! new placement from the coordinator ([`crate::cluster::membership`]) and re-plans; only then does it fail, naming
-//! the layer, token and expert.
+//! engine compute the shared expert meanwhile, then combine the partial sums ([`wait`]). A node
+//! that fails, answers badly or misses its deadline has its entries re-planned onto other
+//! replicas within the same step, and is remembered across steps ([`health`]: quarantine, moving
+//! p99, hedging, slow-node avoidance). Deadlines do not compound: every layer of a step shares one
+//! budget, started by [`moe_model::ExpertBackend::begin_step`]. When no usable replica is left, a
+//! router that follows a coordinator waits (bounded by `replacement_wait` and the step budget) for
+//! a new placement ([`crate::cluster::membership`]); a router with static nodes fails at once.
+//! Either way the error names the batch rows that needed the missing experts, so the scheduler
+//! fails only their sequences.
 
 pub mod client;
+pub mod health;
 pub mod load;
 pub mod plan;
+mod wait;
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use moe_meta::Placement;
 use moe_model::gate::Routing;
-use moe_model::{ExpertBackend, Matrix, ModelError, PendingExperts};
+use moe_model::{DispatchClass, ExpertBackend, Matrix, ModelError, PendingExperts};
 use moe_proto::pb::{DispatchRequest, DispatchResponse, Dtype};
 use moe_proto::tensor;
 use tokio::runtime::Handle;
@@ -25,6 +31,7 @@ use tokio::sync::{oneshot, watch};
 use tonic::{Code, Status};
 
 pub use client::ExpertClient;
+pub use health::{Health, HealthOptions};
 pub use load::LoadWindow;
 use plan::NodeWork;
 
@@ -35,6 +42,8 @@ pub struct DispatchOptions {
     pub wire: Dtype,
     /// Deadline of one node's answer.
     pub timeout: Duration,
+    /// Time all the layers of one step may spend waiting for experts, together.
+    pub step_budget: Duration,
     /// Largest gRPC message.
     pub max_message_bytes: usize,
     /// How long a step whose experts have no live replica waits for a new placement.
@@ -42,6 +51,8 @@ pub struct DispatchOptions {
     /// Fewest tokens of one expert in one step that are split over its replicas (fewer go to
     /// one replica, so its weights are read once).
     pub split_min_tokens: usize,
+    /// Quarantine, hedging and slow-node avoidance.
+    pub health: HealthOptions,
 }
 
 impl Default for DispatchOptions {
@@ -49,9 +60,16 @@ impl Default for DispatchOptions {
         DispatchOptions {
             wire: Dtype::Bf16,
             timeout: Duration::from_secs(30),
+            step_budget: Duration::from_secs(60),
             max_message_bytes: moe_proto::DEFAULT_MAX_MESSAGE_BYTES,
             replacement_wait: Duration::from_secs(30),
             split_min_tokens: plan::DEFAULT_SPLIT_MIN_TOKENS,
+            health: HealthOptions {
+                quarantine: Duration::from_secs(10),
+                hedge_margin: 3.0,
+                hedge_min: Duration::from_millis(20),
+                slow_cooldown: Duration::from_secs(30),
+            },
         }
     }
 }
@@ -67,6 +85,15 @@ pub enum DispatchError {
         token: usize,
         expert: usize,
         last: String,
+        /// Every batch row that needed an expert without a usable replica.
+        rows: Vec<usize>,
+    },
+    #[error("layer {layer} ran out of the step's dispatch budget of {budget:?}")]
+    OutOfTime {
+        layer: usize,
+        budget: Duration,
+        /// The batch rows whose experts had not answered.
+        rows: Vec<usize>,
     },
     #[error("no placement yet (waited {0:?} for the coordinator)")]
     NoPlacement(Duration),
@@ -97,9 +124,32 @@ pub enum DispatchError {
 }
 
 impl DispatchError {
+    /// Unavailable (retry later or elsewhere) or internal (a bug, here or on a node).
+    pub fn class(&self) -> DispatchClass {
+        match self {
+            DispatchError::NoReplica { .. }
+            | DispatchError::NoPlacement(_)
+            | DispatchError::NotReady(..)
+            | DispatchError::OutOfTime { .. } => DispatchClass::Unavailable,
+            DispatchError::Rejected { .. }
+            | DispatchError::BadReply { .. }
+            | DispatchError::NonFinite { .. }
+            | DispatchError::Mismatch { .. } => DispatchClass::Internal,
+        }
+    }
+
     fn into_model(self, layer: usize) -> ModelError {
-        ModelError::Experts {
+        let class = self.class();
+        let rows = match &self {
+            DispatchError::NoReplica { rows, .. } | DispatchError::OutOfTime { rows, .. } => {
+                rows.clone()
+            }
+            _ => Vec::new(),
+        };
+        ModelError::Dispatch {
             layer,
+            class,
+            rows,
             reason: self.to_string(),
         }
     }
@@ -135,12 +185,19 @@ pub struct RemoteExperts {
     /// Tokens routed per (layer, expert), for load-driven placement.
     pub loads: LoadWindow,
     steps: AtomicU64,
+    /// What is remembered about each node across steps.
+    pub health: Health,
+    /// When the current step (forward pass) started: its layers share one budget.
+    step_started: Mutex<Instant>,
+    /// Whether placements come from a coordinator (a replacement may arrive, so a step whose
+    /// experts have no usable replica waits for one); static routes fail at once.
+    coordinated: AtomicBool,
 }
 
 struct InFlight {
     work: NodeWork,
     rx: oneshot::Receiver<Result<DispatchResponse, Status>>,
-    sent: std::time::Instant,
+    sent: Instant,
     client: ExpertClient,
     /// The client span of this node's round trip (`moe.dispatch.node`), ended on its answer.
     span: tracing::Span,
@@ -156,15 +213,18 @@ impl RemoteExperts {
         handle: Handle,
     ) -> RemoteExperts {
         let r = RemoteExperts::empty(hidden, opts, handle);
+        r.coordinated.store(false, Ordering::Relaxed);
         r.install(Some(placement), addrs);
         r
     }
 
-    /// No placement yet: dispatches wait until [`RemoteExperts::update`] brings one.
+    /// No placement yet: dispatches wait until [`RemoteExperts::update`] brings one (a
+    /// coordinated router).
     pub fn empty(hidden: usize, opts: DispatchOptions, handle: Handle) -> RemoteExperts {
         RemoteExperts {
             handle,
             hidden,
+            health: Health::new(opts.health),
             opts,
             routes: RwLock::new(Arc::new(Routes {
                 placement: None,
@@ -174,6 +234,8 @@ impl RemoteExperts {
             version: watch::channel(0).0,
             loads: LoadWindow::new(Duration::from_secs(60), 12),
             steps: AtomicU64::new(0),
+            step_started: Mutex::new(Instant::now()),
+            coordinated: AtomicBool::new(true),
         }
     }
 
@@ -181,7 +243,7 @@ impl RemoteExperts {
         let _guard = self.handle.enter();
         let clients: Vec<ExpertClient> = {
             let mut cache = self.by_addr.lock().unwrap_or_else(|p| p.into_inner());
-            addrs
+            let clients = addrs
                 .iter()
                 .map(|a| {
                     cache
@@ -192,7 +254,24 @@ impl RemoteExperts {
                         })
                         .clone()
                 })
-                .collect()
+                .collect();
+            // Nodes that left the placement: stop their clients (no reconnecting for ever) and
+            // forget their health. A step still holding the old routes gets `Unavailable` from
+            // a stopped client and re-plans on the new ones.
+            let keep: BTreeSet<&String> = addrs.iter().collect();
+            let gone: Vec<String> = cache
+                .keys()
+                .filter(|a| !keep.contains(a))
+                .cloned()
+                .collect();
+            for a in gone {
+                if let Some(c) = cache.remove(&a) {
+                    tracing::info!(node = %a, "node left the placement: client stopped");
+                    c.stop();
+                }
+                self.health.forget(&a);
+            }
+            clients
         };
         let v = placement.as_ref().map_or(0, |p| p.version);
         *self.routes.write().unwrap_or_else(|p| p.into_inner()) =
@@ -358,8 +437,53 @@ impl RemoteExperts {
         }
     }
 
-    /// Plans `entries` on the current routes, waiting for a new placement (bounded) while some
-    /// expert has no usable replica, then sends.
+    /// Whether `n` may take work under `tier`: 0 skips quarantined and slow nodes, 1 allows slow
+    /// ones, 2 also quarantined ones (when nothing else is left). Down nodes and nodes that failed
+    /// in this step (`excluded`) are never usable.
+    fn usable(&self, routes: &Routes, excluded: &BTreeSet<String>, tier: u8, n: usize) -> bool {
+        let c = &routes.clients[n];
+        c.is_up()
+            && !excluded.contains(c.addr())
+            && (tier >= 2 || !self.health.quarantined(c.addr()))
+            && (tier >= 1 || !self.health.slow(c.addr()))
+    }
+
+    /// The rows of `entries` whose expert has no usable replica at all.
+    fn unplaceable_rows(
+        &self,
+        routes: &Routes,
+        p: &Placement,
+        layer: usize,
+        entries: &[(usize, u32, f32)],
+        excluded: &BTreeSet<String>,
+    ) -> Vec<usize> {
+        let ok: Vec<bool> = (0..routes.clients.len())
+            .map(|n| self.usable(routes, excluded, 2, n))
+            .collect();
+        let mut rows: Vec<usize> = entries
+            .iter()
+            .filter(|&&(_, e, _)| {
+                !p.replicas(layer, e as usize)
+                    .iter()
+                    .any(|&n| ok.get(n).copied().unwrap_or(false))
+            })
+            .map(|&(t, _, _)| t)
+            .collect();
+        rows.dedup();
+        rows
+    }
+
+    /// The instant the current step's budget runs out.
+    fn step_deadline(&self) -> Instant {
+        *self.step_started.lock().unwrap_or_else(|p| p.into_inner()) + self.opts.step_budget
+    }
+
+    /// Plans `entries` on the current routes and sends. While some expert has no usable
+    /// replica, a coordinated router waits for one or a new placement (bounded by
+    /// `replacement_wait` and the step budget); a static one fails at once. `max_tier` bounds
+    /// which nodes may be used (see [`RemoteExperts::usable`]; a hedge uses healthy ones only)
+    /// and `wait: false` never waits.
+    #[allow(clippy::too_many_arguments)]
     fn plan_and_send(
         &self,
         layer: usize,
@@ -368,8 +492,13 @@ impl RemoteExperts {
         excluded: &BTreeSet<String>,
         last: &str,
         span: &tracing::Span,
+        max_tier: u8,
+        wait: bool,
     ) -> Result<Vec<InFlight>, DispatchError> {
-        let deadline = std::time::Instant::now() + self.opts.replacement_wait;
+        let mut deadline = Instant::now();
+        if wait && self.coordinated.load(Ordering::Relaxed) {
+            deadline = (deadline + self.opts.replacement_wait).min(self.step_deadline());
+        }
         let seed = self.steps.fetch_add(1, Ordering::Relaxed);
         let mut warned = false;
         loop {
@@ -377,19 +506,36 @@ impl RemoteExperts {
             let seen = routes.placement.as_ref().map_or(0, |p| p.version);
             let outcome = match &routes.placement {
                 None => Err(DispatchError::NoPlacement(self.opts.replacement_wait)),
-                Some(p) => plan::plan(p, layer, entries, seed, self.opts.split_min_tokens, |n| {
-                    routes.clients[n].is_up() && !excluded.contains(routes.clients[n].addr())
-                })
-                .map_err(|u| DispatchError::NoReplica {
-                    layer,
-                    token: u.token,
-                    expert: u.expert,
-                    last: if last.is_empty() {
-                        "every replica is down".into()
-                    } else {
-                        last.to_string()
-                    },
-                }),
+                Some(p) => {
+                    let mut planned = Err(plan::Unplaceable {
+                        token: 0,
+                        expert: 0,
+                    });
+                    for tier in 0..=max_tier {
+                        // Once per node, not once per (token, expert, replica).
+                        let ok: Vec<bool> = (0..routes.clients.len())
+                            .map(|n| self.usable(&routes, excluded, tier, n))
+                            .collect();
+                        planned =
+                            plan::plan(p, layer, entries, seed, self.opts.split_min_tokens, |n| {
+                                ok.get(n).copied().unwrap_or(false)
+                            });
+                        if planned.is_ok() {
+                            break;
+                        }
+                    }
+                    planned.map_err(|u| DispatchError::NoReplica {
+                        layer,
+                        token: u.token,
+                        expert: u.expert,
+                        last: if last.is_empty() {
+                            "every replica is down".into()
+                        } else {
+                            last.to_string()
+                        },
+                        rows: self.unplaceable_rows(&routes, p, layer, entries, excluded),
+                    })
+                }
             };
             match outcome {
                 Ok(works) => {
@@ -399,7 +545,7 @@ impl RemoteExperts {
                         .collect());
                 }
                 Err(e) => {
-                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() {
                         return Err(e);
                     }
@@ -415,23 +561,11 @@ impl RemoteExperts {
     }
 }
 
-/// A layer's dispatch in flight.
-struct Pending<'a> {
-    experts: &'a RemoteExperts,
-    layer: usize,
-    x: &'a Matrix,
-    inflight: Vec<InFlight>,
-    span: tracing::Span,
-}
-
-fn retryable(code: Code) -> bool {
-    !matches!(
-        code,
-        Code::InvalidArgument | Code::OutOfRange | Code::Unimplemented
-    )
-}
-
 impl ExpertBackend for RemoteExperts {
+    fn begin_step(&self) {
+        *self.step_started.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+
     fn dispatch<'a>(
         &'a self,
         layer: usize,
@@ -442,127 +576,14 @@ impl ExpertBackend for RemoteExperts {
         let entries = plan::entries(routing);
         self.loads.record(layer, &entries);
         let inflight = self
-            .plan_and_send(layer, x, &entries, &BTreeSet::new(), "", &span)
+            .plan_and_send(layer, x, &entries, &BTreeSet::new(), "", &span, 2, true)
             .map_err(|e| e.into_model(layer))?;
-        Ok(Box::new(Pending {
+        Ok(Box::new(wait::Pending {
             experts: self,
             layer,
             x,
             inflight,
             span,
         }))
-    }
-}
-
-impl PendingExperts for Pending<'_> {
-    fn wait(self: Box<Self>) -> moe_model::Result<Matrix> {
-        let Pending {
-            experts,
-            layer,
-            x,
-            mut inflight,
-            span,
-        } = *self;
-        let _enter = span.enter();
-        let hidden = experts.hidden;
-        let answer = tensor::answer_dtype(experts.opts.wire);
-        let size = tensor::dtype_size(answer);
-        let mut out = Matrix::zeros(x.rows, hidden);
-        let mut excluded: BTreeSet<String> = BTreeSet::new();
-        let mut stale: HashMap<String, usize> = HashMap::new();
-        let mut last = String::new();
-        loop {
-            let timeout = experts.opts.timeout;
-            let mut results: Vec<(NodeWork, ExpertClient, Result<DispatchResponse, Status>)> = experts.handle.block_on(async {
-                let waits = inflight.drain(..).map(|f| async move {
-                    let r = match tokio::time::timeout(timeout, f.rx).await {
-                        Ok(Ok(r)) => r,
-                        Ok(Err(_)) => Err(Status::unavailable("client actor stopped")),
-                        Err(_) => Err(Status::deadline_exceeded(format!("no answer within {timeout:?}"))),
-                    };
-                    let node = f.client.addr().to_string();
-                    metrics::histogram!(crate::metrics::DISPATCH_LATENCY, "node" => node.clone())
-                        .record(f.sent.elapsed().as_secs_f64());
-                    metrics::gauge!(crate::metrics::DISPATCH_IN_FLIGHT, "node" => node.clone()).decrement(1.0);
-                    if let Ok(resp) = &r {
-                        metrics::counter!(crate::metrics::DISPATCH_BYTES, "node" => node, "direction" => "received")
-                            .increment(resp.output.len() as u64);
-                    }
-                    if !matches!(&r, Ok(resp) if resp.code == 0) {
-                        f.span.record("otel.status_code", "error");
-                    }
-                    drop(f.span);
-                    (f.work, f.client, r)
-                });
-                futures::future::join_all(waits).await
-            });
-            results.sort_by(|a, b| a.1.addr().cmp(b.1.addr()));
-            let mut retry: Vec<(usize, u32, f32)> = Vec::new();
-            for (work, client, res) in results {
-                let addr = client.addr().to_string();
-                let status = match res {
-                    Ok(resp) if resp.code == 0 => {
-                        if resp.output.len() != work.tokens.len() * hidden * size {
-                            return Err(DispatchError::BadReply {
-                                addr,
-                                layer,
-                                tokens: work.tokens.len(),
-                                got: resp.output.len(),
-                            }
-                            .into_model(layer));
-                        }
-                        // One pass: a non-finite value fails the whole step, so `out` (partly
-                        // summed by then) is never used.
-                        for (i, &tok) in work.tokens.iter().enumerate() {
-                            let row = &resp.output[i * hidden * size..(i + 1) * hidden * size];
-                            if tensor::accumulate(out.row_mut(tok), row, answer).is_err() {
-                                return Err(DispatchError::NonFinite {
-                                    addr,
-                                    layer,
-                                    token: tok,
-                                }
-                                .into_model(layer));
-                            }
-                        }
-                        continue;
-                    }
-                    Ok(resp) => Status::new(Code::from_i32(resp.code), resp.message),
-                    Err(status) => status,
-                };
-                if !retryable(status.code()) {
-                    return Err(DispatchError::Rejected {
-                        addr,
-                        layer,
-                        code: status.code(),
-                        message: status.message().into(),
-                    }
-                    .into_model(layer));
-                }
-                tracing::warn!(node = %addr, layer, code = ?status.code(), message = status.message(), "re-routing a node's tokens");
-                metrics::counter!(crate::metrics::DISPATCH_FAILOVERS, "node" => addr.clone())
-                    .increment(1);
-                last = format!("node {addr}: {:?}: {}", status.code(), status.message());
-                // A node that is down or failing is avoided for the rest of the step. One that
-                // disagrees with our placement (FailedPrecondition: a switch in progress) is
-                // retried on the current routes, and avoided only if it keeps disagreeing.
-                let disagreements = stale.entry(addr.clone()).or_default();
-                *disagreements += 1;
-                if status.code() != Code::FailedPrecondition || *disagreements > 3 {
-                    excluded.insert(addr);
-                }
-                for (t, &tok) in work.tokens.iter().enumerate() {
-                    for e in work.offsets[t] as usize..work.offsets[t + 1] as usize {
-                        retry.push((tok, work.experts[e], work.weights[e]));
-                    }
-                }
-            }
-            if retry.is_empty() {
-                return Ok(out);
-            }
-            retry.sort_by_key(|&(t, e, _)| (t, e));
-            inflight = experts
-                .plan_and_send(layer, x, &retry, &excluded, &last, &span)
-                .map_err(|e| e.into_model(layer))?;
-        }
     }
 }

@@ -181,11 +181,16 @@ pub async fn completions(
     };
     let (id, created, model) = (next_id("cmpl"), now(), s.limits.model_name.clone());
     if v.stream {
+        let (first, rx) =
+            match super::stream::first_event(rx, super::stream::FIRST_EVENT_WAIT).await {
+                Ok(x) => x,
+                Err(e) => return fail_traced(&span, e),
+            };
         count(StatusCode::OK, "");
         let codec = s.codec.clone();
         let mut offset = 0usize;
         let mut usage: Option<Usage> = None;
-        return super::stream::sse(rx, move |ev| {
+        return super::stream::sse(first, rx, move |ev| {
             trace_event(&span, ev);
             let chunk = |text: String,
                          logprobs: Option<CompletionLogprobs>,
@@ -271,11 +276,16 @@ pub async fn chat(
     };
     let (id, created, model) = (next_id("chatcmpl"), now(), s.limits.model_name.clone());
     if v.stream {
+        let (first, rx) =
+            match super::stream::first_event(rx, super::stream::FIRST_EVENT_WAIT).await {
+                Ok(x) => x,
+                Err(e) => return fail_traced(&span, e),
+            };
         count(StatusCode::OK, "");
         let codec: Arc<TextCodec> = s.codec.clone();
         let mut started = false;
         let mut usage: Option<Usage> = None;
-        return super::stream::sse(rx, move |ev| {
+        return super::stream::sse(first, rx, move |ev| {
             trace_event(&span, ev);
             let chunk =
                 |delta: ChatDelta, logprobs: Option<ChatLogprobs>, finish: Option<&'static str>| {

@@ -42,6 +42,9 @@ pub struct SchedulerConfig {
     pub max_waiting: usize,
     /// KV-cache capacity in tokens.
     pub kv_cache_tokens: usize,
+    /// Test hook: the engine thread panics at this step (1-based), to exercise what a panic
+    /// does to readiness and to the process.
+    pub panic_at_step: Option<u64>,
 }
 
 impl Default for SchedulerConfig {
@@ -51,6 +54,7 @@ impl Default for SchedulerConfig {
             max_running: 256,
             max_waiting: 1024,
             kv_cache_tokens: 1 << 16,
+            panic_at_step: None,
         }
     }
 }
@@ -62,12 +66,40 @@ struct Command {
 }
 
 /// The scheduler's counters, shared with the handle and /ready.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Stats {
     pub waiting: AtomicUsize,
     pub running: AtomicUsize,
     pub kv_used: AtomicUsize,
     pub alive: AtomicBool,
+    /// Set (to `true` for a panic) when the engine thread ends.
+    ended: tokio::sync::watch::Sender<Option<bool>>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            waiting: AtomicUsize::new(0),
+            running: AtomicUsize::new(0),
+            kv_used: AtomicUsize::new(0),
+            alive: AtomicBool::new(false),
+            ended: tokio::sync::watch::channel(None).0,
+        }
+    }
+}
+
+/// Marks the engine dead when its thread ends, by return or by panic (it runs while unwinding).
+struct AliveGuard(Arc<Stats>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        let panicked = std::thread::panicking();
+        self.0.alive.store(false, Ordering::SeqCst);
+        if panicked {
+            tracing::error!("the engine thread panicked: /ready answers 503 from now on");
+        }
+        self.0.ended.send_replace(Some(panicked));
+    }
 }
 
 /// A handle to submit requests.
@@ -92,6 +124,7 @@ impl Scheduler {
         stats.alive.store(true, Ordering::SeqCst);
         metrics::gauge!(m::KV_CAPACITY_TOKENS).set(cfg.kv_cache_tokens as f64);
         let loop_ = Loop {
+            _alive: AliveGuard(stats.clone()),
             engine,
             codec,
             cfg: cfg.clone(),
@@ -99,14 +132,11 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             next_id: 0,
+            steps: 0,
         };
-        let st = stats.clone();
         let spawned = std::thread::Builder::new()
             .name("moe-scheduler".into())
-            .spawn(move || {
-                loop_.run(rx);
-                st.alive.store(false, Ordering::SeqCst);
-            });
+            .spawn(move || loop_.run(rx));
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start the scheduler thread");
             stats.alive.store(false, Ordering::SeqCst);
@@ -122,6 +152,15 @@ impl Scheduler {
     /// Counters.
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// Resolves when the engine thread has ended, with `true` if it panicked.
+    pub async fn ended(&self) -> bool {
+        let mut rx = self.stats.ended.subscribe();
+        match rx.wait_for(Option::is_some).await {
+            Ok(v) => v.unwrap_or(false),
+            Err(_) => false,
+        }
     }
 
     /// Queues a request; its events arrive on the returned channel. Drop it to cancel.
@@ -158,6 +197,9 @@ impl Scheduler {
 }
 
 struct Loop {
+    /// First field, so dropped first: the engine is marked dead before the sequences' event
+    /// channels close (a handler that sees its channel close then finds `/ready` at 503).
+    _alive: AliveGuard,
     engine: Engine,
     codec: Arc<TextCodec>,
     cfg: SchedulerConfig,
@@ -165,6 +207,7 @@ struct Loop {
     waiting: VecDeque<Seq>,
     running: Vec<Seq>,
     next_id: u64,
+    steps: u64,
 }
 
 impl Loop {
@@ -281,37 +324,66 @@ impl Loop {
                 span.follows_from(&self.running[*i].span);
             }
         }
-        let result = {
-            let mut seqs: Vec<SeqInput<'_>> = Vec::with_capacity(inputs.len());
-            let mut caches: Vec<Option<&mut SeqCache>> = self
-                .running
-                .iter_mut()
-                .map(|s| Some(&mut s.cache))
-                .collect();
-            for (i, toks) in &inputs {
-                if let Some(cache) = caches[*i].take() {
-                    seqs.push(SeqInput {
-                        tokens: toks,
-                        cache,
-                    });
+        self.steps += 1;
+        if self.cfg.panic_at_step == Some(self.steps) {
+            panic!("engine panic injected at step {} (test hook)", self.steps);
+        }
+        let _e = span.enter();
+        let mut failed: Vec<(usize, ApiError)> = Vec::new();
+        let logits = loop {
+            match self.forward(&inputs) {
+                Ok(logits) => break logits,
+                Err(e) => {
+                    let hit = hit_inputs(&inputs, &e);
+                    let err = ApiError::from(e);
+                    tracing::warn!(error = %err, sequences = hit.len(), of = inputs.len(), "engine step failed; failing the sequences that needed it");
+                    if matches!(err, ApiError::Unavailable(_)) {
+                        metrics::counter!(m::DISPATCH_FAILED_SEQUENCES).increment(hit.len() as u64);
+                    }
+                    for &k in hit.iter().rev() {
+                        failed.push((inputs.remove(k).0, err.clone()));
+                    }
+                    if inputs.is_empty() {
+                        break Vec::new();
+                    }
+                    // The others run again (the failed pass left every cache as it was).
                 }
             }
-            let _e = span.enter();
-            self.engine.forward(&mut seqs, LogitsMode::Last)
         };
+        drop(_e);
         metrics::histogram!(m::STEP_SECONDS).record(started.elapsed().as_secs_f64());
-        match result {
-            Ok(logits) => self.after_step(&inputs, &logits),
-            Err(e) => {
-                let err = ApiError::from(e);
-                tracing::warn!(error = %err, "engine step failed; failing its sequences");
-                let failed: Vec<usize> = inputs.iter().map(|(i, _)| *i).collect();
-                for &i in failed.iter().rev() {
-                    let s = self.running.remove(i);
-                    let _ = s.events.send(Event::Failed(err.clone()));
+        failed.sort_by_key(|f| std::cmp::Reverse(f.0));
+        for (i, err) in failed.iter().cloned() {
+            let s = self.running.remove(i);
+            let _ = s.events.send(Event::Failed(err));
+            for input in inputs.iter_mut() {
+                if input.0 > i {
+                    input.0 -= 1;
                 }
             }
         }
+        if !inputs.is_empty() {
+            self.after_step(&inputs, &logits);
+        }
+    }
+
+    /// One forward pass over `inputs` (running index, tokens).
+    fn forward(&mut self, inputs: &[(usize, Vec<u32>)]) -> moe_model::Result<Vec<Matrix>> {
+        let mut seqs: Vec<SeqInput<'_>> = Vec::with_capacity(inputs.len());
+        let mut caches: Vec<Option<&mut SeqCache>> = self
+            .running
+            .iter_mut()
+            .map(|s| Some(&mut s.cache))
+            .collect();
+        for (i, toks) in inputs {
+            if let Some(cache) = caches[*i].take() {
+                seqs.push(SeqInput {
+                    tokens: toks,
+                    cache,
+                });
+            }
+        }
+        self.engine.forward(&mut seqs, LogitsMode::Last)
     }
 
     /// Samples, detokenizes and streams one token for every sequence whose prompt is done.
@@ -378,3 +450,29 @@ impl Loop {
         }
     }
 }
+
+/// The positions in `inputs` of the sequences a failed pass hit: those owning the batch rows a
+/// dispatch error names, or all of them.
+fn hit_inputs(inputs: &[(usize, Vec<u32>)], e: &moe_model::ModelError) -> Vec<usize> {
+    let rows = match e {
+        moe_model::ModelError::Dispatch { rows, .. } if !rows.is_empty() => rows,
+        _ => return (0..inputs.len()).collect(),
+    };
+    let mut hit = Vec::new();
+    let mut start = 0;
+    for (k, (_, toks)) in inputs.iter().enumerate() {
+        let end = start + toks.len();
+        if rows.iter().any(|&r| (start..end).contains(&r)) {
+            hit.push(k);
+        }
+        start = end;
+    }
+    if hit.is_empty() {
+        // Rows outside the batch: a bug somewhere; fail the step rather than loop.
+        return (0..inputs.len()).collect();
+    }
+    hit
+}
+
+#[cfg(test)]
+mod tests;
