@@ -40,6 +40,9 @@ pub enum ModelError {
     /// The routed experts of a layer could not be computed.
     #[error("expert backend failed at layer {layer}: {reason}")]
     Experts { layer: usize, reason: String },
+    /// The KV-cache pool has no page left for a forward pass (the scheduler preempts first).
+    #[error("KV cache full: {needed} pages needed, {free} free")]
+    KvCacheFull { needed: usize, free: usize },
     /// Writing an output file failed.
     #[error("cannot write {path}: {reason}")]
     Write { path: PathBuf, reason: String },

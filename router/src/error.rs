@@ -117,6 +117,7 @@ impl From<moe_model::ModelError> for ApiError {
         match e {
             moe_model::ModelError::InvalidInput(m) => ApiError::bad_request(m),
             moe_model::ModelError::Experts { .. } => ApiError::Unavailable(e.to_string()),
+            moe_model::ModelError::KvCacheFull { .. } => ApiError::Unavailable(e.to_string()),
             other => ApiError::Internal(other.to_string()),
         }
     }
