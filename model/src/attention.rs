@@ -11,11 +11,11 @@
 
 use rayon::prelude::*;
 
+use crate::cache::{KvLayout, SeqCache};
 use crate::checkpoint::{Checkpoint, WeightData};
 use crate::config::Config;
 use crate::error::Result;
 use crate::kernels::{self, Linear};
-use crate::cache::{KvLayout, SeqCache};
 use crate::rope::Rope;
 
 /// Epsilon of `q_a_layernorm` and `kv_a_layernorm` (their module default in the reference).
@@ -228,15 +228,7 @@ impl Mla {
                 .write(layer, &kv[s.start * width..(s.start + s.count) * width]);
             let first_pos = s.cache.len();
             let rows = &qcat[s.start * h * width..(s.start + s.count) * h * width];
-            attend(
-                s.cache,
-                layer,
-                first_pos,
-                rows,
-                (h, lora),
-                self.scale,
-                out,
-            );
+            attend(s.cache, layer, first_pos, rows, (h, lora), self.scale, out);
         });
 
         // Values [T, H*v] through W_UV, then o_proj.

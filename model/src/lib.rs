@@ -25,9 +25,9 @@ pub mod rope;
 pub mod sampling;
 pub mod tensor;
 
+pub use cache::{KvCacheDtype, KvDtype, KvLayout, KvPool, SeqCache};
 pub use config::Config;
 pub use error::{ModelError, Result};
-pub use cache::{KvCacheDtype, KvDtype, KvLayout, KvPool, SeqCache};
 pub use model::{Backbone, LoadOptions, LogitsMode, Model, SeqInput, Trace};
 pub use moe::{Assignments, ExpertBackend, ExpertStore, LocalExperts, PendingExperts};
 pub use tensor::Matrix;

@@ -13,12 +13,12 @@ use std::path::Path;
 use rayon::prelude::*;
 
 use crate::attention::{self, Mla, SeqSlot};
+use crate::cache::SeqCache;
 use crate::checkpoint::{Checkpoint, ProgressFn, TensorFilter, WeightData};
 use crate::config::Config;
 use crate::error::{ModelError, Result};
 use crate::gate::{Gate, Routing};
 use crate::kernels::{self, Linear};
-use crate::cache::SeqCache;
 use crate::mlp::Mlp;
 use crate::moe::{ExpertBackend, ExpertStore, LocalExperts};
 use crate::rope::{self, Rope};

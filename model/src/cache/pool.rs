@@ -199,10 +199,7 @@ impl KvPool {
     fn index(&self) -> MutexGuard<'_, Index> {
         // A panic while holding the lock cannot leave the index inconsistent (every update is
         // one insert or remove), so a poisoned lock is used as is.
-        self.shared
-            .index
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        self.shared.index.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Current counters.

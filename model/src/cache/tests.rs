@@ -67,7 +67,10 @@ fn a_full_pool_refuses_and_leaves_the_cache_unchanged() {
     let mut a = SeqCache::in_pool(&pool);
     feed(&mut a, &[1, 2, 3, 4, 5]).expect("two pages");
     let err = feed(&mut a, &[6, 7, 8, 9]).expect_err("a third page");
-    assert!(matches!(err, crate::ModelError::KvCacheFull { needed: 1, .. }), "{err}");
+    assert!(
+        matches!(err, crate::ModelError::KvCacheFull { needed: 1, .. }),
+        "{err}"
+    );
     assert_eq!((a.len(), a.pages().len(), pool.stats().live), (5, 2, 2));
     assert_eq!(pool.stats().free(), 0);
 }
@@ -86,7 +89,11 @@ fn full_pages_are_shared_by_prompts_with_the_same_prefix() {
     feed(&mut b, &prompt[8..]).expect("fits");
     assert_eq!(read(&a, 0), read(&b, 0));
     assert_eq!(read(&a, 1), read(&b, 1));
-    assert_eq!(pool.stats().live, 4, "two shared pages and one tail page each");
+    assert_eq!(
+        pool.stats().live,
+        4,
+        "two shared pages and one tail page each"
+    );
     let s = pool.stats();
     assert_eq!((s.queried, s.hits), (2, 2));
 
@@ -111,7 +118,11 @@ fn writing_after_a_truncation_into_a_shared_page_copies_it() {
     assert_eq!(b.pages_needed(1), 1, "the shared page is copied");
     feed(&mut b, &[9]).expect("fits");
     assert!(!Arc::ptr_eq(&a.pages()[0], &b.pages()[0]));
-    assert_eq!(read(&a, 0)[6..9], [30.0, 31.0, 32.0], "a's page is untouched");
+    assert_eq!(
+        read(&a, 0)[6..9],
+        [30.0, 31.0, 32.0],
+        "a's page is untouched"
+    );
     assert_eq!(read(&b, 0)[6..9], [90.0, 91.0, 92.0]);
 }
 

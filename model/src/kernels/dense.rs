@@ -86,7 +86,11 @@ pub fn matmul_nn_acc(
     let dst = view_mut(c, m, n, ldc);
     matmul(
         dst,
-        if accumulate { Accum::Add } else { Accum::Replace },
+        if accumulate {
+            Accum::Add
+        } else {
+            Accum::Replace
+        },
         view(a, m, k, lda),
         view(b, k, n, ldb),
         1.0,
