@@ -1,7 +1,7 @@
 //! The paged cache on the golden models: prefix sharing gives the same logits, preemption by
 //! recompute gives the same greedy ids, and what a bf16 cache does to the goldens.
 
-mod common;
+pub mod common;
 
 use common::*;
 use moe_model::model::{LogitsMode, Model, SeqInput};

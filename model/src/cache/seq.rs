@@ -99,7 +99,7 @@ impl SeqCache {
     }
 
     fn tail_is_shared(&self) -> bool {
-        self.len % self.layout().page_tokens != 0
+        !self.len.is_multiple_of(self.layout().page_tokens)
             && self.pages.last().is_some_and(|p| Arc::strong_count(p) > 1)
     }
 
