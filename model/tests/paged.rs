@@ -146,7 +146,7 @@ fn preemption_by_recompute_gives_the_same_greedy_ids() {
 
 /// The measurement behind `auto` = f32 (docs/ARCHITECTURE.md, "KV cache"): with a bf16 cache
 /// the step logits move by up to ~2.6 (the random golden models attend sharply) and greedy ids
-/// change after 4-13 steps on 6 of 12 prompts, so only a gross error (wrong rows, wrong
+/// change after 4-13 steps on 5 of 12 prompts, so only a gross error (wrong rows, wrong
 /// rounding) can be asserted here; the numbers are printed (`--nocapture`).
 #[test]
 fn a_bf16_cache_stays_close_to_the_goldens() {
