@@ -66,9 +66,12 @@ impl Page {
         match self.rows(layout, layer) {
             PageRows::F32(v) => &v[..n],
             PageRows::Bf16(v) => {
-                scratch.clear();
-                scratch.extend(v[..n].iter().map(|&b| f32::from_bits(u32::from(b) << 16)));
-                scratch
+                scratch.resize(n, 0.0);
+                // A zip over equal-length slices (no capacity checks) vectorises.
+                for (d, &b) in scratch[..n].iter_mut().zip(&v[..n]) {
+                    *d = f32::from_bits(u32::from(b) << 16);
+                }
+                &scratch[..n]
             }
         }
     }
