@@ -230,3 +230,71 @@ async fn a_chat_without_max_tokens_is_served_at_a_163840_token_context() {
     assert!(!text.contains("\"error\""), "{text}");
     drop(stream); // the client leaves; the sequence is cancelled
 }
+
+fn log_softmax(row: &[f32]) -> Vec<f64> {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = max
+        + row
+            .iter()
+            .map(|&v| (v as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
+    row.iter().map(|&v| v as f64 - lse).collect()
+}
+
+/// The f32 and FP8 golden models (serve_api covers the bf16 one) with the paged cache and
+/// prefix caching on: each golden prompt alone and then 32 concurrent requests over them (which
+/// reuse the cached prompt pages) give the golden ids
+/// (up to a step whose golden margin is ≤ 1e-3) and logprobs within 1e-3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn golden_ids_and_logprobs_among_32_concurrent_requests_on_the_other_models() {
+    for name in ["tiny-dsv3", "tiny-dsv3-fp8"] {
+        let g = golden(name);
+        let steps = f32_tensors(
+            &fixture(name).join("golden/golden_extra.safetensors"),
+            |n| n.ends_with("step_logits"),
+        );
+        let s = serve_model(&fixture(name), &[]);
+        let c = reqwest::Client::new();
+        // Each prompt alone first (its full pages are then cached), then 32 at once.
+        let mut answers = Vec::new();
+        for i in 0..4 {
+            let r = post(&c, &url(&s, "/v1/completions"), &body(&prompt(&g, i), 24)).await;
+            answers.push((i, r));
+        }
+        let before = metrics(&c, &s).await;
+        let requests = (0..32).map(|k| {
+            let (c, u, b) = (
+                c.clone(),
+                url(&s, "/v1/completions"),
+                body(&prompt(&g, k % 4), 24),
+            );
+            async move { (k % 4, post(&c, &u, &b).await) }
+        });
+        answers.extend(futures::future::join_all(requests).await);
+        for (i, (st, resp)) in answers {
+            assert_eq!(st, StatusCode::OK, "{resp}");
+            let (got, lps) = answer(&resp);
+            let want = ids(&g["results"][i]["generated_ids"]);
+            let rows = &steps[&format!("greedy.prompt_{i}.step_logits")];
+            for step in 0..24 {
+                if got[step] != want[step] {
+                    let m = g["results"][i]["greedy_margins"][step].as_f64().expect("m");
+                    assert!(m <= 1e-3, "{name} prompt_{i} step {step}: margin {m}");
+                    break;
+                }
+                let gold = log_softmax(&rows[step * 512..(step + 1) * 512])[got[step] as usize];
+                assert!(
+                    (lps[step] - gold).abs() <= 1e-3,
+                    "{name} prompt_{i} step {step}: logprob {} vs {gold}",
+                    lps[step]
+                );
+            }
+        }
+        let m = metrics(&c, &s).await;
+        // prompt_2 has 2 full pages before its last token, prompt_3 24: each reused 8 times.
+        let key = "moe_prefix_cache_hits_total";
+        let hits = get(&m, key) - get(&before, key);
+        assert!(hits >= 8.0 * 26.0, "{name}: {hits} pages reused");
+    }
+}
