@@ -11,11 +11,11 @@
 
 use rayon::prelude::*;
 
+use crate::cache::{KvLayout, SeqCache};
 use crate::checkpoint::Checkpoint;
 use crate::config::Config;
 use crate::error::Result;
 use crate::kernels::{self, Linear};
-use crate::kv_cache::SeqCache;
 use crate::rope::Rope;
 
 /// Epsilon of `q_a_layernorm` and `kv_a_layernorm` (their module default in the reference).
@@ -204,21 +204,10 @@ impl Mla {
         }
         outs.par_iter_mut().for_each(|(s, out)| {
             s.cache
-                .append(layer, &kv[s.start * width..(s.start + s.count) * width]);
-            let cached = s.cache.len() + s.count;
+                .write(layer, &kv[s.start * width..(s.start + s.count) * width]);
             let first_pos = s.cache.len();
             let rows = &qcat[s.start * h * width..(s.start + s.count) * h * width];
-            attend(
-                s.cache.layer(layer),
-                cached,
-                first_pos,
-                rows,
-                h,
-                width,
-                lora,
-                self.scale,
-                out,
-            );
+            attend(s.cache, layer, first_pos, rows, (h, lora), self.scale, out);
         });
 
         // Values [T, H*v] through W_UV, then o_proj.
@@ -255,23 +244,25 @@ fn heads<'a>(
 }
 
 /// Causal attention of `rows` (`[n, H, width]` absorbed queries of tokens at positions
-/// `first_pos..first_pos+n`) over `cache` (`cached` rows of `[c_kv | k_pe]`); writes the
-/// latent outputs `[n, H, lora]`.
-#[allow(clippy::too_many_arguments)]
+/// `first_pos..first_pos+n`) over the pages of `cache` (`[c_kv | k_pe]` rows of `layer`, the
+/// `n` new ones included), read in place; writes the latent outputs `[n, H, lora]`. Scores are
+/// computed page by page into one row per query, so the softmax sees every key at once.
 fn attend(
-    cache: &[f32],
-    cached: usize,
+    cache: &SeqCache,
+    layer: usize,
     first_pos: usize,
     rows: &[f32],
-    h: usize,
-    width: usize,
-    lora: usize,
+    (h, lora): (usize, usize),
     scale: f32,
     out: &mut [f32],
 ) {
+    let layout: KvLayout = *cache.layout();
+    let (width, pt) = (layout.width, layout.page_tokens);
     let n = rows.len() / (h * width);
+    let cached = first_pos + n;
     let chunk = (MAX_SCORE_ELEMS / (h * cached).max(1)).clamp(1, n.max(1));
     let mut scores = vec![0.0f32; chunk * h * cached];
+    let mut scratch = Vec::new();
     let mut t0 = 0;
     while t0 < n {
         let tc = chunk.min(n - t0);
@@ -279,31 +270,49 @@ fn attend(
         let visible = first_pos + t0 + tc;
         let m = tc * h;
         let s = &mut scores[..m * visible];
-        kernels::matmul_nt(
-            s,
-            visible,
-            &rows[t0 * h * width..],
-            width,
-            cache,
-            width,
-            (m, visible, width),
-            scale,
-        );
+        let q = &rows[t0 * h * width..];
+        for (p, page) in cache.pages().iter().enumerate() {
+            let k0 = p * pt;
+            if k0 >= visible {
+                break;
+            }
+            let np = pt.min(visible - k0);
+            let keys = page.rows_f32(&layout, layer, np, &mut scratch);
+            kernels::matmul_nt(
+                &mut s[k0..],
+                visible,
+                q,
+                width,
+                keys,
+                width,
+                (m, np, width),
+                scale,
+            );
+        }
         for (ri, row) in s.chunks_exact_mut(visible).enumerate() {
             let pos = first_pos + t0 + ri / h;
             let (live, masked) = row.split_at_mut(pos + 1);
             masked.fill(0.0);
             kernels::softmax(live);
         }
-        kernels::matmul_nn(
-            &mut out[t0 * h * lora..],
-            lora,
-            s,
-            visible,
-            cache,
-            width,
-            (m, lora, visible),
-        );
+        for (p, page) in cache.pages().iter().enumerate() {
+            let k0 = p * pt;
+            if k0 >= visible {
+                break;
+            }
+            let np = pt.min(visible - k0);
+            let vals = page.rows_f32(&layout, layer, np, &mut scratch);
+            kernels::matmul_nn_acc(
+                &mut out[t0 * h * lora..],
+                lora,
+                &s[k0..],
+                visible,
+                vals,
+                width,
+                (m, lora, np),
+                p > 0,
+            );
+        }
         t0 += tc;
     }
 }

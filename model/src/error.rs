@@ -49,6 +49,9 @@ pub enum ModelError {
         rows: Vec<usize>,
         reason: String,
     },
+    /// The KV-cache pool has no page left for a forward pass (the scheduler preempts first).
+    #[error("KV cache full: {needed} pages needed, {free} free")]
+    KvCacheFull { needed: usize, free: usize },
     /// Writing an output file failed.
     #[error("cannot write {path}: {reason}")]
     Write { path: PathBuf, reason: String },

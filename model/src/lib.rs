@@ -4,7 +4,7 @@
 //! - [`config`]: `config.json`, typed and validated.
 //! - [`checkpoint`]: memory-mapped safetensors (sharded, bf16/f32/f16/FP8) read tensor by tensor.
 //! - [`kernels`]: GEMM over packed bf16 panels (AVX-512) or `faer`, RMSNorm, SiLU, softmax.
-//! - [`rope`], [`attention`], [`kv_cache`]: YaRN RoPE and MLA attention over a compressed cache.
+//! - [`rope`], [`attention`], [`cache`]: YaRN RoPE and MLA attention over the paged latent cache.
 //! - [`gate`], [`mlp`], [`moe`]: the router gate, dense/expert FFNs and the expert-backend seam
 //!   that the distributed router plugs into.
 //! - [`model`]: the backbone (everything but routed experts) and the full forward pass.
@@ -12,12 +12,12 @@
 
 mod absorb;
 pub mod attention;
+pub mod cache;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod gate;
 pub mod kernels;
-pub mod kv_cache;
 pub mod mlp;
 pub mod model;
 pub mod moe;
@@ -26,9 +26,9 @@ pub mod rope;
 pub mod sampling;
 pub mod tensor;
 
+pub use cache::{KvCacheDtype, KvDtype, KvLayout, KvPool, SeqCache};
 pub use config::Config;
 pub use error::{DispatchClass, ModelError, Result};
-pub use kv_cache::SeqCache;
 pub use model::{Backbone, LoadOptions, LogitsMode, Model, SeqInput, Trace};
 pub use moe::{Assignments, ExpertBackend, ExpertStore, LocalExperts, PendingExperts};
 pub use tensor::Matrix;

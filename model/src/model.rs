@@ -13,12 +13,12 @@ use std::path::Path;
 use rayon::prelude::*;
 
 use crate::attention::{self, Mla, SeqSlot};
+use crate::cache::SeqCache;
 use crate::checkpoint::{Checkpoint, ProgressFn, TensorFilter, WeightData};
 use crate::config::Config;
 use crate::error::{ModelError, Result};
 use crate::gate::{Gate, Routing};
 use crate::kernels::{self, Linear};
-use crate::kv_cache::SeqCache;
 use crate::mlp::Mlp;
 use crate::moe::{ExpertBackend, ExpertStore, LocalExperts};
 use crate::rope::{self, Rope};
@@ -224,6 +224,16 @@ impl Backbone {
         if let Some(tr) = trace.as_deref_mut() {
             tr.embed = Matrix::from_vec(t, hid, h.clone());
         }
+        for i in 0..seqs.len() {
+            let (done, rest) = seqs.split_at_mut(i);
+            let s = &mut rest[0];
+            if let Err(e) = s.cache.prepare(s.tokens) {
+                for (d, &len) in done.iter_mut().zip(&before) {
+                    d.cache.truncate(len);
+                }
+                return Err(e);
+            }
+        }
         let (cos, sin) = self.rope.tables(&positions);
         let eps = self.cfg.rms_norm_eps as f32;
 
@@ -302,7 +312,7 @@ impl Backbone {
             }
         };
         for s in seqs.iter_mut() {
-            s.cache.commit(s.tokens.len());
+            s.cache.commit();
         }
 
         // Final norm and LM head on the rows that need logits.

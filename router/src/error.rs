@@ -127,6 +127,7 @@ impl From<moe_model::ModelError> for ApiError {
                 class: moe_model::DispatchClass::Unavailable,
                 ..
             } => ApiError::Unavailable(e.to_string()),
+            moe_model::ModelError::KvCacheFull { .. } => ApiError::Unavailable(e.to_string()),
             // Internal dispatch errors, a local backend's, and everything else: not the client's
             // fault, and not a missing expert either.
             other => ApiError::Internal(other.to_string()),

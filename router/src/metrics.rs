@@ -30,12 +30,22 @@ pub const BATCH_SEQUENCES: &str = "moe_batch_sequences";
 pub const BATCH_TOKENS: &str = "moe_batch_tokens";
 /// Engine step duration.
 pub const STEP_SECONDS: &str = "moe_step_seconds";
-/// KV-cache tokens reserved by admitted sequences.
+/// KV-cache tokens in pages held by sequences (pages × tokens per page).
 pub const KV_USED_TOKENS: &str = "moe_kv_cache_used_tokens";
-/// KV-cache capacity in tokens.
+/// KV-cache capacity in tokens (pages × tokens per page).
 pub const KV_CAPACITY_TOKENS: &str = "moe_kv_cache_capacity_tokens";
-/// Reserved share of the KV cache, 0..1.
+/// Share of the KV pages held by sequences, 0..1.
 pub const KV_USAGE: &str = "moe_kv_cache_usage_ratio";
+/// KV pages in the prefix index (shared or evictable).
+pub const KV_CACHED_PAGES: &str = "moe_kv_cache_prefix_pages";
+/// Full prompt pages looked up in the prefix index.
+pub const PREFIX_QUERIES: &str = "moe_prefix_cache_queries_total";
+/// Full prompt pages found in the prefix index (reused, not recomputed).
+pub const PREFIX_HITS: &str = "moe_prefix_cache_hits_total";
+/// `PREFIX_HITS / PREFIX_QUERIES` since start, 0..1.
+pub const PREFIX_HIT_RATE: &str = "moe_prefix_cache_hit_rate";
+/// Sequences preempted (their pages freed, recomputed when resumed) because pages ran out.
+pub const PREEMPTIONS: &str = "moe_kv_preemptions_total";
 /// Sequences cancelled because their client went away.
 pub const CANCELLED: &str = "moe_cancelled_sequences_total";
 /// Dispatch round trip to one expert node, by `node`.
@@ -126,10 +136,27 @@ fn describe() {
     h!(STEP_SECONDS, Unit::Seconds, "Engine step duration.");
     g!(
         KV_USED_TOKENS,
-        "KV-cache tokens reserved by admitted sequences."
+        "KV-cache tokens in pages held by sequences."
     );
     g!(KV_CAPACITY_TOKENS, "KV-cache capacity in tokens.");
-    g!(KV_USAGE, "Reserved share of the KV cache, 0 to 1.");
+    g!(
+        KV_USAGE,
+        "Share of the KV-cache pages held by sequences, 0 to 1."
+    );
+    g!(KV_CACHED_PAGES, "KV-cache pages in the prefix index.");
+    c!(
+        PREFIX_QUERIES,
+        "Full prompt pages looked up in the prefix cache."
+    );
+    c!(PREFIX_HITS, "Full prompt pages found in the prefix cache.");
+    g!(
+        PREFIX_HIT_RATE,
+        "Prefix-cache hits per page looked up since start, 0 to 1."
+    );
+    c!(
+        PREEMPTIONS,
+        "Sequences preempted for KV pages (recomputed when resumed)."
+    );
     c!(
         CANCELLED,
         "Sequences cancelled because their client went away."
@@ -215,6 +242,7 @@ pub fn install() -> PrometheusHandle {
             // has data and a first event is not lost to a missing previous sample.
             metrics::counter!(CANCELLED).absolute(0);
             metrics::counter!(DISPATCH_FAILED_SEQUENCES).absolute(0);
+            metrics::counter!(PREEMPTIONS).absolute(0);
             handle
         })
         .clone()

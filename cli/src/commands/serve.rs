@@ -6,9 +6,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use moe_model::SeqCache;
 use moe_router::http::AppState;
-use moe_router::scheduler::{Scheduler, SchedulerConfig};
+use moe_router::scheduler::{KvConfig, Scheduler, SchedulerConfig};
 use moe_router::tokenize::TextCodec;
 use moe_router::validation::Limits;
 use moe_router::{Engine, RemoteExperts};
@@ -35,9 +34,24 @@ pub struct ServeArgs {
     /// Requests waiting for admission before new ones get 429.
     #[arg(long, env = "MOE_MAX_WAITING", default_value_t = 1024)]
     max_waiting: usize,
-    /// KV-cache memory budget, bytes (prompt + max_tokens is reserved per sequence).
+    /// KV-cache memory budget, bytes (pages of --kv-page-tokens tokens; sequences are admitted
+    /// by the pages their prompt needs and preempted when pages run out).
     #[arg(long, env = "MOE_KV_CACHE_BYTES", default_value_t = 4 << 30)]
     kv_cache_bytes: usize,
+    /// Tokens per KV-cache page.
+    #[arg(long, env = "MOE_KV_PAGE_TOKENS", default_value_t = moe_model::cache::DEFAULT_PAGE_TOKENS)]
+    kv_page_tokens: usize,
+    /// KV-cache element type: auto (follows the model; f32 for now, see docs/ARCHITECTURE.md),
+    /// bf16 (half the memory) or f32.
+    #[arg(long, env = "MOE_KV_CACHE_DTYPE", default_value = "auto")]
+    kv_cache_dtype: moe_model::KvCacheDtype,
+    /// Do not share KV pages between requests with the same prompt prefix.
+    #[arg(long, env = "MOE_NO_PREFIX_CACHING")]
+    no_prefix_caching: bool,
+    /// Longest context (prompt plus generated tokens) a request may have; default: the model's
+    /// context length, capped by what the KV-cache budget holds for one sequence.
+    #[arg(long, env = "MOE_MAX_MODEL_LEN")]
+    max_model_len: Option<usize>,
     /// Largest request body, bytes.
     #[arg(long, env = "MOE_MAX_BODY_BYTES", default_value_t = 8 << 20)]
     max_body_bytes: usize,
@@ -236,12 +250,24 @@ pub fn app_state(
     let dir = a.model_dir()?;
     let codec = Arc::new(TextCodec::from_dir(&dir).map_err(anyhow::Error::msg)?);
     let cfg = engine.config().clone();
-    let per_token = SeqCache::new(&cfg).bytes_per_token().max(1);
+    anyhow::ensure!(
+        (1..=4096).contains(&a.kv_page_tokens),
+        "--kv-page-tokens must be in 1..=4096, got {}",
+        a.kv_page_tokens
+    );
+    let kv = KvConfig {
+        budget_bytes: a.kv_cache_bytes,
+        page_tokens: a.kv_page_tokens,
+        dtype: a.kv_cache_dtype,
+        prefix_caching: !a.no_prefix_caching,
+    };
+    let context = moe_router::scheduler::max_model_len(&cfg, &kv, a.max_model_len)
+        .map_err(anyhow::Error::msg)?;
     let sched_cfg = SchedulerConfig {
         max_batch_tokens: a.max_batch_tokens,
         max_running: a.max_running,
         max_waiting: a.max_waiting,
-        kv_cache_tokens: a.kv_cache_bytes / per_token,
+        kv,
         panic_at_step: a.debug_panic_engine_at_step,
     };
     let name = a.served_model_name.clone().unwrap_or_else(|| {
@@ -251,10 +277,11 @@ pub fn app_state(
     let limits = Limits {
         model_name: name,
         vocab: cfg.vocab_size,
-        context: cfg.max_position_embeddings,
+        context,
     };
     tracing::info!(
-        kv_cache_tokens = sched_cfg.kv_cache_tokens,
+        kv_cache_tokens = sched_cfg.kv.tokens(&cfg),
+        max_model_len = context,
         "scheduler limits"
     );
     let keys: Vec<String> = a.api_keys.iter().map(|k| k.0.clone()).collect();

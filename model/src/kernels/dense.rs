@@ -63,7 +63,22 @@ pub fn matmul_nn(
     lda: usize,
     b: &[f32],
     ldb: usize,
+    dims: (usize, usize, usize),
+) {
+    matmul_nn_acc(c, ldc, a, lda, b, ldb, dims, false);
+}
+
+/// `c[m, n] (+)= a[m, k] · b[k, n]`: adds to `c` when `accumulate`, else replaces it.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_nn_acc(
+    c: &mut [f32],
+    ldc: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
     (m, n, k): (usize, usize, usize),
+    accumulate: bool,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -71,7 +86,11 @@ pub fn matmul_nn(
     let dst = view_mut(c, m, n, ldc);
     matmul(
         dst,
-        Accum::Replace,
+        if accumulate {
+            Accum::Add
+        } else {
+            Accum::Replace
+        },
         view(a, m, k, lda),
         view(b, k, n, ldb),
         1.0,

@@ -7,7 +7,7 @@ mod dense;
 mod linear;
 mod pack;
 
-pub use dense::{matmul_nn, matmul_nt};
+pub use dense::{matmul_nn, matmul_nn_acc, matmul_nt};
 pub use linear::{
     GemmJob, KernelChoice, Linear, forward_grouped, kernel_choice, products, set_kernel_choice,
 };

@@ -1,16 +1,19 @@
 //! The continuous-batching scheduler: an actor owning every sequence and the engine.
 //!
 //! Each step batches one decode token of every running sequence that has finished its prompt
-//! plus prefill chunks of the others, under a token budget. Sequences are admitted from the
-//! waiting queue only while the KV cache can hold their prompt plus `max_tokens` (reserved up
-//! front, so a running sequence never runs out of cache); past `max_waiting` new requests are
-//! refused with 429. A sequence leaves the batch the step it finishes; a client that goes away
+//! plus prefill chunks of the others, under a token budget. The KV cache is a pool of pages
+//! (`moe_model::cache`): sequences are admitted by the pages their prompt needs plus decode
+//! headroom ([`admission`]), reuse cached pages of a shared prefix, and when a step needs more
+//! pages than are free the youngest sequences are preempted and later recomputed ([`kv`]);
+//! past `max_waiting` new requests are refused with 429. A sequence leaves the batch the step it finishes; a client that goes away
 //! (its event receiver dropped) is cancelled and its cache freed at the start of the next step.
 //! The engine runs on its own thread; the handle is a cheap clone around a channel. After each
 //! step the sequences' tokens are sampled, their logprobs computed and their text
 //! detokenized in parallel on the rayon pool (each sequence has its own RNG and detokenizer, so
 //! results do not depend on the batch or the thread).
 
+mod admission;
+pub mod kv;
 mod sequence;
 
 use std::collections::VecDeque;
@@ -19,10 +22,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use moe_model::model::{LogitsMode, SeqInput};
-use moe_model::{Matrix, SeqCache};
+use moe_model::{KvPool, Matrix, ModelError, SeqCache};
 use rayon::prelude::*;
 use tokio::sync::mpsc;
 
+pub use kv::{KvConfig, max_model_len};
 use sequence::Seq;
 pub use sequence::{Event, FinishReason, GenerationRequest, TokenLogprob};
 
@@ -40,8 +44,8 @@ pub struct SchedulerConfig {
     pub max_running: usize,
     /// Requests waiting for admission before new ones get 429.
     pub max_waiting: usize,
-    /// KV-cache capacity in tokens.
-    pub kv_cache_tokens: usize,
+    /// The paged KV cache.
+    pub kv: KvConfig,
     /// Test hook: the engine thread panics at this step (1-based), to exercise what a panic
     /// does to readiness and to the process.
     pub panic_at_step: Option<u64>,
@@ -53,7 +57,7 @@ impl Default for SchedulerConfig {
             max_batch_tokens: 2048,
             max_running: 256,
             max_waiting: 1024,
-            kv_cache_tokens: 1 << 16,
+            kv: KvConfig::default(),
             panic_at_step: None,
         }
     }
@@ -70,6 +74,7 @@ struct Command {
 pub struct Stats {
     pub waiting: AtomicUsize,
     pub running: AtomicUsize,
+    /// Tokens in KV pages held by sequences.
     pub kv_used: AtomicUsize,
     pub alive: AtomicBool,
     /// Set (to `true` for a panic) when the engine thread ends.
@@ -108,6 +113,7 @@ pub struct Scheduler {
     tx: std::sync::mpsc::Sender<Command>,
     stats: Arc<Stats>,
     cfg: SchedulerConfig,
+    pool: KvPool,
 }
 
 impl std::fmt::Debug for Scheduler {
@@ -122,9 +128,21 @@ impl Scheduler {
         let (tx, rx) = std::sync::mpsc::channel();
         let stats = Arc::new(Stats::default());
         stats.alive.store(true, Ordering::SeqCst);
-        metrics::gauge!(m::KV_CAPACITY_TOKENS).set(cfg.kv_cache_tokens as f64);
+        let pool = cfg.kv.pool(engine.config());
+        let layout = *pool.layout();
+        metrics::gauge!(m::KV_CAPACITY_TOKENS)
+            .set((pool.stats().capacity * layout.page_tokens) as f64);
+        tracing::info!(
+            pages = pool.stats().capacity,
+            page_tokens = layout.page_tokens,
+            dtype = layout.dtype.as_str(),
+            bytes_per_token = layout.bytes_per_token(),
+            prefix_caching = pool.prefix_caching(),
+            "KV cache"
+        );
         let loop_ = Loop {
             _alive: AliveGuard(stats.clone()),
+            pool: pool.clone(),
             engine,
             codec,
             cfg: cfg.clone(),
@@ -141,7 +159,17 @@ impl Scheduler {
             tracing::error!(error = %e, "cannot start the scheduler thread");
             stats.alive.store(false, Ordering::SeqCst);
         }
-        Scheduler { tx, stats, cfg }
+        Scheduler {
+            tx,
+            stats,
+            cfg,
+            pool,
+        }
+    }
+
+    /// The KV-cache pool.
+    pub fn pool(&self) -> &KvPool {
+        &self.pool
     }
 
     /// The limits.
@@ -168,13 +196,12 @@ impl Scheduler {
         &self,
         req: GenerationRequest,
     ) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
-        let need = req.prompt.len() + req.max_tokens;
-        if need > self.cfg.kv_cache_tokens {
+        let l = self.pool.layout();
+        let holds = self.pool.stats().capacity * l.page_tokens;
+        if req.prompt.len() + 1 > holds {
             return Err(ApiError::bad_request(format!(
-                "prompt ({} tokens) plus max_tokens ({}) exceeds the KV-cache capacity of {} tokens",
+                "the prompt ({} tokens) does not fit the KV cache ({holds} tokens)",
                 req.prompt.len(),
-                req.max_tokens,
-                self.cfg.kv_cache_tokens
             )));
         }
         let waiting = self.stats.waiting.fetch_add(1, Ordering::SeqCst);
@@ -200,6 +227,7 @@ struct Loop {
     /// First field, so dropped first: the engine is marked dead before the sequences' event
     /// channels close (a handler that sees its channel close then finds `/ready` at 503).
     _alive: AliveGuard,
+    pool: KvPool,
     engine: Engine,
     codec: Arc<TextCodec>,
     cfg: SchedulerConfig,
@@ -234,13 +262,9 @@ impl Loop {
 
     fn enqueue(&mut self, cmd: Command) {
         self.next_id += 1;
-        let cache = SeqCache::new(self.engine.config());
+        let cache = SeqCache::in_pool(&self.pool);
         self.waiting
             .push_back(Seq::new(self.next_id, cmd.req, cache, cmd.events, cmd.span));
-    }
-
-    fn kv_used(&self) -> usize {
-        self.running.iter().map(Seq::reserved_tokens).sum()
     }
 
     fn drop_cancelled(&mut self) {
@@ -258,25 +282,9 @@ impl Loop {
         }
     }
 
-    fn admit(&mut self) {
-        let mut used = self.kv_used();
-        while let Some(front) = self.waiting.front() {
-            if self.running.len() >= self.cfg.max_running
-                || used + front.reserved_tokens() > self.cfg.kv_cache_tokens
-            {
-                break;
-            }
-            used += front.reserved_tokens();
-            if let Some(mut seq) = self.waiting.pop_front() {
-                self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
-                seq.phase = tracing::info_span!(parent: &seq.span, "engine.prefill", prompt_tokens = seq.req.prompt.len());
-                self.running.push(seq);
-            }
-        }
-    }
-
     fn publish(&self) {
-        let used = self.kv_used();
+        let st = self.pool.stats();
+        let used = st.used() * self.pool.layout().page_tokens;
         self.stats
             .running
             .store(self.running.len(), Ordering::SeqCst);
@@ -284,32 +292,50 @@ impl Loop {
         metrics::gauge!(m::RUNNING).set(self.running.len() as f64);
         metrics::gauge!(m::WAITING).set(self.waiting.len() as f64);
         metrics::gauge!(m::KV_USED_TOKENS).set(used as f64);
-        metrics::gauge!(m::KV_USAGE).set(used as f64 / self.cfg.kv_cache_tokens.max(1) as f64);
+        metrics::gauge!(m::KV_USAGE).set(st.used() as f64 / st.capacity.max(1) as f64);
+        metrics::gauge!(m::KV_CACHED_PAGES).set(st.cached as f64);
+        metrics::counter!(m::PREFIX_QUERIES).absolute(st.queried);
+        metrics::counter!(m::PREFIX_HITS).absolute(st.hits);
+        if st.queried > 0 {
+            metrics::gauge!(m::PREFIX_HIT_RATE).set(st.hits as f64 / st.queried as f64);
+        }
     }
 
-    /// One engine step over the running sequences.
-    fn step(&mut self) {
-        let started = Instant::now();
-        // Decode tokens first (latency), then prefill chunks in arrival order.
+    /// This step's inputs: a decode token of every decoding sequence, then prefill chunks in
+    /// arrival order, under the token budget.
+    fn plan(&self) -> Vec<(usize, Vec<u32>)> {
         let mut budget = self.cfg.max_batch_tokens.max(1);
         let mut inputs: Vec<(usize, Vec<u32>)> = Vec::new();
         for (i, s) in self.running.iter().enumerate() {
-            if s.prefilled() && budget > 0 {
+            if s.decoding() && budget > 0 {
                 inputs.push((i, s.next_input(1)));
                 budget -= 1;
             }
         }
         for (i, s) in self.running.iter().enumerate() {
-            if !s.prefilled() && budget > 0 {
+            if !s.decoding() && budget > 0 {
                 let chunk = s.next_input(budget);
                 budget -= chunk.len();
                 inputs.push((i, chunk));
             }
         }
+        inputs
+    }
+
+    /// One engine step over the running sequences.
+    fn step(&mut self) {
+        let started = Instant::now();
+        // Decode tokens first (latency), then prefill chunks; preempt while pages are short
+        // (the last sequence left always fits: --max-model-len is within the budget).
+        let mut inputs = self.plan();
+        while self.running.len() > 1 && self.pages_needed(&inputs) > self.pool.stats().free() {
+            self.preempt_youngest();
+            inputs = self.plan();
+        }
         let tokens: usize = inputs.iter().map(|(_, t)| t.len()).sum();
         let prefill_tokens: usize = inputs
             .iter()
-            .filter(|(i, _)| !self.running[*i].prefilled())
+            .filter(|(i, _)| !self.running[*i].decoding())
             .map(|(_, t)| t.len())
             .sum();
         metrics::histogram!(m::BATCH_SEQUENCES).record(inputs.len() as f64);
@@ -330,9 +356,15 @@ impl Loop {
         }
         let _e = span.enter();
         let mut failed: Vec<(usize, ApiError)> = Vec::new();
+        let mut preempt = false;
         let logits = loop {
             match self.forward(&inputs) {
                 Ok(logits) => break logits,
+                Err(ModelError::KvCacheFull { .. }) if self.running.len() > 1 => {
+                    // Only when the pages counted free could not be had; the next step retries.
+                    preempt = true;
+                    break Vec::new();
+                }
                 Err(e) => {
                     let hit = hit_inputs(&inputs, &e);
                     let err = ApiError::from(e);
@@ -362,7 +394,9 @@ impl Loop {
                 }
             }
         }
-        if !inputs.is_empty() {
+        if preempt {
+            self.preempt_youngest();
+        } else if !inputs.is_empty() {
             self.after_step(&inputs, &logits);
         }
     }
@@ -402,8 +436,8 @@ impl Loop {
             .zip(rows.par_iter())
             .map(|(s, row)| {
                 let row = (*row)?;
-                if !s.prefilled() {
-                    return None; // a prefill chunk that did not finish the prompt
+                if !s.caught_up() {
+                    return None; // a prefill chunk that did not reach the end of the context
                 }
                 let span = s.span.clone();
                 let _e = span.enter();
@@ -416,9 +450,9 @@ impl Loop {
                     top: t.top,
                 });
                 let now = Instant::now();
+                s.phase = tracing::Span::none(); // prefill (or recomputation) done
                 if s.first_token_at.is_none() {
                     s.first_token_at = Some(now);
-                    s.phase = tracing::Span::none(); // prefill done
                     metrics::histogram!(m::TTFT).record((now - s.arrived).as_secs_f64());
                 }
                 metrics::counter!(m::GENERATED_TOKENS).increment(1);

@@ -86,6 +86,8 @@ pub(crate) struct Seq {
     detok: Detokenizer,
     /// Output text produced but not yet sent (a possible stop-string prefix).
     held: String,
+    /// Times the sequence lost its cache to preemption.
+    pub preemptions: u32,
 }
 
 impl Seq {
@@ -108,28 +110,64 @@ impl Seq {
             span,
             detok: Detokenizer::default(),
             held: String::new(),
+            preemptions: 0,
         }
     }
 
-    /// KV-cache tokens this sequence may use (reserved at admission).
-    pub fn reserved_tokens(&self) -> usize {
-        self.req.prompt.len() + self.req.max_tokens
+    /// Tokens of the context: the prompt, then the tokens generated so far.
+    pub fn context_len(&self) -> usize {
+        self.req.prompt.len() + self.output.len()
     }
 
-    /// Whether the prompt is fully in the cache.
-    pub fn prefilled(&self) -> bool {
-        self.cache.len() >= self.req.prompt.len()
+    fn context(&self, range: std::ops::Range<usize>) -> Vec<u32> {
+        let p = self.req.prompt.len();
+        range
+            .map(|i| {
+                if i < p {
+                    self.req.prompt[i]
+                } else {
+                    self.output[i - p]
+                }
+            })
+            .collect()
     }
 
-    /// The tokens to feed next: a prefill chunk of at most `budget`, or the last sampled token.
+    /// Whether only the last sampled token is missing from the cache (one decode token next).
+    /// Otherwise the sequence is prefilling: its prompt, or, after a preemption, its prompt and
+    /// output again.
+    pub fn decoding(&self) -> bool {
+        !self.output.is_empty() && self.cache.len() + 1 == self.context_len()
+    }
+
+    /// Whether the whole context is in the cache, so the last step's logits give the next token.
+    pub fn caught_up(&self) -> bool {
+        self.cache.len() == self.context_len()
+    }
+
+    /// Tokens of generation left before `max_tokens`.
+    pub fn remaining(&self) -> usize {
+        self.req.max_tokens.saturating_sub(self.output.len())
+    }
+
+    /// The tokens to feed next: up to `budget` context tokens not yet cached (one, the last
+    /// sampled token, while decoding).
     pub fn next_input(&self, budget: usize) -> Vec<u32> {
-        if self.prefilled() {
-            self.output.last().map(|&t| vec![t]).unwrap_or_default()
-        } else {
-            let start = self.cache.len();
-            let end = (start + budget).min(self.req.prompt.len());
-            self.req.prompt[start..end].to_vec()
-        }
+        let start = self.cache.len();
+        let end = (start + budget).min(self.context_len());
+        self.context(start..end)
+    }
+
+    /// Frees the cache (preemption by recompute): the context is prefilled again on resumption,
+    /// and generation continues from where it stopped (nothing is sent twice).
+    pub fn preempt(&mut self) {
+        self.cache.release();
+        self.preemptions += 1;
+    }
+
+    /// Reuses cached pages of the context's prefix (when the pool shares prefixes).
+    pub fn adopt_prefix(&mut self) -> usize {
+        let ctx = self.context(0..self.context_len());
+        self.cache.adopt_prefix(&ctx)
     }
 
     /// Whether the client went away.

@@ -113,6 +113,7 @@ fn a_dispatch_failure_fails_only_the_sequences_that_needed_the_missing_experts()
     let cfg = SchedulerConfig::default();
     let mut l = Loop {
         _alive: AliveGuard(Arc::new(Stats::default())),
+        pool: cfg.kv.pool(engine.config()),
         engine,
         codec,
         cfg,
