@@ -135,6 +135,8 @@ pub struct RemoteExperts {
     /// Tokens routed per (layer, expert), for load-driven placement.
     pub loads: LoadWindow,
     steps: AtomicU64,
+    /// Whether node clients dial their nodes (false: a router with no data plane).
+    connect: bool,
 }
 
 struct InFlight {
@@ -174,6 +176,17 @@ impl RemoteExperts {
             version: watch::channel(0).0,
             loads: LoadWindow::new(Duration::from_secs(60), 12),
             steps: AtomicU64::new(0),
+            connect: true,
+        }
+    }
+
+    /// Like [`RemoteExperts::empty`], but node clients never dial their nodes: the control
+    /// plane of a router (following placements, publishing loads) without its data plane, for
+    /// the fleet simulator. Every dispatch finds every node down.
+    pub fn unconnected(hidden: usize, opts: DispatchOptions, handle: Handle) -> RemoteExperts {
+        RemoteExperts {
+            connect: false,
+            ..RemoteExperts::empty(hidden, opts, handle)
         }
     }
 
@@ -188,7 +201,13 @@ impl RemoteExperts {
                         .entry(a.clone())
                         .or_insert_with(|| {
                             crate::metrics::new_node(a);
-                            ExpertClient::spawn(a.clone(), self.opts.max_message_bytes)
+                            match self.connect {
+                                true => ExpertClient::spawn(a.clone(), self.opts.max_message_bytes),
+                                false => ExpertClient::unconnected(
+                                    a.clone(),
+                                    self.opts.max_message_bytes,
+                                ),
+                            }
                         })
                         .clone()
                 })
