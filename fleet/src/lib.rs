@@ -41,6 +41,9 @@ pub struct FleetConfig {
     pub restarts: Option<usize>,
     /// Time a restarted node is away (process exit to registration).
     pub restart_gap: Duration,
+    /// Wall-time budget of each scenario's waits (`None`: none); a scenario out of it stops
+    /// and says so.
+    pub wall_limit: Option<Duration>,
 }
 
 impl Default for FleetConfig {
@@ -59,6 +62,7 @@ impl Default for FleetConfig {
             steady: Duration::from_secs(600),
             restarts: None,
             restart_gap: Duration::from_secs(10),
+            wall_limit: None,
         }
     }
 }

@@ -18,7 +18,7 @@ pub struct Report {
     pub bytes_written: u64,
     pub events_delivered: u64,
     pub bytes_delivered: u64,
-    /// Largest value written during the scenario, or before it.
+    /// Largest value written during the scenario.
     pub largest_value_bytes: u64,
     /// Over the scenario's simulated time (the steady state's is the measure).
     pub writes_per_s: f64,
@@ -46,6 +46,8 @@ pub struct Report {
     pub refused_no_space: u64,
     /// Most history within the compaction retention (bytes), since the start of the run.
     pub peak_history_bytes: u64,
+    /// The scenario stopped at its wall-time budget (`--wall-limit-s`) before converging.
+    pub out_of_wall_time: bool,
     /// What else the scenario measured (per-restart averages, per-layer compute).
     pub note: String,
 }
@@ -101,6 +103,7 @@ impl Report {
             refused_too_large: counts.refused_too_large,
             refused_no_space: counts.refused_no_space,
             peak_history_bytes: counts.peak_history_bytes,
+            out_of_wall_time: false,
             note: String::new(),
         }
     }
@@ -142,6 +145,7 @@ pub fn table(reports: &[Report]) -> String {
     );
     for r in reports {
         let converge = match (r.converge_s, r.scenario.as_str()) {
+            _ if r.out_of_wall_time => "stopped".into(),
             (Some(c), _) => format!("{c:.1} s"),
             (None, "steady") => "-".into(),
             (None, _) => "never".into(),

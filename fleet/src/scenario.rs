@@ -93,20 +93,23 @@ struct Measure {
 }
 
 impl Measure {
-    fn start(w: &World) -> Measure {
+    fn start(w: &mut World) -> Measure {
+        w.wall_deadline = w.cfg.wall_limit.map(|d| std::time::Instant::now() + d);
+        w.store.reset_maxima();
         Measure {
             counts: w.store.counts(),
             sim: Instant::now(),
             wall: std::time::Instant::now(),
-            rollouts: w.status().rollouts,
+            rollouts: w.rollouts(),
         }
     }
 
     async fn finish(self, w: &World, name: &str, converged: bool) -> Report {
         let sim_s = self.sim.elapsed().as_secs_f64();
+        let out_of_time = w.out_of_wall_time();
         let active = w.active().await;
         let spread = active.as_ref().map(|a| spread(a, &w.moe_layers()));
-        Report::new(
+        let mut r = Report::new(
             name,
             &w.cfg,
             w.store.counts().since(&self.counts),
@@ -114,8 +117,10 @@ impl Measure {
             self.wall.elapsed().as_secs_f64(),
             converged.then_some(sim_s),
             spread,
-            w.status().rollouts.saturating_sub(self.rollouts),
-        )
+            w.rollouts() - self.rollouts,
+        );
+        r.out_of_wall_time = out_of_time;
+        r
     }
 }
 
@@ -140,7 +145,7 @@ pub fn simulate(
         reports.push(r);
         for &s in scenarios {
             let r = match s {
-                Scenario::Steady => steady(&w).await,
+                Scenario::Steady => steady(&mut w).await,
                 Scenario::NodeDeath => node_death(&mut w).await,
                 Scenario::Join(n) => join(&mut w, n).await,
                 Scenario::RollingRestart => rolling_restart(&mut w).await,
@@ -165,7 +170,7 @@ async fn bring_up(w: &mut World) -> Report {
     m.finish(w, "bring-up", ok).await
 }
 
-async fn steady(w: &World) -> Report {
+async fn steady(w: &mut World) -> Report {
     let m = Measure::start(w);
     tokio::time::sleep(w.cfg.steady).await;
     let mut r = m.finish(w, "steady", false).await;
@@ -260,7 +265,7 @@ async fn rolling_restart(w: &mut World) -> Report {
         per(r.rollouts as f64),
         per(r.wall_s),
     );
-    if done < ids.len() && ok {
+    if done < ids.len() && done > 0 {
         r.note.push_str(&format!(
             "; all {} nodes: about {:.0}× these totals",
             ids.len(),

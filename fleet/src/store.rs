@@ -74,7 +74,8 @@ pub struct Counts {
 }
 
 impl Counts {
-    /// What was carried between `before` and `self` (maxima: the later value).
+    /// What was carried between `before` and `self` (maxima: the later value, which covers
+    /// the interval when the maxima were reset at its start).
     pub fn since(&self, before: &Counts) -> Counts {
         Counts {
             writes: self.writes - before.writes,
@@ -167,6 +168,12 @@ impl CountingStore {
             refused_no_space: get(&c.no_space),
             peak_history_bytes: get(&c.peak_history),
         }
+    }
+
+    /// Starts the largest-value and largest-list maxima over (at a scenario's start).
+    pub fn reset_maxima(&self) {
+        self.counters.largest_value.store(0, Ordering::Relaxed);
+        self.counters.largest_list.store(0, Ordering::Relaxed);
     }
 
     /// Checks a write of `request` bytes (the largest value in it: `largest`) against the

@@ -69,6 +69,10 @@ pub struct World {
     routers: Vec<Router>,
     coordinator: Option<(Role, watch::Receiver<CoordinatorStatus>)>,
     coordinators_started: usize,
+    /// Rollouts started by coordinators stopped since.
+    past_rollouts: u64,
+    /// Waits give up once the wall clock passes this (a scenario's wall-time budget).
+    pub wall_deadline: Option<std::time::Instant>,
     _ticker: JoinHandle<()>,
     _traffic: JoinHandle<()>,
 }
@@ -132,6 +136,8 @@ impl World {
             routers: Vec::new(),
             coordinator: None,
             coordinators_started: 0,
+            past_rollouts: 0,
+            wall_deadline: None,
             _ticker: ticker,
             _traffic: tokio::spawn(async {}),
             cfg,
@@ -148,7 +154,8 @@ impl World {
 
     /// Starts a coordinator (the previous one, if any, is stopped first) with `rebalance`.
     pub async fn start_coordinator(&mut self, rebalance: RebalanceConfig) {
-        if let Some((role, _)) = self.coordinator.take() {
+        if let Some((role, status)) = self.coordinator.take() {
+            self.past_rollouts += status.borrow().rollouts;
             role.stop().await;
         }
         self.coordinators_started += 1;
@@ -175,6 +182,17 @@ impl World {
             .as_ref()
             .map(|(_, s)| s.borrow().clone())
             .unwrap_or_default()
+    }
+
+    /// Rollouts started by every coordinator so far.
+    pub fn rollouts(&self) -> u64 {
+        self.past_rollouts + self.status().rollouts
+    }
+
+    /// Whether the scenario's wall-time budget is spent.
+    pub fn out_of_wall_time(&self) -> bool {
+        self.wall_deadline
+            .is_some_and(|d| std::time::Instant::now() >= d)
     }
 
     /// Node ids as the simulator names them.
@@ -327,7 +345,7 @@ impl World {
             if cond().await {
                 return true;
             }
-            if Instant::now() >= deadline {
+            if Instant::now() >= deadline || self.out_of_wall_time() {
                 return false;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

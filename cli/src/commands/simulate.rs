@@ -40,6 +40,9 @@ pub struct Args {
     /// Nodes the rolling restart restarts (default: all); the note extrapolates to all.
     #[arg(long)]
     restarts: Option<usize>,
+    /// Wall-time budget of each scenario, seconds (one out of it stops and says so).
+    #[arg(long)]
+    wall_limit_s: Option<u64>,
     /// Tokens per second each router routes.
     #[arg(long, default_value_t = 2000)]
     tokens_per_s: u64,
@@ -57,13 +60,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         steady: Duration::from_secs(a.steady_s),
         restarts: a.restarts,
         tokens_per_s: a.tokens_per_s,
+        wall_limit: a.wall_limit_s.map(Duration::from_secs),
         ..FleetConfig::default()
     };
+    // Each row as it is made (a fleet-size run takes minutes per scenario).
     let reports = moe_fleet::simulate(&cfg, &scenarios, |r| {
-        eprintln!(
-            "{}: done in {:.1} s wall ({:.1} s simulated)",
-            r.scenario, r.wall_s, r.sim_s
-        )
+        eprint!("{}", moe_fleet::table(std::slice::from_ref(r)))
     })?;
     print!("{}", moe_fleet::table(&reports));
     if let Some(path) = a.json {
