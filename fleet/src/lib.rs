@@ -42,7 +42,8 @@ pub struct FleetConfig {
     /// Time a restarted node is away (process exit to registration).
     pub restart_gap: Duration,
     /// Wall-time budget of each scenario's waits (`None`: none); a scenario out of it stops
-    /// and says so.
+    /// and says so. Checked between polls of simulated time only: while the runtime is busy
+    /// (time frozen, e.g. a rollout's ack storm at 1,000 nodes) it cannot interrupt.
     pub wall_limit: Option<Duration>,
 }
 
