@@ -55,6 +55,8 @@ enum Command {
     /// Inspect the placement of a coordinated cluster.
     #[command(subcommand)]
     Placement(commands::cluster_cmd::PlacementCommand),
+    /// Simulate a fleet's control plane (store traffic, convergence) for capacity planning.
+    Simulate(commands::simulate::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -88,7 +90,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         instance,
         otlp_endpoint: cli.otlp_endpoint.clone(),
     };
-    let _telemetry = moe_meta::telemetry::init(&cli.log, &who).map_err(anyhow::Error::msg)?;
+    // The simulator runs thousands of roles: their info logs would drown the table.
+    let log = match (&cli.command, cli.log.as_str()) {
+        (Command::Simulate(_), "info") => "warn",
+        (_, log) => log,
+    };
+    let _telemetry = moe_meta::telemetry::init(log, &who).map_err(anyhow::Error::msg)?;
     if let Some(n) = cli.threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
@@ -106,5 +113,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Up(a) => commands::up::run(a),
         Command::Cluster(c) => commands::cluster_cmd::run_cluster(c),
         Command::Placement(c) => commands::cluster_cmd::run_placement(c),
+        Command::Simulate(a) => commands::simulate::run(a),
     }
 }

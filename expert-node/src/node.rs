@@ -29,6 +29,8 @@ pub struct ExpertNode {
     pub id: String,
     cfg: Config,
     ckpt: Option<Arc<Checkpoint>>,
+    /// Hosts experts by name only (the fleet simulator's nodes): loads read nothing.
+    weightless: bool,
     state: RwLock<Hosted>,
     fingerprint: String,
     draining: AtomicBool,
@@ -72,6 +74,7 @@ impl ExpertNode {
             id,
             cfg,
             ckpt: None,
+            weightless: false,
             state: RwLock::new(Hosted {
                 store,
                 pairs: hosted,
@@ -82,6 +85,16 @@ impl ExpertNode {
             in_flight: AtomicU64::new(0),
             stats: Default::default(),
         }
+    }
+
+    /// A node that hosts experts by name only: [`ExpertNode::load_pairs`] records the pairs and
+    /// reads no weights, so it "loads" instantly (the fleet simulator's nodes, which exercise
+    /// membership and placement at fleet size; a compute on one finds no weights and fails).
+    pub fn weightless(id: String, cfg: Config) -> ExpertNode {
+        let mut node =
+            ExpertNode::from_store(id, cfg, ExpertStore::default(), &[], BTreeSet::new());
+        node.weightless = true;
+        node
     }
 
     fn read(&self) -> RwLockReadGuard<'_, Hosted> {
@@ -135,6 +148,15 @@ impl ExpertNode {
         if pairs.is_empty() {
             return Ok(());
         }
+        if self.weightless {
+            let mut st = self.write();
+            for &(l, e) in pairs {
+                st.pairs.entry(l).or_default().insert(e);
+            }
+            drop(st);
+            self.stats.record_loads(pairs.len());
+            return Ok(());
+        }
         let ckpt = self.ckpt.as_ref().ok_or_else(|| {
             ModelError::InvalidInput("this node has no checkpoint to load experts from".into())
         })?;
@@ -171,7 +193,9 @@ impl ExpertNode {
             st.store.len()
         };
         // Outside the lock: computes go on while the pages go back.
-        crate::memory::release_to_os();
+        if !self.weightless {
+            crate::memory::release_to_os();
+        }
         self.stats.record_unloads(pairs.len());
         tracing::info!(node = %self.id, removed = pairs.len(), hosted, "experts unloaded");
     }

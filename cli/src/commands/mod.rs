@@ -8,4 +8,5 @@ pub mod gen_model;
 pub mod generate;
 pub mod logits;
 pub mod serve;
+pub mod simulate;
 pub mod up;

@@ -68,7 +68,8 @@ struct State {
 #[derive(Clone)]
 pub struct MemStore {
     state: Arc<Mutex<State>>,
-    events: broadcast::Sender<(i64, WatchEvent)>,
+    /// Every change, shared: a watcher clones only the events under its prefix.
+    events: broadcast::Sender<Arc<(i64, WatchEvent)>>,
     clock: Arc<dyn Clock>,
 }
 
@@ -133,7 +134,7 @@ impl MemStore {
                 st.history.pop_front();
             }
         }
-        let _ = self.events.send((st.revision, ev));
+        let _ = self.events.send(Arc::new((st.revision, ev)));
     }
 
     /// Applies `ops` as one revision (none if nothing changes), as an etcd transaction does.
@@ -341,8 +342,8 @@ impl MetaStore for MemStore {
                 let prefix = prefix.clone();
                 async move {
                     match r {
-                        Ok((rev, ev)) if rev > last && key_of(&ev).starts_with(&prefix) => {
-                            Some(Ok(ev))
+                        Ok(e) if e.0 > last && key_of(&e.1).starts_with(&prefix) => {
+                            Some(Ok(e.1.clone()))
                         }
                         Ok(_) => None,
                         // Fell behind the broadcast buffer: end with an error; callers re-list.

@@ -89,6 +89,25 @@ impl ExpertClient {
         }
     }
 
+    /// A client that never dials `addr` (a router with no data plane, in the fleet simulator):
+    /// the node stays down and every request fails at once with `Unavailable`.
+    pub fn unconnected(addr: String, max_message_bytes: usize) -> ExpertClient {
+        let (tx, _) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            addr,
+            up: AtomicBool::new(false),
+            answered: AtomicU64::new(0),
+            compute_micros: AtomicU64::new(0),
+            next_id: AtomicU64::new(1),
+            tx,
+            stop: tokio::sync::watch::channel(true).0,
+        });
+        ExpertClient {
+            shared,
+            max_message_bytes,
+        }
+    }
+
     /// The node's address.
     pub fn addr(&self) -> &str {
         &self.shared.addr

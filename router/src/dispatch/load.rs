@@ -1,10 +1,13 @@
 //! Token counts per (layer, expert) over a sliding window: what the router publishes for the
 //! coordinator's load-driven placement. The window is a ring of buckets; recording touches the
-//! newest bucket under a short lock, once per layer and step.
+//! newest bucket under a short lock, once per layer and step. Time is tokio's clock (the wall
+//! clock in production; the fleet simulator's paused, simulated clock there).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 /// One bucket: when it opened, and counts per layer (indexed by expert).
 type Bucket = (Instant, BTreeMap<usize, Vec<u32>>);
@@ -33,21 +36,39 @@ impl LoadWindow {
     }
 
     fn record_at(&self, now: Instant, layer: usize, entries: &[(usize, u32, f32)]) {
+        self.with_newest(now, layer, |counts| {
+            for &(_, e, _) in entries {
+                let e = e as usize;
+                if counts.len() <= e {
+                    counts.resize(e + 1, 0);
+                }
+                counts[e] = counts[e].saturating_add(1);
+            }
+        })
+    }
+
+    /// Adds `counts[e]` tokens to each expert `e` of `layer` at once (the fleet simulator's
+    /// routers, which route no real tokens).
+    pub fn record_counts(&self, layer: usize, counts: &[u32]) {
+        self.with_newest(Instant::now(), layer, |c| {
+            if c.len() < counts.len() {
+                c.resize(counts.len(), 0);
+            }
+            for (m, &n) in c.iter_mut().zip(counts) {
+                *m = m.saturating_add(n);
+            }
+        })
+    }
+
+    /// Runs `f` on the newest bucket's counts of `layer` (opening a bucket when due).
+    fn with_newest(&self, now: Instant, layer: usize, f: impl FnOnce(&mut Vec<u32>)) {
         let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
         self.expire(&mut ring, now);
         if ring.back().is_none_or(|b| now >= b.0 + self.bucket) {
             ring.push_back((now, BTreeMap::new()));
         }
-        let Some((_, layers)) = ring.back_mut() else {
-            return;
-        };
-        let counts = layers.entry(layer).or_default();
-        for &(_, e, _) in entries {
-            let e = e as usize;
-            if counts.len() <= e {
-                counts.resize(e + 1, 0);
-            }
-            counts[e] = counts[e].saturating_add(1);
+        if let Some((_, layers)) = ring.back_mut() {
+            f(layers.entry(layer).or_default());
         }
     }
 

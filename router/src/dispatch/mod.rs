@@ -192,6 +192,8 @@ pub struct RemoteExperts {
     /// Whether placements come from a coordinator (a replacement may arrive, so a step whose
     /// experts have no usable replica waits for one); static routes fail at once.
     coordinated: AtomicBool,
+    /// Whether node clients dial their nodes (false: a router with no data plane).
+    connect: bool,
 }
 
 struct InFlight {
@@ -236,6 +238,17 @@ impl RemoteExperts {
             steps: AtomicU64::new(0),
             step_started: Mutex::new(Instant::now()),
             coordinated: AtomicBool::new(true),
+            connect: true,
+        }
+    }
+
+    /// Like [`RemoteExperts::empty`], but node clients never dial their nodes: the control
+    /// plane of a router (following placements, publishing loads) without its data plane, for
+    /// the fleet simulator. Every dispatch finds every node down.
+    pub fn unconnected(hidden: usize, opts: DispatchOptions, handle: Handle) -> RemoteExperts {
+        RemoteExperts {
+            connect: false,
+            ..RemoteExperts::empty(hidden, opts, handle)
         }
     }
 
@@ -250,7 +263,13 @@ impl RemoteExperts {
                         .entry(a.clone())
                         .or_insert_with(|| {
                             crate::metrics::new_node(a);
-                            ExpertClient::spawn(a.clone(), self.opts.max_message_bytes)
+                            match self.connect {
+                                true => ExpertClient::spawn(a.clone(), self.opts.max_message_bytes),
+                                false => ExpertClient::unconnected(
+                                    a.clone(),
+                                    self.opts.max_message_bytes,
+                                ),
+                            }
                         })
                         .clone()
                 })
