@@ -137,6 +137,7 @@ async fn contract(store: Arc<dyn MetaStore>) {
         "deposed leader is fenced"
     );
     one_revision_per_txn(store.as_ref()).await;
+    large_prefix(store.as_ref()).await;
     watch_from_now(store.as_ref()).await;
     compaction(store.as_ref()).await;
     lease_expiry(store.as_ref()).await;
@@ -149,6 +150,31 @@ async fn contract(store: Arc<dyn MetaStore>) {
     m.wait_for(|s| s.entries.contains_key("/t/z"))
         .await
         .expect("mirrored");
+}
+
+/// A prefix larger than gRPC's default 4 MiB decode limit lists and watches whole (at fleet size
+/// the coordinator's `load/` list is ~4 MiB: 64 routers × 66 KiB at 384 experts).
+async fn large_prefix(store: &dyn MetaStore) {
+    let value = |i: usize| vec![b'a' + i as u8; 1 << 20];
+    let mut w = store.watch("/big/", 0).await.expect("watch");
+    for i in 0..6 {
+        store
+            .put(&format!("/big/{i}"), value(i), None)
+            .await
+            .expect("a 1 MiB put");
+    }
+    let (list, _) = store.list("/big/").await.expect("a 6 MiB list");
+    assert_eq!(list.len(), 6);
+    assert!(list.iter().enumerate().all(|(i, kv)| kv.value == value(i)));
+    for i in 0..6 {
+        match w.next().await {
+            Some(Ok(WatchEvent::Put(kv))) => assert_eq!(kv.value, value(i)),
+            other => panic!("watch event {i}: {other:?}"),
+        }
+    }
+    for i in 0..6 {
+        store.delete(&format!("/big/{i}")).await.expect("delete");
+    }
 }
 
 /// A transaction's writes share one revision; a delete of an absent key takes none.

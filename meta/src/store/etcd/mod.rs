@@ -28,6 +28,11 @@ use self::members::{ATTEMPT_TIMEOUT, Failure, Members, classify};
 use super::*;
 use crate::telemetry::store_metrics::observe;
 
+/// Largest list or watch answer decoded (gRPC's default is 4 MiB). The largest legitimate list
+/// at fleet size is the coordinator's `load/` prefix, ~4.1 MiB for 64 routers at 384 experts
+/// (`moe simulate`); 64 MiB leaves room for 15× that while still refusing a runaway answer.
+pub const MAX_DECODE_BYTES: usize = 64 << 20;
+
 /// A store on an etcd cluster (cheap to clone; clones share channels and member health).
 #[derive(Clone)]
 pub struct EtcdStore {
@@ -132,7 +137,12 @@ impl MetaStore for EtcdStore {
                 .members
                 .call(|mut c| {
                     let prefix = prefix.clone();
-                    async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
+                    async move {
+                        c.kv_client()
+                            .max_decoding_message_size(MAX_DECODE_BYTES)
+                            .get(prefix, Some(GetOptions::new().with_prefix()))
+                            .await
+                    }
                 })
                 .await
                 .map_err(plain)?;
@@ -272,7 +282,9 @@ impl MetaStore for EtcdStore {
                 let mut c = self.members.list[i].client.clone();
                 let opened = tokio::time::timeout(
                     ATTEMPT_TIMEOUT,
-                    c.watch(prefix.clone(), Some(opts.clone())),
+                    c.watch_client()
+                        .max_decoding_message_size(MAX_DECODE_BYTES)
+                        .watch(prefix.clone(), Some(opts.clone())),
                 )
                 .await;
                 let stream = match opened {
