@@ -135,7 +135,7 @@ impl MetaStore for EtcdStore {
         Box::pin(observe("list", async move {
             let (_, r) = self
                 .members
-                .call(|mut c| {
+                .call(|c| {
                     let prefix = prefix.clone();
                     async move {
                         c.kv_client()
@@ -279,7 +279,7 @@ impl MetaStore for EtcdStore {
             }
             let mut last = String::from("no member tried");
             for i in self.members.order() {
-                let mut c = self.members.list[i].client.clone();
+                let c = self.members.list[i].client.clone();
                 let opened = tokio::time::timeout(
                     ATTEMPT_TIMEOUT,
                     c.watch_client()
