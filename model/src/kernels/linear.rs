@@ -14,11 +14,11 @@ use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
-use super::pack::{NR, Packed};
+use super::pack::Packed;
 use crate::checkpoint::WeightData;
 
 /// k columns per cache block.
-const KC: usize = 256;
+pub(super) const KC: usize = 256;
 /// Multiply-adds below which a product runs on one thread.
 const PAR_MIN_MACS: usize = 1 << 16;
 
@@ -281,7 +281,7 @@ pub fn forward_grouped_with(jobs: &mut [GemmJob<'_>], choice: KernelChoice) {
                 unsafe {
                     if avx {
                         #[cfg(target_arch = "x86_64")]
-                        task_avx512(
+                        super::tasks::task_avx512(
                             p,
                             x,
                             out.0,
@@ -290,7 +290,7 @@ pub fn forward_grouped_with(jobs: &mut [GemmJob<'_>], choice: KernelChoice) {
                             t.rows.clone(),
                         );
                     } else {
-                        task_portable(
+                        super::tasks::task_portable(
                             p,
                             x,
                             out.0,
@@ -341,167 +341,9 @@ fn split_aligned(len: usize, parts: usize, i: usize, align: usize) -> std::ops::
     (r.start * align).min(len)..(r.end * align).min(len)
 }
 
-/// # Safety
-/// `c` points to the `[m, p.n]` output; this call writes only `rows` × the columns of `panels`.
-#[cfg(target_arch = "x86_64")]
-unsafe fn task_avx512(
-    p: &Packed,
-    x: &[f32],
-    c: *mut f32,
-    chunks: &[(usize, usize)],
-    panels: std::ops::Range<usize>,
-    rows: std::ops::Range<usize>,
-) {
-    use super::avx512;
-    let fp8 = matches!(p.data, super::pack::PanelData::Fp8(_));
-    if fp8 && rows.len() > 8 {
-        // SAFETY: forwarded from the caller.
-        unsafe { task_avx512_fp8_tall(p, x, c, chunks, panels, rows) };
-        return;
-    }
-    for (ci, &(k0, k1)) in chunks.iter().enumerate() {
-        let kb = p.scales.as_ref().map(|s| k0 / s.block_k);
-        let mut r0 = rows.start;
-        while r0 < rows.end {
-            let r = (rows.end - r0).min(8);
-            let group = avx512::panels_for(r);
-            let mut q = panels.start;
-            while q < panels.end {
-                let np = if panels.end - q >= group { group } else { 1 };
-                let tile = avx512::Tile {
-                    kc: k1 - k0,
-                    a: x[r0 * p.k + k0..].as_ptr(),
-                    lda: p.k,
-                    b: p.panel_bytes_from(q, k0).as_ptr(),
-                    panel_stride: p.k * p.row_bytes(),
-                    // SAFETY: (r0, q * NR) is inside the output.
-                    c: unsafe { c.add(r0 * p.n + q * NR) },
-                    ldc: p.n,
-                    last_cols: p.cols_of(q + np - 1),
-                    scale: p
-                        .scales
-                        .as_ref()
-                        .zip(kb)
-                        .map(|(s, kb)| (s.get(q, kb).as_ptr(), s.kblocks * NR)),
-                    first: ci == 0,
-                };
-                // SAFETY: AVX-512F was detected; the tile covers rows r0..r0+r, panels q..q+np,
-                // k0..k1, all inside the operands.
-                unsafe { avx512::run(r, np, fp8, &tile) };
-                q += np;
-            }
-            r0 += r;
-        }
-    }
-}
-
-/// FP8 weights against more than one tile of rows: each panel chunk is widened once into a bf16
-/// scratch panel, which the bf16 tiles then read for every row tile (the same bits as widening
-/// in the tiles, since every output is accumulated in the same order whatever the tile shape).
-///
-/// # Safety
-/// As [`task_avx512`].
-#[cfg(target_arch = "x86_64")]
-unsafe fn task_avx512_fp8_tall(
-    p: &Packed,
-    x: &[f32],
-    c: *mut f32,
-    chunks: &[(usize, usize)],
-    panels: std::ops::Range<usize>,
-    rows: std::ops::Range<usize>,
-) {
-    use super::avx512;
-    let mut scratch = vec![0u16; KC * NR];
-    for (ci, &(k0, k1)) in chunks.iter().enumerate() {
-        let kc = k1 - k0;
-        let kb = p.scales.as_ref().map(|s| k0 / s.block_k);
-        for q in panels.clone() {
-            // SAFETY: AVX-512F/BW were detected; panel q has kc rows of NR bytes from k0, and
-            // the scratch holds KC >= kc rows.
-            unsafe {
-                avx512::widen_fp8_panel(
-                    p.panel_bytes_from(q, k0).as_ptr(),
-                    kc,
-                    scratch.as_mut_ptr(),
-                )
-            };
-            let mut r0 = rows.start;
-            while r0 < rows.end {
-                let r = (rows.end - r0).min(8);
-                let tile = avx512::Tile {
-                    kc,
-                    a: x[r0 * p.k + k0..].as_ptr(),
-                    lda: p.k,
-                    b: scratch.as_ptr().cast(),
-                    panel_stride: kc * NR * 2,
-                    // SAFETY: (r0, q * NR) is inside the output.
-                    c: unsafe { c.add(r0 * p.n + q * NR) },
-                    ldc: p.n,
-                    last_cols: p.cols_of(q),
-                    scale: p
-                        .scales
-                        .as_ref()
-                        .zip(kb)
-                        .map(|(s, kb)| (s.get(q, kb).as_ptr(), s.kblocks * NR)),
-                    first: ci == 0,
-                };
-                // SAFETY: AVX-512F was detected; the tile covers rows r0..r0+r of one panel
-                // (the scratch) over kc columns, all inside the operands.
-                unsafe { avx512::run(r, 1, false, &tile) };
-                r0 += r;
-            }
-        }
-    }
-}
-
-/// # Safety
-/// As [`task_avx512`].
-unsafe fn task_portable(
-    p: &Packed,
-    x: &[f32],
-    c: *mut f32,
-    chunks: &[(usize, usize)],
-    panels: std::ops::Range<usize>,
-    rows: std::ops::Range<usize>,
-) {
-    let mut buf = vec![0.0f32; KC * NR];
-    let nrows = rows.len();
-    for q in panels {
-        let cols = p.cols_of(q);
-        for (ci, &(k0, k1)) in chunks.iter().enumerate() {
-            let kc = k1 - k0;
-            p.unpack(q, k0, kc, &mut buf);
-            let lhs = MatRef::from_row_major_slice_with_stride(
-                &x[rows.start * p.k + k0..(rows.end - 1) * p.k + k1],
-                nrows,
-                kc,
-                p.k,
-            );
-            let rhs = MatRef::from_row_major_slice_with_stride(
-                &buf[..(kc - 1) * NR + cols],
-                kc,
-                cols,
-                NR,
-            );
-            // SAFETY: rows × [q*NR, q*NR+cols) lies inside the [m, n] output and belongs to this
-            // task alone.
-            let dst = unsafe {
-                MatMut::from_raw_parts_mut(
-                    c.add(rows.start * p.n + q * NR),
-                    nrows,
-                    cols,
-                    p.n as isize,
-                    1,
-                )
-            };
-            let accum = if ci == 0 { Accum::Replace } else { Accum::Add };
-            matmul(dst, accum, lhs, rhs, 1.0, Par::Seq);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::pack::NR;
     use super::*;
     use crate::checkpoint::fp8;
 

@@ -6,6 +6,7 @@ mod avx512;
 mod dense;
 mod linear;
 mod pack;
+mod tasks;
 
 pub use dense::{matmul_nn, matmul_nn_acc, matmul_nt};
 pub use linear::{

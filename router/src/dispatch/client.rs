@@ -70,8 +70,12 @@ pub fn endpoint(addr: &str) -> Result<Endpoint, Status> {
 }
 
 impl ExpertClient {
-    /// Starts the actor for the node at `addr` on the current tokio runtime.
-    pub fn spawn(addr: String, max_message_bytes: usize) -> ExpertClient {
+    /// A client for `addr` and its request queue, stopped or not.
+    fn with_queue(
+        addr: String,
+        max_message_bytes: usize,
+        stopped: bool,
+    ) -> (ExpertClient, mpsc::UnboundedReceiver<Outgoing>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             addr,
@@ -80,32 +84,26 @@ impl ExpertClient {
             compute_micros: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
             tx,
-            stop: tokio::sync::watch::channel(false).0,
+            stop: tokio::sync::watch::channel(stopped).0,
         });
-        tokio::spawn(run(shared.clone(), rx, max_message_bytes));
-        ExpertClient {
+        let client = ExpertClient {
             shared,
             max_message_bytes,
-        }
+        };
+        (client, rx)
+    }
+
+    /// Starts the actor for the node at `addr` on the current tokio runtime.
+    pub fn spawn(addr: String, max_message_bytes: usize) -> ExpertClient {
+        let (client, rx) = ExpertClient::with_queue(addr, max_message_bytes, false);
+        tokio::spawn(run(client.shared.clone(), rx, max_message_bytes));
+        client
     }
 
     /// A client that never dials `addr` (a router with no data plane, in the fleet simulator):
     /// the node stays down and every request fails at once with `Unavailable`.
     pub fn unconnected(addr: String, max_message_bytes: usize) -> ExpertClient {
-        let (tx, _) = mpsc::unbounded_channel();
-        let shared = Arc::new(Shared {
-            addr,
-            up: AtomicBool::new(false),
-            answered: AtomicU64::new(0),
-            compute_micros: AtomicU64::new(0),
-            next_id: AtomicU64::new(1),
-            tx,
-            stop: tokio::sync::watch::channel(true).0,
-        });
-        ExpertClient {
-            shared,
-            max_message_bytes,
-        }
+        ExpertClient::with_queue(addr, max_message_bytes, true).0
     }
 
     /// The node's address.

@@ -1,0 +1,200 @@
+//! One task of a grouped GEMM over a packed weight: a block of activation rows × a range of
+//! panels, over every k chunk. The AVX-512 drivers cut it into micro-kernel tiles (FP8 inputs
+//! taller than one tile widen each panel chunk once into a bf16 scratch panel); the portable
+//! driver unpacks panel chunks to float32 and calls `faer`.
+#![allow(unsafe_code)]
+
+use faer::linalg::matmul::matmul;
+use faer::{Accum, MatMut, MatRef, Par};
+
+#[cfg(target_arch = "x86_64")]
+use super::avx512;
+use super::linear::KC;
+use super::pack::{NR, Packed};
+
+/// Where a tile starts: k chunk `[k0, k1)`, activation row `r0`, first panel `q`, and whether it
+/// overwrites the output (the first k chunk) or accumulates.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct At {
+    k0: usize,
+    k1: usize,
+    r0: usize,
+    q: usize,
+    first: bool,
+}
+
+/// The micro-kernel tile at `at`, reading weights from `(pointer, panel stride in bytes)`, whose
+/// last panel is `last`.
+///
+/// # Safety
+/// `c` points to the `[m, p.n]` output and `(at.r0, at.q * NR)` lies inside it.
+#[cfg(target_arch = "x86_64")]
+unsafe fn tile(
+    p: &Packed,
+    x: &[f32],
+    c: *mut f32,
+    at: At,
+    (b, panel_stride): (*const u8, usize),
+    last: usize,
+) -> avx512::Tile {
+    let kb = p.scales.as_ref().map(|s| at.k0 / s.block_k);
+    avx512::Tile {
+        kc: at.k1 - at.k0,
+        a: x[at.r0 * p.k + at.k0..].as_ptr(),
+        lda: p.k,
+        b,
+        panel_stride,
+        // SAFETY: (r0, q * NR) is inside the output (the caller's contract).
+        c: unsafe { c.add(at.r0 * p.n + at.q * NR) },
+        ldc: p.n,
+        last_cols: p.cols_of(last),
+        scale: p
+            .scales
+            .as_ref()
+            .zip(kb)
+            .map(|(s, kb)| (s.get(at.q, kb).as_ptr(), s.kblocks * NR)),
+        first: at.first,
+    }
+}
+
+/// # Safety
+/// `c` points to the `[m, p.n]` output; this call writes only `rows` × the columns of `panels`.
+#[cfg(target_arch = "x86_64")]
+pub(super) unsafe fn task_avx512(
+    p: &Packed,
+    x: &[f32],
+    c: *mut f32,
+    chunks: &[(usize, usize)],
+    panels: std::ops::Range<usize>,
+    rows: std::ops::Range<usize>,
+) {
+    let fp8 = matches!(p.data, super::pack::PanelData::Fp8(_));
+    if fp8 && rows.len() > 8 {
+        // SAFETY: forwarded from the caller.
+        unsafe { task_avx512_fp8_tall(p, x, c, chunks, panels, rows) };
+        return;
+    }
+    for (ci, &(k0, k1)) in chunks.iter().enumerate() {
+        let mut r0 = rows.start;
+        while r0 < rows.end {
+            let r = (rows.end - r0).min(8);
+            let group = avx512::panels_for(r);
+            let mut q = panels.start;
+            while q < panels.end {
+                let np = if panels.end - q >= group { group } else { 1 };
+                let at = At {
+                    k0,
+                    k1,
+                    r0,
+                    q,
+                    first: ci == 0,
+                };
+                let weights = (p.panel_bytes_from(q, k0).as_ptr(), p.k * p.row_bytes());
+                // SAFETY: (r0, q * NR) is inside the output.
+                let tile = unsafe { tile(p, x, c, at, weights, q + np - 1) };
+                // SAFETY: AVX-512F was detected; the tile covers rows r0..r0+r, panels q..q+np,
+                // k0..k1, all inside the operands.
+                unsafe { avx512::run(r, np, fp8, &tile) };
+                q += np;
+            }
+            r0 += r;
+        }
+    }
+}
+
+/// FP8 weights against more than one tile of rows: each panel chunk is widened once into a bf16
+/// scratch panel, which the bf16 tiles then read for every row tile (the same bits as widening
+/// in the tiles, since every output is accumulated in the same order whatever the tile shape).
+///
+/// # Safety
+/// As [`task_avx512`].
+#[cfg(target_arch = "x86_64")]
+unsafe fn task_avx512_fp8_tall(
+    p: &Packed,
+    x: &[f32],
+    c: *mut f32,
+    chunks: &[(usize, usize)],
+    panels: std::ops::Range<usize>,
+    rows: std::ops::Range<usize>,
+) {
+    let mut scratch = vec![0u16; KC * NR];
+    for (ci, &(k0, k1)) in chunks.iter().enumerate() {
+        let kc = k1 - k0;
+        for q in panels.clone() {
+            // SAFETY: AVX-512F/BW were detected; panel q has kc rows of NR bytes from k0, and
+            // the scratch holds KC >= kc rows.
+            unsafe {
+                avx512::widen_fp8_panel(
+                    p.panel_bytes_from(q, k0).as_ptr(),
+                    kc,
+                    scratch.as_mut_ptr(),
+                )
+            };
+            let mut r0 = rows.start;
+            while r0 < rows.end {
+                let r = (rows.end - r0).min(8);
+                let at = At {
+                    k0,
+                    k1,
+                    r0,
+                    q,
+                    first: ci == 0,
+                };
+                let weights = (scratch.as_ptr().cast(), kc * NR * 2);
+                // SAFETY: (r0, q * NR) is inside the output.
+                let tile = unsafe { tile(p, x, c, at, weights, q) };
+                // SAFETY: AVX-512F was detected; the tile covers rows r0..r0+r of one panel
+                // (the scratch) over kc columns, all inside the operands.
+                unsafe { avx512::run(r, 1, false, &tile) };
+                r0 += r;
+            }
+        }
+    }
+}
+
+/// # Safety
+/// As [`task_avx512`].
+pub(super) unsafe fn task_portable(
+    p: &Packed,
+    x: &[f32],
+    c: *mut f32,
+    chunks: &[(usize, usize)],
+    panels: std::ops::Range<usize>,
+    rows: std::ops::Range<usize>,
+) {
+    let mut buf = vec![0.0f32; KC * NR];
+    let nrows = rows.len();
+    for q in panels {
+        let cols = p.cols_of(q);
+        for (ci, &(k0, k1)) in chunks.iter().enumerate() {
+            let kc = k1 - k0;
+            p.unpack(q, k0, kc, &mut buf);
+            let lhs = MatRef::from_row_major_slice_with_stride(
+                &x[rows.start * p.k + k0..(rows.end - 1) * p.k + k1],
+                nrows,
+                kc,
+                p.k,
+            );
+            let rhs = MatRef::from_row_major_slice_with_stride(
+                &buf[..(kc - 1) * NR + cols],
+                kc,
+                cols,
+                NR,
+            );
+            // SAFETY: rows × [q*NR, q*NR+cols) lies inside the [m, n] output and belongs to this
+            // task alone.
+            let dst = unsafe {
+                MatMut::from_raw_parts_mut(
+                    c.add(rows.start * p.n + q * NR),
+                    nrows,
+                    cols,
+                    p.n as isize,
+                    1,
+                )
+            };
+            let accum = if ci == 0 { Accum::Replace } else { Accum::Add };
+            matmul(dst, accum, lhs, rhs, 1.0, Par::Seq);
+        }
+    }
+}
