@@ -259,25 +259,6 @@ print("openai: 401 for a wrong key, 200 for a right one")
     }
 }
 
-/// The Python with the `openai` package: `MOE_TEST_PYTHON`, else the venv `.ci/run` creates.
-fn python_with_openai() -> std::path::PathBuf {
-    let candidate = std::env::var_os("MOE_TEST_PYTHON")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/e2e-venv/bin/python")
-        });
-    assert!(
-        Command::new(&candidate)
-            .args(["-c", "import openai"])
-            .output()
-            .is_ok_and(|o| o.status.success()),
-        "{} cannot import openai: run .ci/run or set MOE_TEST_PYTHON",
-        candidate.display()
-    );
-    candidate
-}
-
 #[test]
 fn a_key_file_without_keys_stops_the_server_with_a_clear_error() {
     let dir = tempfile::tempdir().expect("tmp");

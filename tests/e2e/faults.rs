@@ -19,19 +19,6 @@ use serde_json::{Value, json};
 
 const MODEL: &str = "tiny-dsv3";
 
-/// The metrics page as name{labels} → value.
-async fn metrics(c: &reqwest::Client, addr: &str) -> HashMap<String, f64> {
-    metrics_text(c, addr)
-        .await
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            l.rsplit_once(' ')
-                .and_then(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
-        })
-        .collect()
-}
-
 fn node_metric(m: &HashMap<String, f64>, name: &str, node: &str) -> f64 {
     m.get(&format!("{name}{{node=\"{node}\"}}"))
         .copied()
@@ -99,7 +86,7 @@ async fn a_node_answering_one_layer_with_errors_is_quarantined_and_the_answer_is
         proxy.sabotaged() > 0,
         "the proxy answered some layer-2 dispatch with an error"
     );
-    let m = metrics(&c, &router.addr).await;
+    let m = metric_values(&c, &router.addr).await;
     let q = node_metric(&m, "moe_dispatch_quarantines_total", &proxy.addr);
     assert!(q >= 1.0, "the erring node was quarantined ({q})");
     assert_eq!(
@@ -144,7 +131,7 @@ async fn a_node_stalling_past_the_timeout_is_routed_around_within_the_step() {
         proxy.sabotaged() > 0,
         "the proxy swallowed some layer-3 dispatch"
     );
-    let m = metrics(&c, &router.addr).await;
+    let m = metric_values(&c, &router.addr).await;
     let routed_around = node_metric(&m, "moe_dispatch_quarantines_total", &proxy.addr)
         + node_metric(&m, "moe_dispatch_hedges_total", &proxy.addr);
     assert!(
@@ -177,7 +164,7 @@ async fn a_node_that_turns_slow_is_hedged_then_avoided() {
     eprintln!("one replica 400 ms late: 24 tokens in {took:?}");
     assert_eq!(got, want(), "hedged answers are the same answers");
     assert!(proxy.sabotaged() > 0, "the proxy delayed some answers");
-    let m = metrics(&c, &router.addr).await;
+    let m = metric_values(&c, &router.addr).await;
     assert!(
         node_metric(&m, "moe_dispatch_hedges_total", &proxy.addr) >= 3.0,
         "late dispatches were hedged"
@@ -275,7 +262,7 @@ async fn with_no_replica_left_a_stream_gets_503_before_any_byte() {
             "{body}"
         );
     }
-    let m = metrics(&c, &s.addr).await;
+    let m = metric_values(&c, &s.addr).await;
     assert!(
         m.get("moe_dispatch_failed_sequences_total")
             .is_some_and(|v| *v >= 2.0),

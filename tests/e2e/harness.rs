@@ -202,3 +202,51 @@ pub fn token_id(token: &serde_json::Value) -> u64 {
         .and_then(|t| t.parse().ok())
         .unwrap_or_else(|| panic!("`{token}` is not token_id:N"))
 }
+
+/// The metrics page of the process serving HTTP at `addr`, as `name{labels}` → value.
+pub async fn metric_values(c: &reqwest::Client, addr: &str) -> HashMap<String, f64> {
+    metrics_text(c, addr)
+        .await
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            l.rsplit_once(' ')
+                .and_then(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+        })
+        .collect()
+}
+
+/// `http://ADDR/path` of a serving process.
+pub fn url(p: &Proc, path: &str) -> String {
+    format!("http://{}{path}", p.addr)
+}
+
+/// POSTs a JSON body; the status and the JSON answer.
+pub async fn post(
+    c: &reqwest::Client,
+    url: &str,
+    body: &serde_json::Value,
+) -> (reqwest::StatusCode, serde_json::Value) {
+    let r = c.post(url).json(body).send().await.expect("request");
+    let status = r.status();
+    (status, r.json().await.expect("JSON body"))
+}
+
+/// The Python with the `openai` package: `MOE_TEST_PYTHON`, else the venv `.ci/run` creates.
+pub fn python_with_openai() -> PathBuf {
+    let candidate = std::env::var_os("MOE_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/e2e-venv/bin/python")
+        });
+    let ok = Command::new(&candidate)
+        .args(["-c", "import openai"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "{} cannot import openai: run .ci/run (it creates target/e2e-venv with `pip install openai`) or set MOE_TEST_PYTHON",
+        candidate.display()
+    );
+    candidate
+}

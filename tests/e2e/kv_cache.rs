@@ -24,28 +24,6 @@ fn serve_model(dir: &std::path::Path, extra: &[&str]) -> Proc {
     server("serve", &args)
 }
 
-fn url(p: &Proc, path: &str) -> String {
-    format!("http://{}{path}", p.addr)
-}
-
-async fn post(c: &reqwest::Client, url: &str, body: &Value) -> (StatusCode, Value) {
-    let r = c.post(url).json(body).send().await.expect("request");
-    let status = r.status();
-    (status, r.json().await.expect("JSON body"))
-}
-
-async fn metrics(c: &reqwest::Client, p: &Proc) -> HashMap<String, f64> {
-    metrics_text(c, &p.addr)
-        .await
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            l.rsplit_once(' ')
-                .and_then(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
-        })
-        .collect()
-}
-
 fn get(m: &HashMap<String, f64>, k: &str) -> f64 {
     m.get(k).copied().unwrap_or(0.0)
 }
@@ -86,10 +64,10 @@ async fn the_same_prompt_twice_reuses_its_pages_and_gives_the_same_answer() {
         let s = serve_model(&fixture(MODEL), flags);
         let (st, first) = post(&c, &url(&s, "/v1/completions"), &body(&p, 24)).await;
         assert_eq!(st, StatusCode::OK, "{first}");
-        let before = metrics(&c, &s).await;
+        let before = metric_values(&c, &s.addr).await;
         let (st, second) = post(&c, &url(&s, "/v1/completions"), &body(&p, 24)).await;
         assert_eq!(st, StatusCode::OK, "{second}");
-        let after = metrics(&c, &s).await;
+        let after = metric_values(&c, &s.addr).await;
         let d = |k: &str| get(&after, k) - get(&before, k);
         assert_eq!(d("moe_prefix_cache_hits_total"), hits, "{flags:?}");
         let (a, la) = answer(&first);
@@ -138,7 +116,7 @@ async fn preempted_sequences_resume_with_the_ids_they_have_alone() {
             );
             assert_eq!(resp["usage"]["completion_tokens"], 100);
         }
-        m = metrics(&c, &s).await;
+        m = metric_values(&c, &s.addr).await;
         if get(&m, "moe_kv_preemptions_total") >= 1.0 {
             break;
         }
@@ -271,7 +249,7 @@ async fn golden_ids_and_logprobs_among_32_concurrent_requests_on_the_other_model
             let r = post(&c, &url(&s, "/v1/completions"), &body(&prompt(&g, i), 24)).await;
             answers.push((i, r));
         }
-        let before = metrics(&c, &s).await;
+        let before = metric_values(&c, &s.addr).await;
         let requests = (0..32).map(|k| {
             let (c, u, b) = (
                 c.clone(),
@@ -300,7 +278,7 @@ async fn golden_ids_and_logprobs_among_32_concurrent_requests_on_the_other_model
                 );
             }
         }
-        let m = metrics(&c, &s).await;
+        let m = metric_values(&c, &s.addr).await;
         // prompt_2 has 2 full pages before its last token, prompt_3 24: each reused 8 times.
         let key = "moe_prefix_cache_hits_total";
         let hits = get(&m, key) - get(&before, key);

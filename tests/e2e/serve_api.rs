@@ -20,28 +20,6 @@ fn serve(extra: &[&str]) -> Proc {
     server("serve", &args)
 }
 
-fn url(p: &Proc, path: &str) -> String {
-    format!("http://{}{path}", p.addr)
-}
-
-async fn post(c: &reqwest::Client, url: &str, body: &Value) -> (StatusCode, Value) {
-    let r = c.post(url).json(body).send().await.expect("request");
-    let status = r.status();
-    (status, r.json().await.expect("JSON body"))
-}
-
-/// The metrics page as name{labels} → value.
-async fn metrics(c: &reqwest::Client, p: &Proc) -> HashMap<String, f64> {
-    let text = metrics_text(c, &p.addr).await;
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            l.rsplit_once(' ')
-                .and_then(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
-        })
-        .collect()
-}
-
 fn step_logits() -> HashMap<String, Vec<f32>> {
     let path = fixture(MODEL).join("golden/golden_extra.safetensors");
     f32_tensors(&path, |n| n.ends_with("step_logits"))
@@ -120,7 +98,7 @@ async fn golden_greedy_ids_and_logprobs_alone_and_with_32_concurrent_requests() 
         assert_eq!(resp["usage"]["prompt_tokens"], p.len());
         assert_eq!(resp["usage"]["completion_tokens"], 24);
     }
-    let before = metrics(&c, &s).await;
+    let before = metric_values(&c, &s.addr).await;
     let requests = (0..32).map(|k| {
         let (c, u, body) = (
             c.clone(),
@@ -133,7 +111,7 @@ async fn golden_greedy_ids_and_logprobs_alone_and_with_32_concurrent_requests() 
         assert_eq!(status, StatusCode::OK, "{resp}");
         check_completion(i, &resp, &g, &steps);
     }
-    let after = metrics(&c, &s).await;
+    let after = metric_values(&c, &s.addr).await;
     let delta =
         |k: &str| after.get(k).copied().unwrap_or(0.0) - before.get(k).copied().unwrap_or(0.0);
     let avg = delta("moe_batch_sequences_sum") / delta("moe_batch_sequences_count");
@@ -395,7 +373,7 @@ async fn fifty_clients_that_disconnect_leave_nothing_running() {
     let first = streams[0].next().await;
     assert!(first.is_some(), "generation is under way");
     let get = |m: &HashMap<String, f64>, k: &str| m.get(k).copied().unwrap_or(0.0);
-    let mid = metrics(&c, &s).await;
+    let mid = metric_values(&c, &s.addr).await;
     assert!(
         get(&mid, "moe_running_sequences") + get(&mid, "moe_waiting_sequences") > 0.0,
         "work in flight"
@@ -403,7 +381,7 @@ async fn fifty_clients_that_disconnect_leave_nothing_running() {
     drop(streams); // every client disconnects mid-stream
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let m = metrics(&c, &s).await;
+        let m = metric_values(&c, &s.addr).await;
         if get(&m, "moe_running_sequences") == 0.0
             && get(&m, "moe_waiting_sequences") == 0.0
             && get(&m, "moe_kv_cache_used_tokens") == 0.0
@@ -459,7 +437,7 @@ async fn health_ready_models_and_metrics() {
     )
     .await;
     assert_eq!(status, StatusCode::OK);
-    let m = metrics(&c, &s).await;
+    let m = metric_values(&c, &s.addr).await;
     for name in [
         "moe_requests_total{status=\"200\",error_type=\"\"}",
         "moe_time_to_first_token_seconds_count",
@@ -538,26 +516,6 @@ async fn router_answers_503_when_experts_are_unavailable() {
             .status(),
         StatusCode::SERVICE_UNAVAILABLE
     );
-}
-
-/// The Python with the `openai` package: `MOE_TEST_PYTHON`, else the venv `.ci/run` creates.
-fn python_with_openai() -> std::path::PathBuf {
-    let candidate = std::env::var_os("MOE_TEST_PYTHON")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/e2e-venv/bin/python")
-        });
-    let ok = std::process::Command::new(&candidate)
-        .args(["-c", "import openai"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        ok,
-        "{} cannot import openai: run .ci/run (it creates target/e2e-venv with `pip install openai`) or set MOE_TEST_PYTHON",
-        candidate.display()
-    );
-    candidate
 }
 
 #[test]
