@@ -103,7 +103,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function("max", |b| b.iter(|| vector::max(&row)));
     g.bench_function("exp_sum", |b| b.iter(|| vector::exp_sum(&row, max)));
     g.bench_function("weights", |b| {
-        b.iter(|| vector::weights(&row, max, 1.0, &mut w))
+        b.iter(|| vector::floored_weights(&row, max, 1.0, f32::NEG_INFINITY, &mut w))
     });
     g.bench_function("weights_and_histogram", |b| {
         b.iter(|| {
@@ -123,6 +123,9 @@ fn bench(c: &mut Criterion) {
     g.bench_function("top_n_5", |b| b.iter(|| top_n(&row, 5)));
     g.bench_function("draw_masked", |b| {
         b.iter(|| vector::draw(&w, 1000.0, |i| row[i] > -0.3))
+    });
+    g.bench_function("mass_before", |b| {
+        b.iter(|| vector::mass_before(&row, &w, VOCAB / 2))
     });
     g.bench_function("draw_unmasked", |b| {
         b.iter(|| vector::draw(&w, 1000.0, |_| true))

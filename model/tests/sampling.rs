@@ -1,6 +1,7 @@
 //! The vocabulary-scale sampler against a straightforward reference implementation of the
 //! same distribution (`moe_model::sampling`'s module docs): a full sort, the filters applied
-//! literally on float64 sums, the same seeded uniform per token. The weights are the float32
+//! literally on float64 sums, the same seeded uniforms per token (one, or one per round of
+//! top-p's rejection draw). The weights are the float32
 //! `vector::exp` values the distribution is defined on (within 5e-7 of float64 `exp`, checked
 //! in its unit test): with float64 `exp` instead, a draw whose uniform lands within ~1e-7 of
 //! a boundary between two of 129,280 tied tokens picks the neighbour. Exact ids for a seed, at the
@@ -73,6 +74,29 @@ fn reference_draw(kept: &[(u32, f64)], u: f64) -> u32 {
     kept.last().expect("the maximum is always kept").0
 }
 
+/// Top-p without top-k, by rejection: draw from the candidates in id order; a token outside
+/// the nucleus replaces the candidates by those ranked above it, and the next uniform draws.
+/// `all` is every candidate (the reference's kept set without top-p), `nucleus` with it.
+fn reference_rejection(
+    logits: &[f32],
+    all: &[(u32, f64)],
+    nucleus: &std::collections::HashSet<u32>,
+    rng: &mut ChaCha8Rng,
+) -> u32 {
+    let mut candidates = all.to_vec();
+    let ranks_before = |a: u32, b: u32| {
+        let (la, lb) = (logits[a as usize], logits[b as usize]);
+        la > lb || (la == lb && a < b)
+    };
+    loop {
+        let x = reference_draw(&candidates, rng.random::<f64>());
+        if nucleus.contains(&x) {
+            return x;
+        }
+        candidates.retain(|&(i, _)| ranks_before(i, x));
+    }
+}
+
 fn logits(kind: &str, seed: u64) -> Vec<f32> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     match kind {
@@ -116,6 +140,8 @@ fn exact_ids_for_a_seed_match_the_reference() {
         params(0.8, 40, 0.9, 0.1, 7),
         params(1.0, 3, 1.0, 0.0, 8),
         params(2.0, 0, 0.99, 0.0, 9),
+        params(1.0, 0, 0.9, 0.05, 10),
+        params(0.5, 0, 0.3, 0.0, 11),
     ];
     const DRAWS: usize = 64;
     for kind in ["peaked", "flat", "tied"] {
@@ -123,8 +149,14 @@ fn exact_ids_for_a_seed_match_the_reference() {
         for p in &cases {
             let kept = reference_kept(&row, p);
             let mut rng = ChaCha8Rng::seed_from_u64(p.seed.expect("seeded"));
+            let rejection = p.top_k == 0 && p.top_p < 1.0;
+            let all = reference_kept(&row, &SamplingParams { top_p: 1.0, ..*p });
+            let nucleus = kept.iter().map(|k| k.0).collect();
             let want: Vec<u32> = (0..DRAWS)
-                .map(|_| reference_draw(&kept, rng.random::<f64>()))
+                .map(|_| match rejection {
+                    true => reference_rejection(&row, &all, &nucleus, &mut rng),
+                    false => reference_draw(&kept, rng.random::<f64>()),
+                })
                 .collect();
             let mut s = Sampler::new(*p);
             let got: Vec<u32> = (0..DRAWS).map(|_| s.sample(&row)).collect();
@@ -136,6 +168,35 @@ fn exact_ids_for_a_seed_match_the_reference() {
             );
         }
     }
+}
+
+/// The rejection draw's frequencies are the nucleus's normalised weights (a statistical check
+/// of the argument in `sampling::nucleus`, independent of the reference's code).
+#[test]
+fn top_p_by_rejection_draws_the_nucleus_distribution() {
+    let row: Vec<f32> = vec![2.0, 0.5, 1.9, -1.0, 1.2, 1.8, 0.0, 1.0];
+    let p = params(1.0, 0, 0.8, 0.0, 12);
+    let kept = reference_kept(&row, &p);
+    let total: f64 = kept.iter().map(|k| k.1).sum();
+    const N: usize = 200_000;
+    let mut s = Sampler::new(p);
+    let mut seen = vec![0usize; row.len()];
+    for _ in 0..N {
+        seen[s.sample(&row) as usize] += 1;
+    }
+    for (i, &c) in seen.iter().enumerate() {
+        let want = kept
+            .iter()
+            .find(|k| k.0 == i as u32)
+            .map_or(0.0, |k| k.1 / total);
+        let got = c as f64 / N as f64;
+        // Binomial standard error at N = 200,000 is <= 0.0012; 5 sigma.
+        assert!((got - want).abs() < 0.006, "token {i}: {got} vs {want}");
+    }
+    assert!(
+        kept.len() > 1 && kept.len() < row.len(),
+        "the cut is inside"
+    );
 }
 
 #[test]

@@ -16,6 +16,7 @@ pub fn log_sum_exp(logits: &[f32], max: f32) -> f32 {
     max + vector::exp_sum(logits, max).ln() as f32
 }
 
+vector::multiversion! {
 /// The `n` largest logits, best first (ties: lower id first), as `(id, logit)`.
 pub fn top_n(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
     const CHUNK: usize = 64;
@@ -26,7 +27,7 @@ pub fn top_n(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
     for (c, chunk) in logits.chunks(CHUNK).enumerate() {
         if best.len() == n {
             let floor = best[n - 1].1;
-            if vector::max(chunk) <= floor {
+            if vector::max_inline(chunk) <= floor {
                 continue; // ties with the floor lose to it: it has the lower id
             }
         }
@@ -41,6 +42,7 @@ pub fn top_n(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
         }
     }
     best
+}
 }
 
 /// Log-probabilities of token `id` and of the `n` most likely tokens.

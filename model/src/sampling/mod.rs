@@ -9,12 +9,17 @@
 //! 4. tokens rank by `(logit desc, id asc)`; top-k keeps the first k;
 //! 5. top-p keeps the shortest prefix of that ranking whose mass reaches `top_p` of what is left;
 //! 6. one uniform `u` in `[0, 1)` (`rng.random::<f64>()`); the token is the first kept one in id
-//!    order at which the running (float64) sum of kept weights exceeds `u · Σ kept`.
+//!    order at which the running (float64) sum of kept weights exceeds `u · Σ kept`. Top-p
+//!    without top-k (the OpenAI API's case) reaches the same distribution by rejection instead
+//!    (`nucleus`): that draw over every candidate, repeated over the candidates ranked above
+//!    a token that falls outside the nucleus, one uniform per round.
 //!
-//! No step sorts the vocabulary: the maximum and the weights are vectorised passes, the cuts of
-//! steps 4-5 walk a histogram of the weights and sort only the tokens of the bucket where a cut
-//! falls ([`select`]), and the draw is one pass. Log-probabilities ([`logprobs`]) are of the raw
-//! logits, from one `log Σ exp` pass and a top-N scan, sharing the maximum with the sampler.
+//! No step sorts the vocabulary: the maximum and the weights are vectorised passes (compiled
+//! for AVX-512 as well, picked at run time: [`vector`]), the top-k cut of steps 4-5 walks a
+//! histogram of the weights and sorts only the tokens of the bucket where a cut falls
+//! ([`select`]), a rejection round is two passes, and the draw is one. Log-probabilities
+//! ([`logprobs`]) are of the raw logits, from one `log Σ exp` pass and a top-N scan, sharing
+//! the maximum with the sampler.
 //! `model/tests/sampling.rs` checks exact ids against a full-sort reference implementation.
 
 mod logprobs;
@@ -150,24 +155,26 @@ impl Sampler {
             f32::NEG_INFINITY
         };
         let s = &mut self.scratch;
-        s.reset(logits.len());
-        let u = self.rng.random::<f64>();
-        let (found, total) = if p.top_k == 0 && p.top_p >= 1.0 {
-            // Only min-p (or nothing): zero weights are never drawn, no cut is needed.
-            let total = vector::weights(logits, max, inv_t, &mut s.weights);
-            if p.min_p > 0.0 {
-                let mut kept = 0.0f64;
-                for (w, &l) in s.weights.iter_mut().zip(logits) {
-                    if l < floor {
-                        *w = 0.0;
-                    }
-                    kept += f64::from(*w);
-                }
-                (vector::draw(&s.weights, u * kept, |_| true), total)
+        let (found, total) = if p.top_k == 0 {
+            // No ranking cut needs a histogram: min-p zeroes weights (never drawn), and
+            // top-p draws by rejection.
+            s.weights.resize(logits.len(), 0.0);
+            let kept = vector::floored_weights(logits, max, inv_t, floor, &mut s.weights);
+            let found = if p.top_p >= 1.0 {
+                vector::draw(&s.weights, self.rng.random::<f64>() * kept, |_| true)
             } else {
-                (vector::draw(&s.weights, u * total, |_| true), total)
-            }
+                nucleus(
+                    logits,
+                    &s.weights,
+                    kept,
+                    f64::from(p.top_p) * kept,
+                    &mut self.rng,
+                )
+            };
+            (found, kept)
         } else {
+            s.reset(logits.len());
+            let u = self.rng.random::<f64>();
             let total = vector::weights_and_histogram(
                 logits,
                 max,
@@ -184,6 +191,40 @@ impl Sampler {
         let id = found.map_or_else(|| first_at(logits, max), |i| i as u32);
         let exact = p.temperature == 1.0 && p.min_p == 0.0;
         (id, exact.then_some(total))
+    }
+}
+
+/// Top-p by rejection, without ranking the vocabulary: draw from a candidate set `S` (first
+/// every token of nonzero weight, of mass `mass`) in id order; a token whose higher-ranked mass
+/// is below `need` is in the nucleus and is the sample; otherwise `S` becomes the tokens ranked
+/// above it, whose mass that check just computed. The nucleus is a prefix of the ranking, so
+/// it stays inside `S`, and a draw from `S` that lands in it is a draw from the nucleus. The
+/// first draw is accepted with probability ≈ `top_p`; each round is two vectorised passes.
+fn nucleus(
+    logits: &[f32],
+    weights: &[f32],
+    mut mass: f64,
+    need: f64,
+    rng: &mut ChaCha8Rng,
+) -> Option<usize> {
+    let mut pivot: Option<usize> = None;
+    loop {
+        let target = rng.random::<f64>() * mass;
+        let x = match pivot {
+            None => vector::draw(weights, target, |_| true),
+            Some(pv) => {
+                let lp = logits[pv];
+                vector::draw(weights, target, |i| {
+                    logits[i] > lp || (logits[i] == lp && i < pv)
+                })
+            }
+        }?;
+        let before = vector::mass_before(logits, weights, x);
+        if before < need {
+            return Some(x);
+        }
+        pivot = Some(x);
+        mass = before;
     }
 }
 

@@ -3,12 +3,62 @@
 //! degree-6 polynomial, relative error ≈ 2e-7, exact 0 below `-87`), their sum, and the
 //! histogram of weights by their float bits that [`super::select`] cuts on. Sums are taken in
 //! float64 so a draw depends on the weights, not on the order they were added in.
+//!
+//! The default x86-64 target is SSE2 (4 lanes); each pass is also compiled for AVX-512 and
+//! chosen at run time (see [`multiversion`]). Both builds run the same IEEE operations in the
+//! same order (Rust never contracts `a * b + c` into an FMA), so their results are bitwise
+//! equal: a seed draws the same token on every CPU.
+
+/// Defines `pub fn $name` whose body is compiled twice, for the portable target and with
+/// AVX-512 enabled, and picks the AVX-512 build when the CPU has it.
+macro_rules! multiversion {
+    ($(#[$m:meta])* pub fn $name:ident$(<$g:ident: $b:path>)?($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty $body:block) => {
+        $(#[$m])*
+        #[allow(unsafe_code)] // the dispatch to the `#[target_feature]` build
+        pub fn $name$(<$g: $b>)?($($arg: $ty),*) -> $ret {
+            #[inline(always)]
+            fn body$(<$g: $b>)?($($arg: $ty),*) -> $ret $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw")]
+                fn wide$(<$g: $b>)?($($arg: $ty),*) -> $ret {
+                    body($($arg),*)
+                }
+                if $crate::sampling::vector::wide_available() {
+                    // SAFETY: the CPU has the features `wide` was compiled for.
+                    return unsafe { wide($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
+pub(crate) use multiversion;
+
+/// Whether this CPU runs the AVX-512 builds (the detection result is cached by `std`).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub(crate) fn wide_available() -> bool {
+    is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512dq")
+        && is_x86_feature_detected!("avx512bw")
+}
 
 /// Lanes of the chunked loops (one AVX-512 register of f32, two AVX2 ones).
 const LANES: usize = 16;
 
+multiversion! {
 /// The largest value (NaN-free input; `-inf` for an empty slice).
 pub fn max(values: &[f32]) -> f32 {
+    max_inline(values)
+}
+}
+
+/// [`max`]'s body, for passes that take chunk maxima inside their own multiversioned build.
+#[inline(always)]
+pub(crate) fn max_inline(values: &[f32]) -> f32 {
     let mut m = [f32::NEG_INFINITY; LANES];
     let chunks = values.chunks_exact(LANES);
     let rest = chunks.remainder();
@@ -48,6 +98,7 @@ pub fn exp(x: f32) -> f32 {
     if x < -87.0 { 0.0 } else { y * scale }
 }
 
+multiversion! {
 /// `Σ exp(v - max)` over `values`, in float64.
 pub fn exp_sum(values: &[f32], max: f32) -> f64 {
     let mut total = 0.0f64;
@@ -64,6 +115,7 @@ pub fn exp_sum(values: &[f32], max: f32) -> f64 {
         total += f64::from(part);
     }
     total
+}
 }
 
 /// Weight buckets: the top bits of a weight in `[0, 1]` (8 exponent + 6 mantissa bits, so 64
@@ -90,36 +142,23 @@ pub fn weights_and_histogram(
     mass: &mut [f64],
 ) -> f64 {
     debug_assert_eq!(logits.len(), out.len());
-    for (lc, oc) in logits.chunks(LANES).zip(out.chunks_mut(LANES)) {
-        if lc.len() == LANES {
-            for j in 0..LANES {
-                let w = exp((lc[j] - max) * inv_t);
-                oc[j] = if lc[j] < floor { 0.0 } else { w };
-            }
-        } else {
-            for (o, &l) in oc.iter_mut().zip(lc) {
-                let w = exp((l - max) * inv_t);
-                *o = if l < floor { 0.0 } else { w };
-            }
-        }
-        for &w in oc.iter() {
-            let b = bucket(w);
-            count[b] += 1;
-            mass[b] += f64::from(w);
-        }
-    }
-    mass.iter().skip(1).sum()
+    let total = floored_weights(logits, max, inv_t, floor, out);
+    histogram(out, count, mass);
+    total
 }
 
-/// Writes the weights only (no filter needs the histogram). Returns the total mass, summed in
-/// float64 (a float32 sum is off by ~1e-7 of the total, enough to move a draw).
-pub fn weights(logits: &[f32], max: f32, inv_t: f32, out: &mut [f32]) -> f64 {
+multiversion! {
+/// `out[i] = exp((logits[i] - max) * inv_t)`, or 0 where `logits[i] < floor`. Returns the
+/// total mass, summed in float64 (a float32 sum is off by ~1e-7 of the total, enough to move
+/// a draw).
+pub fn floored_weights(logits: &[f32], max: f32, inv_t: f32, floor: f32, out: &mut [f32]) -> f64 {
     let mut acc = [0.0f64; LANES];
     let mut lc = logits.chunks_exact(LANES);
     let mut oc = out.chunks_exact_mut(LANES);
     for (l, o) in (&mut lc).zip(&mut oc) {
         for j in 0..LANES {
-            o[j] = exp((l[j] - max) * inv_t);
+            let w = exp((l[j] - max) * inv_t);
+            o[j] = if l[j] < floor { 0.0 } else { w };
         }
         for j in 0..LANES {
             acc[j] += f64::from(o[j]);
@@ -127,16 +166,67 @@ pub fn weights(logits: &[f32], max: f32, inv_t: f32, out: &mut [f32]) -> f64 {
     }
     let mut total: f64 = acc.iter().sum();
     for (o, &l) in oc.into_remainder().iter_mut().zip(lc.remainder()) {
-        *o = exp((l - max) * inv_t);
+        let w = exp((l - max) * inv_t);
+        *o = if l < floor { 0.0 } else { w };
         total += f64::from(*o);
     }
     total
 }
+}
 
+multiversion! {
+/// `Σ weights[i]` over the entries that rank before entry `pivot` by `(logit desc, id asc)`:
+/// lower ids with a logit `>=` the pivot's and higher ids with a logit `>` it.
+pub fn mass_before(logits: &[f32], weights: &[f32], pivot: usize) -> f64 {
+    let lp = logits[pivot];
+    masked_sum::<true>(&logits[..pivot], &weights[..pivot], lp)
+        + masked_sum::<false>(&logits[pivot + 1..], &weights[pivot + 1..], lp)
+}
+}
+
+/// `Σ weights[i]` where `logits[i] > lp` (or `>=` with `TIE`), in float64 lanes. The weight
+/// is masked by its bits, which keeps the loop free of branches (it vectorises).
+#[inline(always)]
+fn masked_sum<const TIE: bool>(logits: &[f32], weights: &[f32], lp: f32) -> f64 {
+    let keep = |l: f32, w: f32| -> f32 {
+        let k = if TIE { l >= lp } else { l > lp };
+        f32::from_bits(w.to_bits() & (k as u32).wrapping_neg())
+    };
+    let mut acc = [0.0f64; LANES];
+    let mut lc = logits.chunks_exact(LANES);
+    let mut wc = weights.chunks_exact(LANES);
+    for (l, w) in (&mut lc).zip(&mut wc) {
+        let mut v = [0.0f32; LANES];
+        for j in 0..LANES {
+            v[j] = keep(l[j], w[j]);
+        }
+        for j in 0..LANES {
+            acc[j] += f64::from(v[j]);
+        }
+    }
+    let mut total: f64 = acc.iter().sum();
+    for (&l, &w) in lc.remainder().iter().zip(wc.remainder()) {
+        total += f64::from(keep(l, w));
+    }
+    total
+}
+
+/// Adds each weight's count and float64 mass to its bucket ([`bucket`]; `count` and `mass`
+/// hold at least [`BUCKETS`] entries).
+fn histogram(weights: &[f32], count: &mut [u32], mass: &mut [f64]) {
+    let (count, mass) = (&mut count[..BUCKETS], &mut mass[..BUCKETS]);
+    for &w in weights {
+        let b = bucket(w).min(BUCKETS - 1);
+        count[b] += 1;
+        mass[b] += f64::from(w);
+    }
+}
+
+multiversion! {
 /// The index of the first entry where the running float64 sum of the kept weights exceeds
 /// `target`, scanning in index order; `kept(i)` says whether entry `i` takes part. When rounding
 /// left the target beyond the sum, the last kept entry of nonzero weight; `None` if there is none.
-pub fn draw(weights: &[f32], target: f64, kept: impl Fn(usize) -> bool) -> Option<usize> {
+pub fn draw<F: Fn(usize) -> bool>(weights: &[f32], target: f64, kept: F) -> Option<usize> {
     const CHUNK: usize = 256;
     let mut acc = 0.0f64;
     let mut last = None;
@@ -169,6 +259,7 @@ pub fn draw(weights: &[f32], target: f64, kept: impl Fn(usize) -> bool) -> Optio
         }
     }
     last
+}
 }
 
 #[cfg(test)]
