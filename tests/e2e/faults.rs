@@ -113,6 +113,28 @@ async fn a_node_answering_one_layer_with_errors_is_quarantined_and_the_answer_is
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_answering_nans_with_ok_is_quarantined_and_the_answer_is_golden() {
+    let (_behind, healthy, proxy, router) = faulty_pair(Fault::NanAt { layer: 2 }, &[]).await;
+    let c = reqwest::Client::new();
+    let (got, _) = golden_request(&c, &router.addr).await;
+    assert_eq!(got, want(), "no NaN reached the residual stream");
+    assert!(
+        proxy.sabotaged() > 0,
+        "the proxy answered some layer-2 dispatch with NaNs"
+    );
+    let m = metric_values(&c, &router.addr).await;
+    assert!(
+        node_metric(&m, "moe_dispatch_quarantines_total", &proxy.addr) >= 1.0,
+        "the node answering NaNs was quarantined"
+    );
+    assert_eq!(
+        node_metric(&m, "moe_dispatch_quarantines_total", &healthy.addr),
+        0.0,
+        "the healthy node was not"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_stalling_past_the_timeout_is_routed_around_within_the_step() {
     let (_behind, _healthy, proxy, router) = faulty_pair(
         Fault::StallAt { layer: 3 },
