@@ -291,6 +291,7 @@ async fn every_bad_input_gets_a_4xx_with_an_openai_error_body() {
     // Not JSON at all.
     let r = c
         .post(url(&s, "/v1/completions"))
+        .header("content-type", "application/json")
         .body("{not json")
         .send()
         .await
