@@ -308,6 +308,7 @@ pub fn app_state(
         api_keys,
         metrics_need_key: a.metrics_require_key,
         allowed_hosts: moe_router::http::guard::AllowedHosts::new(&a.allowed_hosts),
+        blocking: moe_router::http::blocking::BlockingPool::per_cpu(),
     })
 }
 

@@ -132,18 +132,29 @@ fn chat_logprobs(
     Some(ChatLogprobs { content })
 }
 
-/// Parses and validates a request body, then submits it under `span` (the scheduler's spans
-/// for the request are its children): the validated request and its events.
-fn accept<R: serde::de::DeserializeOwned>(
+/// Parses and validates a request body on the blocking pool (tokenizing megabytes takes
+/// seconds of CPU), then submits it under `span` (the scheduler's spans for the request are
+/// its children): the validated request and its events.
+async fn accept<R: serde::de::DeserializeOwned + 'static>(
     s: &AppState,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
     validate: fn(&R, &TextCodec, &validation::Limits) -> Result<Validated, ApiError>,
     span: &tracing::Span,
 ) -> Result<(Validated, mpsc::UnboundedReceiver<Event>), ApiError> {
+    // Cheap checks first, on the worker: a refused body costs no blocking slot.
+    super::guard::require_json(headers)?;
+    let (codec, limits, max_body) = (s.codec.clone(), s.limits.clone(), s.max_body_bytes);
+    let (headers, job_span) = (headers.clone(), span.clone());
+    let v = s
+        .blocking
+        .run(move || {
+            job_span.in_scope(|| {
+                parse::<R>(&headers, body, max_body).and_then(|req| validate(&req, &codec, &limits))
+            })
+        })
+        .await??;
     span.in_scope(|| {
-        let v = parse::<R>(headers, body, s.max_body_bytes)
-            .and_then(|req| validate(&req, &s.codec, &s.limits))?;
         trace::record_request(span, &v);
         let rx = s.scheduler.submit(v.request.clone())?;
         Ok((v, rx))
@@ -186,7 +197,7 @@ pub async fn completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let span = trace::request_span(Operation::TextCompletion, &s.limits.model_name, &headers);
-    let (v, rx) = match accept(&s, &headers, body, validation::completion, &span) {
+    let (v, rx) = match accept(&s, &headers, body, validation::completion, &span).await {
         Ok(accepted) => accepted,
         Err(e) => return fail_traced(&span, e),
     };
@@ -282,7 +293,7 @@ pub async fn chat(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let span = trace::request_span(Operation::Chat, &s.limits.model_name, &headers);
-    let (v, rx) = match accept(&s, &headers, body, validation::chat, &span) {
+    let (v, rx) = match accept(&s, &headers, body, validation::chat, &span).await {
         Ok(accepted) => accepted,
         Err(e) => return fail_traced(&span, e),
     };

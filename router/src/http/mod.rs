@@ -5,6 +5,7 @@
 //! `--allowed-hosts` `/v1/*` answers only for those hosts ([`guard`]).
 
 pub mod auth;
+pub mod blocking;
 mod generate;
 pub mod guard;
 mod stream;
@@ -46,6 +47,8 @@ pub struct AppState {
     pub metrics_need_key: bool,
     /// Hosts `/v1/*` answers for; `None` answers for any.
     pub allowed_hosts: Option<Arc<guard::AllowedHosts>>,
+    /// Where bodies are parsed, rendered and tokenized (off the async workers, bounded).
+    pub blocking: blocking::BlockingPool,
 }
 
 /// The API router.
