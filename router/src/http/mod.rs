@@ -6,6 +6,8 @@
 
 pub mod auth;
 pub mod blocking;
+#[cfg(test)]
+mod fuzz;
 mod generate;
 pub mod guard;
 mod stream;
