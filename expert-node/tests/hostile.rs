@@ -304,3 +304,56 @@ async fn non_finite_outputs_are_an_error_not_ok() {
     let resp = answers.message().await.expect("ok").expect("an answer");
     assert_eq!((resp.request_id, resp.code), (3, 0), "{}", resp.message);
 }
+
+/// A gRPC message header declaring 200 MiB, and no body: refused from the header alone (the
+/// stream ends RESOURCE_EXHAUSTED at once) instead of waiting, with the declared size reserved,
+/// for bytes that never come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declared_length_over_the_limit_is_refused_from_its_header() {
+    let n = start(ServerOptions {
+        max_message_bytes: 1 << 20,
+        ..Default::default()
+    })
+    .await;
+    let tcp = tokio::net::TcpStream::connect(n.addr).await.expect("tcp");
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2");
+    tokio::spawn(conn);
+    let mut client = client.ready().await.expect("ready");
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!(
+            "http://{}/moe.expert.v1.ExpertService/Dispatch",
+            n.addr
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("request");
+    let (resp, mut send) = client.send_request(req, false).expect("send");
+    let declared: u32 = 200 << 20;
+    let mut header = vec![0u8];
+    header.extend_from_slice(&declared.to_be_bytes());
+    send.send_data(Bytes::from(header), false).expect("header");
+    let answer = async {
+        let resp = resp.await.expect("response");
+        let mut status = resp.headers().get("grpc-status").cloned();
+        let mut body = resp.into_body();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.expect("data");
+            let _ = body.flow_control().release_capacity(chunk.len());
+        }
+        if let Some(t) = body.trailers().await.expect("trailers") {
+            status = t.get("grpc-status").cloned().or(status);
+        }
+        status
+    };
+    // Bounded so that a node waiting for the body fails the test instead of hanging it.
+    let status = tokio::time::timeout(Duration::from_secs(30), answer)
+        .await
+        .expect("answered without the body");
+    assert_eq!(
+        status.as_ref().and_then(|s| s.to_str().ok()),
+        Some((Code::ResourceExhausted as i32).to_string().as_str())
+    );
+    drop(send);
+}
