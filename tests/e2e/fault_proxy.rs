@@ -22,6 +22,8 @@ use tonic::{Request, Response, Status, Streaming};
 pub enum Fault {
     /// Answers every dispatch of `layer` with an in-band `Internal` error.
     ErrorAt { layer: u32 },
+    /// Answers every dispatch of `layer` in-band `ResourceExhausted` (a node at its limit).
+    BusyAt { layer: u32 },
     /// Answers every dispatch of `layer` OK, with the real node's answer turned into NaNs.
     NanAt { layer: u32 },
     /// Never answers a dispatch of `layer` (the stream stays up).
@@ -108,11 +110,15 @@ impl ExpertService for Proxy {
             while let Some(Ok(req)) = inbound.next().await {
                 let id = req.request_id;
                 match proxy.fault {
-                    Fault::ErrorAt { layer } if req.layer == layer => {
+                    Fault::ErrorAt { layer } | Fault::BusyAt { layer } if req.layer == layer => {
                         proxy.sabotaged.fetch_add(1, Ordering::SeqCst);
+                        let code = match proxy.fault {
+                            Fault::BusyAt { .. } => tonic::Code::ResourceExhausted,
+                            _ => tonic::Code::Internal,
+                        };
                         let resp = DispatchResponse {
                             request_id: id,
-                            code: tonic::Code::Internal as i32,
+                            code: code as i32,
                             message: "injected fault".into(),
                             ..Default::default()
                         };

@@ -113,6 +113,25 @@ async fn a_node_answering_one_layer_with_errors_is_quarantined_and_the_answer_is
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_at_its_limit_is_routed_around_but_not_quarantined() {
+    let (_behind, _healthy, proxy, router) = faulty_pair(Fault::BusyAt { layer: 2 }, &[]).await;
+    let c = reqwest::Client::new();
+    let (got, _) = golden_request(&c, &router.addr).await;
+    assert_eq!(got, want(), "the other replica answered");
+    assert!(
+        proxy.sabotaged() > 0,
+        "the proxy answered some layer-2 dispatch busy"
+    );
+    let m = metric_values(&c, &router.addr).await;
+    assert!(node_metric(&m, "moe_dispatch_failovers_total", &proxy.addr) >= 1.0);
+    assert_eq!(
+        node_metric(&m, "moe_dispatch_quarantines_total", &proxy.addr),
+        0.0,
+        "busy is not broken: the node stays in the plan for later steps"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_answering_nans_with_ok_is_quarantined_and_the_answer_is_golden() {
     let (_behind, healthy, proxy, router) = faulty_pair(Fault::NanAt { layer: 2 }, &[]).await;
     let c = reqwest::Client::new();
