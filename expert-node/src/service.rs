@@ -70,20 +70,20 @@ impl Service {
     }
 }
 
-/// The status a Dispatch stream ends with when reading it failed: the client's fault is said
-/// to the client; a transport error (the client went away) ends it without one.
-fn read_failure(status: &Status) -> Option<Status> {
+/// The status a Dispatch stream ends with when reading it failed, never OK: what the client
+/// sent could not be read (a message that does not parse is `InvalidArgument` from
+/// [`moe_proto::codec::StrictCodec`]; tonic's framing errors, such as an unknown compression
+/// flag, are `Internal`), or was too large (tonic says `OutOfRange` for a declared length over
+/// `max_decoding_message_size`). Anything else (the client reset the stream) keeps its code;
+/// a client that is gone does not see it.
+fn read_failure(status: &Status) -> Status {
     match status.code() {
-        Code::InvalidArgument => Some(Status::invalid_argument(status.message())),
-        // tonic refuses a declared length over max_decoding_message_size with OutOfRange.
-        Code::OutOfRange | Code::ResourceExhausted => {
-            Some(Status::resource_exhausted(status.message()))
-        }
-        // A compressed message without a grpc-encoding, or an unknown compression flag.
-        Code::Internal if status.message().starts_with("protocol error") => {
-            Some(Status::invalid_argument(status.message()))
-        }
-        _ => None,
+        Code::InvalidArgument | Code::Internal => Status::invalid_argument(format!(
+            "unreadable message on the dispatch stream: {}",
+            status.message()
+        )),
+        Code::OutOfRange | Code::ResourceExhausted => Status::resource_exhausted(status.message()),
+        _ => status.clone(),
     }
 }
 
@@ -234,8 +234,8 @@ impl ExpertService for Service {
                         }
                         Ok(None) => break,
                         Err(status) => {
-                            failure = read_failure(&status);
-                            tracing::debug!(%status, "dispatch stream ended by the client");
+                            tracing::debug!(%status, "reading the dispatch stream failed");
+                            failure = Some(read_failure(&status));
                             break;
                         }
                     },
@@ -249,8 +249,13 @@ impl ExpertService for Service {
             }
             while tasks.join_next().await.is_some() {}
             if let Some(status) = failure {
-                tracing::warn!(node = %node.id, %status, "dispatch stream refused a message");
-                node.stats.record_error(status.code());
+                tracing::info!(node = %node.id, %status, "dispatch stream ended with an error");
+                if matches!(
+                    status.code(),
+                    Code::InvalidArgument | Code::ResourceExhausted
+                ) {
+                    node.stats.record_error(status.code());
+                }
                 let _ = tx.send(Err(status)).await;
             }
         });

@@ -305,35 +305,25 @@ async fn non_finite_outputs_are_an_error_not_ok() {
     assert_eq!((resp.request_id, resp.code), (3, 0), "{}", resp.message);
 }
 
-/// A gRPC message header declaring 200 MiB, and no body: refused from the header alone (the
-/// stream ends RESOURCE_EXHAUSTED at once) instead of waiting, with the declared size reserved,
-/// for bytes that never come.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_declared_length_over_the_limit_is_refused_from_its_header() {
-    let n = start(ServerOptions {
-        max_message_bytes: 1 << 20,
-        ..Default::default()
-    })
-    .await;
-    let tcp = tokio::net::TcpStream::connect(n.addr).await.expect("tcp");
+/// Sends `frame` (raw gRPC framing) on a Dispatch stream over a bare HTTP/2 connection and
+/// keeps the stream open; the grpc-status it ends with, waited for at most 30 s (a node that
+/// waits for more bytes fails the test instead of hanging it).
+async fn raw_dispatch(addr: std::net::SocketAddr, frame: Vec<u8>) -> Option<String> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("tcp");
     let (client, conn) = h2::client::handshake(tcp).await.expect("h2");
     tokio::spawn(conn);
     let mut client = client.ready().await.expect("ready");
     let req = http::Request::builder()
         .method("POST")
         .uri(format!(
-            "http://{}/moe.expert.v1.ExpertService/Dispatch",
-            n.addr
+            "http://{addr}/moe.expert.v1.ExpertService/Dispatch"
         ))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .body(())
         .expect("request");
     let (resp, mut send) = client.send_request(req, false).expect("send");
-    let declared: u32 = 200 << 20;
-    let mut header = vec![0u8];
-    header.extend_from_slice(&declared.to_be_bytes());
-    send.send_data(Bytes::from(header), false).expect("header");
+    send.send_data(Bytes::from(frame), false).expect("frame");
     let answer = async {
         let resp = resp.await.expect("response");
         let mut status = resp.headers().get("grpc-status").cloned();
@@ -347,13 +337,43 @@ async fn a_declared_length_over_the_limit_is_refused_from_its_header() {
         }
         status
     };
-    // Bounded so that a node waiting for the body fails the test instead of hanging it.
     let status = tokio::time::timeout(Duration::from_secs(30), answer)
         .await
-        .expect("answered without the body");
-    assert_eq!(
-        status.as_ref().and_then(|s| s.to_str().ok()),
-        Some((Code::ResourceExhausted as i32).to_string().as_str())
-    );
+        .expect("answered without more bytes");
     drop(send);
+    status.and_then(|s| s.to_str().ok().map(str::to_string))
+}
+
+fn code(c: Code) -> Option<String> {
+    Some((c as i32).to_string())
+}
+
+/// A gRPC message header declaring 200 MiB, and no body: refused from the header alone (the
+/// stream ends RESOURCE_EXHAUSTED at once) instead of waiting, with the declared size reserved,
+/// for bytes that never come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declared_length_over_the_limit_is_refused_from_its_header() {
+    let n = start(ServerOptions {
+        max_message_bytes: 1 << 20,
+        ..Default::default()
+    })
+    .await;
+    let declared: u32 = 200 << 20;
+    let mut header = vec![0u8];
+    header.extend_from_slice(&declared.to_be_bytes());
+    assert_eq!(
+        raw_dispatch(n.addr, header).await,
+        code(Code::ResourceExhausted)
+    );
+}
+
+/// Framing garbage (a compression flag that does not exist) is the client's fault too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_compression_flag_ends_the_stream_with_invalid_argument() {
+    let n = start(ServerOptions::default()).await;
+    let frame = vec![7u8, 0, 0, 0, 1, 0];
+    assert_eq!(
+        raw_dispatch(n.addr, frame).await,
+        code(Code::InvalidArgument)
+    );
 }
