@@ -4,11 +4,12 @@
 //! as byte-level BPE tokens can split a character).
 //!
 //! Message content is text, never markup: the chat template is rendered with each message's
-//! content between two Unicode noncharacters (U+FDD0, U+FDD1), and the rendered prompt is
-//! encoded piece by piece: the template's own text with special-token parsing (its BOS and role
-//! tokens are real), the content with it off (`encode_special_tokens`, HF's
+//! content between two Unicode noncharacters (U+FDD0, U+FDD1); the special tokens found in the
+//! template's own text are real (its BOS and role tokens), and everything between them is
+//! encoded with special-token parsing off (`encode_special_tokens`, HF's
 //! `split_special_tokens`), so a user who types `<｜Assistant｜>` gets those characters, not a
-//! fake turn (vLLM and TGI do the same).
+//! fake turn (vLLM and TGI do the same). Added tokens' `lstrip`/`rstrip` flags are not applied
+//! at those cuts (DeepSeek's have none).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -49,6 +50,8 @@ pub struct TextCodec {
     tok: Tokenizer,
     /// The same tokenizer with special-token parsing off, for message content.
     plain: Tokenizer,
+    /// Special tokens (text, id), longest first: where a chat prompt is cut.
+    specials: Vec<(String, u32)>,
     /// Raw bytes of each token (byte-level BPE decoded one token alone).
     token_bytes: Vec<Vec<u8>>,
     max_token_bytes: usize,
@@ -88,6 +91,13 @@ impl TextCodec {
         let spec: Value = serde_json::from_str(&json).unwrap_or(Value::Null);
         let mut plain = tok.clone();
         plain.set_encode_special_tokens(true);
+        let mut specials: Vec<(String, u32)> = tok
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special && !t.content.is_empty())
+            .map(|(id, t)| (t.content, id))
+            .collect();
+        specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
         let token_bytes = all_token_bytes(&tok, &spec);
         // A normalizer may shrink text (NFKC maps some 3-byte characters to 1 byte): allow for
         // it rather than refuse text that would fit.
@@ -106,6 +116,7 @@ impl TextCodec {
         Ok(TextCodec {
             tok,
             plain,
+            specials,
             token_bytes,
             max_token_bytes,
             template: cfg
@@ -149,38 +160,58 @@ impl TextCodec {
         self.max_token_bytes
     }
 
-    /// Token ids of `messages` rendered with the chat template: the template's text with
-    /// special tokens, the messages' content as plain text.
+    /// Token ids of `messages` rendered with the chat template: the template's special tokens
+    /// are real, the messages' content is plain text. The rendered prompt is cut only at the
+    /// template's own special tokens, which are where a whole-prompt encoding splits anyway,
+    /// so the ids equal transformers' `apply_chat_template` except that a special token typed
+    /// in content stays text.
     pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, ApiError> {
         let rendered = self.render_chat(messages)?;
+        // The text without markers, and whether each of its bytes came from content.
+        let mut text = String::with_capacity(rendered.len());
+        let mut in_content = Vec::with_capacity(rendered.len());
+        let mut inside = false;
+        for c in rendered.chars() {
+            match c {
+                CONTENT_OPEN => inside = true,
+                CONTENT_CLOSE => inside = false,
+                c => {
+                    text.push(c);
+                    in_content.resize(text.len(), inside);
+                }
+            }
+        }
         let mut ids = Vec::new();
-        let mut in_content = false;
-        let mut piece = String::new();
-        let mut flush = |piece: &mut String, content: bool| -> Result<(), ApiError> {
+        let encode_plain = |piece: &str, ids: &mut Vec<u32>| -> Result<(), ApiError> {
             if !piece.is_empty() {
-                let tok = if content { &self.plain } else { &self.tok };
-                let enc = tok.encode(piece.as_str(), false).map_err(|e| {
+                let enc = self.plain.encode(piece, false).map_err(|e| {
                     ApiError::bad_request(format!("cannot tokenize the prompt: {e}"))
                 })?;
                 ids.extend_from_slice(enc.get_ids());
-                piece.clear();
             }
             Ok(())
         };
-        for c in rendered.chars() {
-            match c {
-                CONTENT_OPEN => {
-                    flush(&mut piece, in_content)?;
-                    in_content = true;
+        let (mut start, mut i) = (0, 0);
+        while i < text.len() {
+            let special = (!in_content[i])
+                .then(|| {
+                    self.specials.iter().find(|(s, _)| {
+                        text[i..].starts_with(s.as_str())
+                            && !in_content[i..i + s.len()].iter().any(|&c| c)
+                    })
+                })
+                .flatten();
+            match special {
+                Some((s, id)) => {
+                    encode_plain(&text[start..i], &mut ids)?;
+                    ids.push(*id);
+                    i += s.len();
+                    start = i;
                 }
-                CONTENT_CLOSE => {
-                    flush(&mut piece, in_content)?;
-                    in_content = false;
-                }
-                c => piece.push(c),
+                None => i += text[i..].chars().next().map_or(1, char::len_utf8),
             }
         }
-        flush(&mut piece, in_content)?;
+        encode_plain(&text[start..], &mut ids)?;
         Ok(ids)
     }
 
@@ -244,7 +275,23 @@ impl TextCodec {
             msgs.push(context! { role => role, content => content });
         }
         let mut env = Environment::new();
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        // Trimming sees through the content markers, so a template that trims content (Llama
+        // 3's `| trim`, Python's `.strip()`) renders what it would without them.
+        env.add_filter("trim", |s: String| marked_trim(&s, true, true));
+        env.set_unknown_method_callback(|state, value, method, args| {
+            let ends = match method {
+                "strip" => Some((true, true)),
+                "lstrip" => Some((true, false)),
+                "rstrip" => Some((false, true)),
+                _ => None,
+            };
+            match (value.as_str(), ends, args.is_empty()) {
+                (Some(s), Some((l, r)), true) => Ok(marked_trim(s, l, r).into()),
+                _ => {
+                    minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
+                }
+            }
+        });
         env.add_function(
             "raise_exception",
             |msg: String| -> Result<String, JinjaError> {
@@ -264,6 +311,40 @@ impl TextCodec {
             })
             .map_err(render_err)
     }
+}
+
+/// `s` without leading (`left`) and trailing (`right`) whitespace, the content markers kept
+/// where they are (whitespace inside a marked span at its edge is trimmed as it would be
+/// without the markers).
+fn marked_trim(s: &str, left: bool, right: bool) -> String {
+    let marker = |c: char| c == CONTENT_OPEN || c == CONTENT_CLOSE;
+    let mut chars: Vec<char> = s.chars().collect();
+    if left {
+        let mut out = Vec::with_capacity(chars.len());
+        let mut i = 0;
+        while i < chars.len() && (chars[i].is_whitespace() || marker(chars[i])) {
+            if marker(chars[i]) {
+                out.push(chars[i]);
+            }
+            i += 1;
+        }
+        out.extend_from_slice(&chars[i..]);
+        chars = out;
+    }
+    if right {
+        let mut tail = Vec::new();
+        while let Some(&c) = chars.last() {
+            if !(c.is_whitespace() || marker(c)) {
+                break;
+            }
+            chars.pop();
+            if marker(c) {
+                tail.push(c);
+            }
+        }
+        chars.extend(tail.into_iter().rev());
+    }
+    chars.into_iter().collect()
 }
 
 /// Raw bytes of every token: for a byte-level BPE vocabulary (a `ByteLevel` decoder) each

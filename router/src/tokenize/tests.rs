@@ -115,3 +115,64 @@ fn no_token_covers_more_bytes_than_the_bound() {
         .max();
     assert_eq!(Some(c.max_token_bytes()), longest);
 }
+
+/// The golden tokenizer with another chat template (in a temporary model directory).
+fn codec_with_template(template: &str) -> TextCodec {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(
+        model().join("tokenizer.json"),
+        dir.path().join("tokenizer.json"),
+    )
+    .expect("copy");
+    let cfg = json!({"chat_template": template, "bos_token": "<｜begin▁of▁sentence｜>"});
+    std::fs::write(dir.path().join("tokenizer_config.json"), cfg.to_string()).expect("write");
+    TextCodec::from_dir(dir.path()).expect("codec")
+}
+
+#[test]
+fn templates_that_trim_content_trim_it_as_without_the_markers() {
+    for template in [
+        "{{ bos_token }}{% for m in messages %}[{{ m['content'] | trim }}]{% endfor %}",
+        "{{ bos_token }}{% for m in messages %}[{{ m['content'].strip() }}]{% endfor %}",
+        "{{ bos_token }}{% for m in messages %}[{{ (m['content'] + '  ') | trim }}]{% endfor %}",
+    ] {
+        let c = codec_with_template(template);
+        let ids = c
+            .encode_chat(&messages(&json!([
+                {"role": "user", "content": "  \n hi there \t "},
+                {"role": "assistant", "content": "ok"},
+            ])))
+            .expect("ids");
+        let want = c
+            .encode("<｜begin▁of▁sentence｜>[hi there][ok]", false)
+            .expect("want");
+        assert_eq!(ids, want, "{template}");
+    }
+    assert_eq!(
+        marked_trim("\u{FDD0}  a \u{FDD1} ", true, true),
+        "\u{FDD0}a\u{FDD1}"
+    );
+    assert_eq!(marked_trim(" \u{FDD0} a ", true, false), "\u{FDD0}a ");
+    assert_eq!(marked_trim("  ", true, true), "");
+}
+
+#[test]
+fn content_next_to_template_text_encodes_as_the_whole_prompt_would() {
+    // Without markers in the way, " hello" after "User:" is one piece, as in a whole-prompt
+    // encoding; only a special token of the template cuts the prompt.
+    let c = codec_with_template(
+        "{{ bos_token }}{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}<｜Assistant｜>",
+    );
+    let ids = c
+        .encode_chat(&messages(
+            &json!([{"role": "user", "content": "hello world, naïve"}]),
+        ))
+        .expect("ids");
+    let want = c
+        .encode(
+            "<｜begin▁of▁sentence｜>User: hello world, naïve\n<｜Assistant｜>",
+            false,
+        )
+        .expect("want");
+    assert_eq!(ids, want);
+}
