@@ -35,6 +35,10 @@ pub struct ExpertNode {
     fingerprint: String,
     draining: AtomicBool,
     in_flight: AtomicU64,
+    /// Messages taken off a stream (or a Compute call) whose answer is not yet queued to send.
+    held: AtomicU64,
+    /// The most `held` has been.
+    held_peak: AtomicU64,
     /// Tokens and compute time per (layer, expert).
     pub stats: crate::stats::NodeStats,
 }
@@ -83,6 +87,8 @@ impl ExpertNode {
             fingerprint,
             draining: AtomicBool::new(false),
             in_flight: AtomicU64::new(0),
+            held: AtomicU64::new(0),
+            held_peak: AtomicU64::new(0),
             stats: Default::default(),
         }
     }
@@ -210,6 +216,7 @@ impl ExpertNode {
         self.stats.render(crate::stats::NodeGauges {
             node: &self.id,
             in_flight: self.in_flight(),
+            held: self.held(),
             hosted,
             expert_bytes,
             placement_version: version,
@@ -245,6 +252,23 @@ impl ExpertNode {
         self.in_flight.load(Ordering::SeqCst)
     }
 
+    /// Counts a message held (read, its answer not yet queued to send) until the guard drops.
+    pub fn hold(self: &Arc<Self>) -> Held {
+        let now = self.held.fetch_add(1, Ordering::SeqCst) + 1;
+        self.held_peak.fetch_max(now, Ordering::SeqCst);
+        Held(self.clone())
+    }
+
+    /// Messages held now: read, answer not yet queued to send.
+    pub fn held(&self) -> u64 {
+        self.held.load(Ordering::SeqCst)
+    }
+
+    /// The most messages ever held at once.
+    pub fn held_peak(&self) -> u64 {
+        self.held_peak.load(Ordering::SeqCst)
+    }
+
     /// The Info answer.
     pub fn info(&self) -> pb::InfoResponse {
         let st = self.read();
@@ -271,6 +295,16 @@ impl ExpertNode {
             version: env!("CARGO_PKG_VERSION").to_string(),
             backend: format!("cpu/{:?}", moe_model::kernels::kernel_choice()).to_lowercase(),
         }
+    }
+}
+
+/// Decrements the held count when dropped.
+#[derive(Debug)]
+pub struct Held(Arc<ExpertNode>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.held.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -1,7 +1,8 @@
 //! Serving a node: HTTP/2 windows and frame size raised for large tensor messages (16 MiB per
 //! stream, 32 MiB per connection, 1 MiB frames: 0.13 → 0.62 GiB/s for 1 MiB echoes on loopback),
-//! message limits from the options, and a graceful drain on shutdown: stop taking messages,
-//! finish the ones taken, end the streams, then stop.
+//! message limits from the options, bounded streams per connection and messages per stream
+//! (see [`crate::service`]), and a graceful drain on shutdown: stop taking messages, finish the
+//! ones taken, end the streams, then stop.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -12,19 +13,31 @@ use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
 
 use crate::node::ExpertNode;
-use crate::service::Service;
+use crate::service::{Limits, Service};
 
 /// Transport options.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
-    /// Largest gRPC message accepted or sent.
+    /// Largest gRPC message accepted or sent. tonic reserves a message's declared length
+    /// (up to this) as soon as its 5-byte header arrives, so stalled declarations can hold this
+    /// much address space per stream: at most `max_message_bytes × max_streams_per_connection`
+    /// per connection.
     pub max_message_bytes: usize,
+    /// Messages one Dispatch stream holds before it stops reading (backpressure).
+    pub max_in_flight_per_stream: usize,
+    /// Messages held over all streams and calls; past it answers are `ResourceExhausted`.
+    pub max_in_flight: usize,
+    /// Concurrent HTTP/2 streams (calls) per connection.
+    pub max_streams_per_connection: u32,
 }
 
 impl Default for ServerOptions {
     fn default() -> Self {
         ServerOptions {
             max_message_bytes: moe_proto::DEFAULT_MAX_MESSAGE_BYTES,
+            max_in_flight_per_stream: 64,
+            max_in_flight: 1024,
+            max_streams_per_connection: 16,
         }
     }
 }
@@ -37,7 +50,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let (drain_tx, drain_rx) = watch::channel(false);
-    let svc = ExpertServiceServer::new(Service::new(node.clone(), drain_rx))
+    let limits = Limits {
+        per_stream: opts.max_in_flight_per_stream,
+        node: opts.max_in_flight,
+    };
+    let svc = ExpertServiceServer::new(Service::new(node.clone(), drain_rx, limits))
         .max_decoding_message_size(opts.max_message_bytes)
         .max_encoding_message_size(opts.max_message_bytes);
     let signal = async move {
@@ -51,6 +68,7 @@ pub async fn serve(
         .initial_stream_window_size(16 << 20)
         .initial_connection_window_size(32 << 20)
         .max_frame_size(1 << 20)
+        .max_concurrent_streams(opts.max_streams_per_connection)
         .add_service(svc)
         // The builder's TCP options do not reach a custom incoming stream: set them on it, or
         // Nagle plus delayed ACKs add ~40 ms to every message above one segment.

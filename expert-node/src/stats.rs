@@ -28,6 +28,9 @@ pub const LAYER_EXPERT_COMPUTE: &str = "moe_node_layer_expert_compute_seconds_to
 pub const DISPATCH_ERRORS: &str = "moe_node_dispatch_errors_total";
 /// Dispatch requests being computed, by `node`.
 pub const IN_FLIGHT: &str = "moe_node_in_flight";
+/// Dispatch messages read and not yet answered into the send queue, by `node` (bounded by
+/// `--max-in-flight`).
+pub const HELD: &str = "moe_node_held_messages";
 /// (layer, expert) pairs hosted, by `node`.
 pub const HOSTED: &str = "moe_node_hosted_experts";
 /// Bytes of the hosted experts' weights, by `node`.
@@ -54,6 +57,7 @@ pub struct NodeStats {
 pub struct NodeGauges<'a> {
     pub node: &'a str,
     pub in_flight: u64,
+    pub held: u64,
     pub hosted: usize,
     pub expert_bytes: u64,
     pub placement_version: u64,
@@ -170,6 +174,12 @@ impl NodeStats {
                 g.in_flight,
             ),
             (
+                HELD,
+                "gauge",
+                "Dispatch messages read whose answers are not yet queued to send.",
+                g.held,
+            ),
+            (
                 HOSTED,
                 "gauge",
                 "(layer, expert) pairs hosted.",
@@ -268,6 +278,7 @@ mod tests {
         NodeGauges {
             node: "n0",
             in_flight: 2,
+            held: 3,
             hosted: 6,
             expert_bytes: 6 << 20,
             placement_version: 4,
@@ -290,6 +301,7 @@ mod tests {
             text.contains("moe_node_layer_compute_seconds_total{node=\"n0\",layer=\"1\"} 0.008000")
         );
         assert!(text.contains("moe_node_in_flight{node=\"n0\"} 2"));
+        assert!(text.contains("moe_node_held_messages{node=\"n0\"} 3"));
         assert!(text.contains("moe_placement_version{node=\"n0\"} 4"));
         assert!(text.contains(
             "moe_node_dispatch_errors_total{node=\"n0\",code=\"FAILED_PRECONDITION\"} 1"

@@ -7,6 +7,7 @@ pub mod pb {
     tonic::include_proto!("moe.expert.v1");
 }
 
+pub mod codec;
 pub mod tensor;
 
 pub use pb::expert_service_client::ExpertServiceClient;

@@ -1,6 +1,11 @@
 //! API errors: classified once where they happen, mapped once to an HTTP status and an
 //! OpenAI-style body (`{"error": {"message", "type", "param", "code"}}`), and labelled once for
 //! metrics. Handlers return `Result<_, ApiError>`; nothing on a request path panics.
+//!
+//! What a server-side failure says to the client is stable and reveals nothing of the cluster:
+//! a 503 or 500 carries its detail (node addresses, transport error chains) for the logs and
+//! the scheduler only, and its body a fixed message ([`ApiError::client_message`]). A 429 says
+//! when to retry (`Retry-After`).
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -22,6 +27,12 @@ pub enum ApiError {
     /// The body is larger than the configured limit (413).
     #[error("request body exceeds the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// The body is not declared `application/json` (415).
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// The `Host` is not one this server answers for (421).
+    #[error("{0}")]
+    MisdirectedHost(String),
     /// The waiting queue is full (429).
     #[error("the server is at capacity ({waiting} requests waiting); retry later")]
     Overloaded { waiting: usize },
@@ -72,6 +83,8 @@ impl ApiError {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::MisdirectedHost(_) => StatusCode::MISDIRECTED_REQUEST,
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -83,10 +96,32 @@ impl ApiError {
         match self {
             ApiError::BadRequest { .. }
             | ApiError::PayloadTooLarge { .. }
+            | ApiError::UnsupportedMediaType(_)
+            | ApiError::MisdirectedHost(_)
             | ApiError::Unauthorized(_) => "invalid_request_error",
             ApiError::Overloaded { .. } => "rate_limit_error",
             ApiError::Unavailable(_) => "service_unavailable",
             ApiError::Internal(_) => "server_error",
+        }
+    }
+
+    /// What the client is told: the error itself for its own mistakes, a fixed sentence for
+    /// the server's (their detail is for the logs).
+    pub fn client_message(&self) -> String {
+        match self {
+            ApiError::Unavailable(_) => {
+                "the service is temporarily unavailable; retry later".to_string()
+            }
+            ApiError::Internal(_) => "the server failed to process the request".to_string(),
+            other => other.to_string(),
+        }
+    }
+
+    /// Seconds a client should wait before retrying, for `Retry-After`.
+    pub fn retry_after(&self) -> Option<u32> {
+        match self {
+            ApiError::Overloaded { .. } => Some(1),
+            _ => None,
         }
     }
 
@@ -97,11 +132,13 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => (None, Some("payload_too_large")),
             ApiError::Unauthorized(_) => (None, Some("invalid_api_key")),
             ApiError::Overloaded { .. } => (None, Some("queue_full")),
+            ApiError::UnsupportedMediaType(_) => (None, Some("unsupported_media_type")),
+            ApiError::MisdirectedHost(_) => (None, Some("host_not_allowed")),
             _ => (None, None),
         };
         serde_json::to_value(Body {
             error: Detail {
-                message: self.to_string(),
+                message: self.client_message(),
                 kind: self.error_type(),
                 param,
                 code,
@@ -113,7 +150,12 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status(), axum::Json(self.body())).into_response()
+        let mut resp = (self.status(), axum::Json(self.body())).into_response();
+        if let Some(secs) = self.retry_after() {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        resp
     }
 }
 
@@ -147,6 +189,54 @@ mod tests {
             rows: vec![0],
             reason: "node x: y".into(),
         }
+    }
+
+    #[test]
+    fn server_failures_tell_the_client_nothing_of_the_cluster() {
+        let why = "no live replica of expert 7 (layer 1); last failure: node 10.0.0.7:7001: \
+                   Unavailable: tcp connect error: Connection refused (os error 111)";
+        let e = ApiError::from(ModelError::Dispatch {
+            layer: 1,
+            class: DispatchClass::Unavailable,
+            rows: vec![0],
+            reason: why.into(),
+        });
+        assert!(
+            e.to_string().contains("10.0.0.7"),
+            "the detail is kept for the logs"
+        );
+        let body = e.body().to_string();
+        assert!(
+            !body.contains("10.0.0.7") && !body.contains("tcp connect"),
+            "{body}"
+        );
+        assert_eq!(
+            e.body()["error"]["message"],
+            "the service is temporarily unavailable; retry later"
+        );
+        let internal = ApiError::from(dispatch(DispatchClass::Internal))
+            .body()
+            .to_string();
+        assert!(!internal.contains("node x"), "{internal}");
+    }
+
+    #[test]
+    fn a_full_queue_says_when_to_retry() {
+        let resp = ApiError::Overloaded { waiting: 3 }.into_response();
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            resp.headers()
+                .get(axum::http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok()),
+            Some("1")
+        );
+        let other = ApiError::bad_request("x").into_response();
+        assert!(
+            other
+                .headers()
+                .get(axum::http::header::RETRY_AFTER)
+                .is_none()
+        );
     }
 
     #[test]

@@ -11,6 +11,11 @@ use crate::error::ApiError;
 use crate::scheduler::GenerationRequest;
 use crate::tokenize::TextCodec;
 
+/// Most stop sequences per request (OpenAI's limit).
+pub const MAX_STOPS: usize = 4;
+/// Longest stop sequence, bytes.
+pub const MAX_STOP_BYTES: usize = 512;
+
 /// What the model and server allow.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -55,14 +60,21 @@ fn unsupported(c: &CommonParams) -> Result<(), ApiError> {
             return Err(ApiError::invalid(name, format!("{name} is not supported")));
         }
     }
-    if c.logit_bias
-        .as_ref()
-        .is_some_and(|b| b.as_object().is_some_and(|o| !o.is_empty()))
-    {
-        return Err(ApiError::invalid(
-            "logit_bias",
-            "logit_bias is not supported",
-        ));
+    match &c.logit_bias {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(o)) if o.is_empty() => {}
+        Some(Value::Object(_)) => {
+            return Err(ApiError::invalid(
+                "logit_bias",
+                "logit_bias is not supported",
+            ));
+        }
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "logit_bias",
+                "logit_bias must be an object mapping token ids to biases",
+            ));
+        }
     }
     Ok(())
 }
@@ -114,8 +126,20 @@ fn stops(c: &CommonParams) -> Result<Vec<String>, ApiError> {
         Some(OneOrMany::One(s)) => vec![s.clone()],
         Some(OneOrMany::Many(v)) => v.clone(),
     };
-    if list.len() > 4 {
-        return Err(ApiError::invalid("stop", "at most 4 stop sequences"));
+    if list.len() > MAX_STOPS {
+        return Err(ApiError::invalid(
+            "stop",
+            format!("at most {MAX_STOPS} stop sequences, got {}", list.len()),
+        ));
+    }
+    if let Some(long) = list.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(ApiError::invalid(
+            "stop",
+            format!(
+                "a stop sequence may be at most {MAX_STOP_BYTES} bytes, got one of {}",
+                long.len()
+            ),
+        ));
     }
     if list.iter().any(String::is_empty) {
         return Err(ApiError::invalid(
@@ -154,6 +178,43 @@ fn max_tokens(
         ));
     }
     Ok(n)
+}
+
+/// Refuses text that cannot fit the context whatever it tokenizes to: no token covers more
+/// than [`TextCodec::max_token_bytes`] bytes, so more than context × that many bytes is more
+/// tokens than the context holds. Checked before tokenizing, which for megabytes of text costs
+/// seconds of CPU and hundreds of MB.
+fn fits_by_bytes(
+    param: &str,
+    bytes: usize,
+    codec: &TextCodec,
+    limits: &Limits,
+) -> Result<(), ApiError> {
+    let most = limits.context.saturating_mul(codec.max_token_bytes());
+    if bytes > most {
+        return Err(ApiError::invalid(
+            param,
+            format!(
+                "this model's maximum context length is {} tokens, and no token is longer than {} bytes, so at most {most} bytes of text fit; the request has {bytes}",
+                limits.context,
+                codec.max_token_bytes()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Bytes of a message's text (its string, or its text parts).
+fn content_len(content: &Value) -> usize {
+    match content {
+        Value::String(s) => s.len(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .map(str::len)
+            .sum(),
+        _ => 0,
+    }
 }
 
 fn check_ids(ids: &[u32], limits: &Limits) -> Result<(), ApiError> {
@@ -219,6 +280,7 @@ pub fn completion(
             if s.is_empty() {
                 return Err(ApiError::invalid("prompt", "the prompt must not be empty"));
             }
+            fits_by_bytes("prompt", s.len(), codec, limits)?;
             codec.encode(s, true)?
         }
         Some(Value::Array(items)) if items.iter().all(Value::is_number) => items
@@ -269,16 +331,29 @@ pub fn chat(req: &ChatRequest, codec: &TextCodec, limits: &Limits) -> Result<Val
     if req.tools.as_ref().is_some_and(|t| !t.is_null()) {
         return Err(ApiError::invalid("tools", "tools are not supported"));
     }
-    if let Some(rf) = &req.response_format
-        && rf
-            .get("type")
-            .and_then(Value::as_str)
-            .is_some_and(|t| t != "text")
-    {
-        return Err(ApiError::invalid(
-            "response_format",
-            "only response_format type `text` is supported",
-        ));
+    match &req.response_format {
+        None | Some(Value::Null) => {}
+        Some(rf @ Value::Object(_)) => match rf.get("type").and_then(Value::as_str) {
+            Some("text") => {}
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    "response_format",
+                    "only response_format type `text` is supported",
+                ));
+            }
+            None => {
+                return Err(ApiError::invalid(
+                    "response_format",
+                    "response_format must have a string `type`",
+                ));
+            }
+        },
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "response_format",
+                "response_format must be an object such as {\"type\": \"text\"}",
+            ));
+        }
     }
     let messages = match &req.messages {
         Some(m) if !m.is_empty() => m,
@@ -289,9 +364,10 @@ pub fn chat(req: &ChatRequest, codec: &TextCodec, limits: &Limits) -> Result<Val
             ));
         }
     };
-    let text = codec.render_chat(messages)?;
+    let content_bytes = messages.iter().map(|m| content_len(&m.content)).sum();
+    fits_by_bytes("messages", content_bytes, codec, limits)?;
     // The template writes the BOS itself, as transformers' apply_chat_template expects.
-    let prompt = codec.encode(&text, false)?;
+    let prompt = codec.encode_chat(messages)?;
     check_ids(&prompt, limits)?;
     let logprobs = match (req.logprobs, req.top_logprobs) {
         (false, Some(n)) if n > 0 => {
@@ -318,3 +394,6 @@ pub fn chat(req: &ChatRequest, codec: &TextCodec, limits: &Limits) -> Result<Val
     let max = max_tokens(value, param, default, prompt.len(), limits)?;
     build(c, prompt, max, logprobs)
 }
+
+#[cfg(test)]
+mod tests;

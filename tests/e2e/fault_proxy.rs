@@ -22,6 +22,10 @@ use tonic::{Request, Response, Status, Streaming};
 pub enum Fault {
     /// Answers every dispatch of `layer` with an in-band `Internal` error.
     ErrorAt { layer: u32 },
+    /// Answers every dispatch of `layer` in-band `ResourceExhausted` (a node at its limit).
+    BusyAt { layer: u32 },
+    /// Answers every dispatch of `layer` OK, with the real node's answer turned into NaNs.
+    NanAt { layer: u32 },
     /// Never answers a dispatch of `layer` (the stream stays up).
     StallAt { layer: u32 },
     /// Answers correctly, but after its first `answers` answers every answer is `delay_ms` late
@@ -106,11 +110,15 @@ impl ExpertService for Proxy {
             while let Some(Ok(req)) = inbound.next().await {
                 let id = req.request_id;
                 match proxy.fault {
-                    Fault::ErrorAt { layer } if req.layer == layer => {
+                    Fault::ErrorAt { layer } | Fault::BusyAt { layer } if req.layer == layer => {
                         proxy.sabotaged.fetch_add(1, Ordering::SeqCst);
+                        let code = match proxy.fault {
+                            Fault::BusyAt { .. } => tonic::Code::ResourceExhausted,
+                            _ => tonic::Code::Internal,
+                        };
                         let resp = DispatchResponse {
                             request_id: id,
-                            code: tonic::Code::Internal as i32,
+                            code: code as i32,
                             message: "injected fault".into(),
                             ..Default::default()
                         };
@@ -134,16 +142,27 @@ impl ExpertService for Proxy {
                     }
                     _ => None,
                 };
+                let poison = matches!(proxy.fault, Fault::NanAt { layer } if req.layer == layer);
+                if poison {
+                    proxy.sabotaged.fetch_add(1, Ordering::SeqCst);
+                }
                 let (mut up, tx) = (proxy.upstream.clone(), tx.clone());
                 tokio::spawn(async move {
                     if let Some(d) = delay {
                         tokio::time::sleep(d).await; // the injected slowness
                     }
                     let resp = match up.compute(req).await {
-                        Ok(r) => DispatchResponse {
-                            request_id: id,
-                            ..r.into_inner()
-                        },
+                        Ok(r) => {
+                            let mut r = r.into_inner();
+                            if poison {
+                                // f32 quiet NaNs (every test with this fault uses --wire f32).
+                                r.output = f32::NAN.to_le_bytes().repeat(r.output.len() / 4).into();
+                            }
+                            DispatchResponse {
+                                request_id: id,
+                                ..r
+                            }
+                        }
                         Err(s) => DispatchResponse {
                             request_id: id,
                             code: s.code() as i32,

@@ -291,6 +291,7 @@ async fn every_bad_input_gets_a_4xx_with_an_openai_error_body() {
     // Not JSON at all.
     let r = c
         .post(url(&s, "/v1/completions"))
+        .header("content-type", "application/json")
         .body("{not json")
         .send()
         .await
@@ -340,15 +341,24 @@ async fn a_full_queue_answers_429() {
         .await
         .expect("b");
     assert_eq!(b.status(), StatusCode::OK);
-    // ... and C finds the queue full.
-    let (status, resp) = post(
-        &c,
-        &url(&s, "/v1/completions"),
-        &json!({"prompt": "x", "max_tokens": 2}),
-    )
-    .await;
+    // ... and C finds the queue full, and is told when to retry.
+    let r = c
+        .post(url(&s, "/v1/completions"))
+        .json(&json!({"prompt": "x", "max_tokens": 2}))
+        .send()
+        .await
+        .expect("c");
+    let (status, retry_after) = (r.status(), r.headers().get("retry-after").cloned());
+    let resp: Value = r.json().await.expect("JSON body");
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{resp}");
     assert_eq!(resp["error"]["type"], "rate_limit_error");
+    let secs: u64 = retry_after
+        .expect("Retry-After")
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!(secs >= 1);
     drop(a_body);
     drop(b);
 }
@@ -537,4 +547,67 @@ fn the_official_openai_python_package_drives_the_api() {
         String::from_utf8_lossy(&out.stderr)
     );
     eprintln!("{}", String::from_utf8_lossy(&out.stdout).trim());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_hosts_and_non_json_bodies_are_refused_and_the_server_keeps_serving() {
+    let s = serve(&["--allowed-hosts", "api.example.com,localhost"]);
+    let c = reqwest::Client::new();
+    let port = s.addr.rsplit(':').next().expect("port").to_string();
+    let body = json!({"prompt": "The cat", "max_tokens": 2});
+    let send = |host: String, ct: &'static str, body: String| {
+        let c = c.clone();
+        let u = url(&s, "/v1/completions");
+        async move {
+            let r = c
+                .post(u)
+                .header("host", host)
+                .header("content-type", ct)
+                .body(body)
+                .send()
+                .await
+                .expect("send");
+            let status = r.status();
+            (status, r.json::<Value>().await.expect("JSON body"))
+        }
+    };
+    // A page on another origin (DNS rebinding: the name resolves here, the Host is its own).
+    let (status, resp) = send(
+        format!("evil.example.net:{port}"),
+        "application/json",
+        body.to_string(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::MISDIRECTED_REQUEST, "{resp}");
+    assert_eq!(resp["error"]["code"], "host_not_allowed");
+    // The address itself is not an allowed name either.
+    let (status, _) = send(s.addr.clone(), "application/json", body.to_string()).await;
+    assert_eq!(status, StatusCode::MISDIRECTED_REQUEST);
+    // A cross-site form post cannot set application/json without a preflight.
+    for ct in ["text/plain", "application/x-www-form-urlencoded"] {
+        let (status, resp) = send(format!("localhost:{port}"), ct, body.to_string()).await;
+        assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{ct}: {resp}");
+        assert_eq!(resp["error"]["type"], "invalid_request_error");
+    }
+    // Probes are not host-checked; the allowed names are served.
+    let health = c.get(url(&s, "/health")).send().await.expect("health");
+    assert_eq!(health.status(), StatusCode::OK);
+    for host in [format!("localhost:{port}"), "API.example.com".to_string()] {
+        let (status, resp) = send(
+            host.clone(),
+            "application/json; charset=utf-8",
+            body.to_string(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{host}: {resp}");
+    }
+    let m = metric_values(&c, &s.addr).await;
+    let refused: f64 = m
+        .iter()
+        .filter(|(k, _)| {
+            k.starts_with("moe_requests_total{") && (k.contains("\"421\"") || k.contains("\"415\""))
+        })
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(refused, 4.0, "refusals are counted: {m:?}");
 }

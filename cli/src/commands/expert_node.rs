@@ -47,9 +47,21 @@ pub struct Args {
     /// series per node; per-layer series are always exported).
     #[arg(long, env = "MOE_EXPERT_METRICS")]
     expert_metrics: bool,
-    /// Largest gRPC message, bytes.
+    /// Largest gRPC message, bytes. A message's declared length is reserved when its header
+    /// arrives, so a connection can hold up to this × --max-streams-per-connection.
     #[arg(long, env = "MOE_MAX_MESSAGE_BYTES", default_value_t = moe_proto::DEFAULT_MAX_MESSAGE_BYTES)]
     max_message_bytes: usize,
+    /// Messages one Dispatch stream holds (read, not yet answered) before it stops reading:
+    /// a client that writes without reading is pushed back by HTTP/2 flow control.
+    #[arg(long, env = "MOE_MAX_IN_FLIGHT_PER_STREAM", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    max_in_flight_per_stream: u32,
+    /// Messages the node holds over all streams and Compute calls; more are answered
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "MOE_MAX_IN_FLIGHT", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    max_in_flight: u32,
+    /// Concurrent gRPC calls (HTTP/2 streams) per connection.
+    #[arg(long, env = "MOE_MAX_STREAMS_PER_CONNECTION", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    max_streams_per_connection: u32,
     #[command(flatten)]
     cluster: ClusterArgs,
 }
@@ -129,6 +141,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         tracing::info!(node = %node.id, %addr, "serving");
         let opts = ServerOptions {
             max_message_bytes: a.max_message_bytes,
+            max_in_flight_per_stream: a.max_in_flight_per_stream as usize,
+            max_in_flight: a.max_in_flight as usize,
+            max_streams_per_connection: a.max_streams_per_connection,
         };
         let fatal = Arc::new(std::sync::Mutex::new(None));
         let f = fatal.clone();

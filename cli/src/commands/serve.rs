@@ -55,6 +55,10 @@ pub struct ServeArgs {
     /// Largest request body, bytes.
     #[arg(long, env = "MOE_MAX_BODY_BYTES", default_value_t = 8 << 20)]
     max_body_bytes: usize,
+    /// Host names `/v1/*` answers for (`name` on any port, or `name:port`; repeat the flag or
+    /// comma-separate); any other `Host` gets 421, which defeats DNS rebinding. Default: any.
+    #[arg(long, env = "MOE_ALLOWED_HOSTS", value_delimiter = ',')]
+    allowed_hosts: Vec<String>,
     /// Also serve Prometheus `/metrics` on this address (the API port always serves it; port
     /// 0 picks one, and the address is printed).
     #[arg(long, env = "MOE_METRICS_LISTEN")]
@@ -303,6 +307,8 @@ pub fn app_state(
         max_body_bytes: a.max_body_bytes,
         api_keys,
         metrics_need_key: a.metrics_require_key,
+        allowed_hosts: moe_router::http::guard::AllowedHosts::new(&a.allowed_hosts),
+        blocking: moe_router::http::blocking::BlockingPool::per_cpu(),
     })
 }
 

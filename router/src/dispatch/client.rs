@@ -242,17 +242,28 @@ async fn serve(shared: &Shared, rx: &mut mpsc::UnboundedReceiver<Outgoing>, max:
         backoff = Duration::from_millis(50);
         tracing::info!(node = %shared.addr, "dispatch stream up");
         let mut pending: HashMap<u64, Reply> = HashMap::new();
+        // A request waiting for room on the stream. The node stops reading when it holds its
+        // per-stream limit; waiting for room must not stop us reading its answers, or neither
+        // side moves.
+        let mut blocked: Option<DispatchRequest> = None;
         let (clean, why) = loop {
             tokio::select! {
-                out = rx.recv() => match out {
+                out = rx.recv(), if blocked.is_none() => match out {
                     Some(Outgoing { req, reply }) => {
-                        let id = req.request_id;
-                        pending.insert(id, reply);
-                        if req_tx.send(req).await.is_err() {
-                            break (false, "request stream closed".to_string());
+                        pending.insert(req.request_id, reply);
+                        match req_tx.try_send(req) {
+                            Ok(()) => {}
+                            Err(mpsc::error::TrySendError::Full(req)) => blocked = Some(req),
+                            Err(mpsc::error::TrySendError::Closed(_)) => {
+                                break (false, "request stream closed".to_string());
+                            }
                         }
                     }
                     None => return,
+                },
+                room = req_tx.reserve(), if blocked.is_some() => match (room, blocked.take()) {
+                    (Ok(permit), Some(req)) => permit.send(req),
+                    _ => break (false, "request stream closed".to_string()),
                 },
                 msg = inbound.message() => match msg {
                     Ok(Some(resp)) => {

@@ -265,8 +265,12 @@ impl<'a> State<'a> {
             Ok(resp) if resp.code == 0 => resp,
             Ok(resp) => {
                 let status = Status::new(Code::from_i32(resp.code), resp.message);
-                // An in-band error is a bad answer, except a placement disagreement.
-                let q = status.code() != Code::FailedPrecondition;
+                // An in-band error is a bad answer, except a placement disagreement or a node
+                // at its in-flight limit (busy, not wrong: re-routed, not quarantined).
+                let q = !matches!(
+                    status.code(),
+                    Code::FailedPrecondition | Code::ResourceExhausted
+                );
                 return self.fail(i, &status, q);
             }
             // Transport failures: the node is down (the client marks it), not misbehaving.

@@ -115,7 +115,7 @@ fn chat_logprobs(
     let entry = |id: u32, logprob: f32, top: Option<Vec<ChatTokenLogprob>>| {
         let token = token_name(codec, id, as_ids);
         ChatTokenLogprob {
-            bytes: codec.token_text(id).into_bytes(),
+            bytes: codec.token_bytes(id),
             token,
             logprob,
             top_logprobs: top,
@@ -132,17 +132,29 @@ fn chat_logprobs(
     Some(ChatLogprobs { content })
 }
 
-/// Parses and validates a request body, then submits it under `span` (the scheduler's spans
-/// for the request are its children): the validated request and its events.
-fn accept<R: serde::de::DeserializeOwned>(
+/// Parses and validates a request body on the blocking pool (tokenizing megabytes takes
+/// seconds of CPU), then submits it under `span` (the scheduler's spans for the request are
+/// its children): the validated request and its events.
+async fn accept<R: serde::de::DeserializeOwned + 'static>(
     s: &AppState,
+    headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
     validate: fn(&R, &TextCodec, &validation::Limits) -> Result<Validated, ApiError>,
     span: &tracing::Span,
 ) -> Result<(Validated, mpsc::UnboundedReceiver<Event>), ApiError> {
+    // Cheap checks first, on the worker: a refused body costs no blocking slot.
+    super::guard::require_json(headers)?;
+    let (codec, limits, max_body) = (s.codec.clone(), s.limits.clone(), s.max_body_bytes);
+    let (headers, job_span) = (headers.clone(), span.clone());
+    let v = s
+        .blocking
+        .run(move || {
+            job_span.in_scope(|| {
+                parse::<R>(&headers, body, max_body).and_then(|req| validate(&req, &codec, &limits))
+            })
+        })
+        .await??;
     span.in_scope(|| {
-        let v = parse::<R>(body, s.max_body_bytes)
-            .and_then(|req| validate(&req, &s.codec, &s.limits))?;
         trace::record_request(span, &v);
         let rx = s.scheduler.submit(v.request.clone())?;
         Ok((v, rx))
@@ -153,6 +165,16 @@ fn accept<R: serde::de::DeserializeOwned>(
 fn fail_traced(span: &tracing::Span, e: ApiError) -> Response {
     trace::record_error(span, e.status(), e.error_type());
     fail(e)
+}
+
+/// Counts a stream when its last event comes: 200 when it finished, the error's status and
+/// type when it failed after the 200 was sent.
+fn count_end(ev: Option<&Event>) {
+    match ev {
+        Some(Event::Finished { .. }) => count(StatusCode::OK, ""),
+        Some(Event::Failed(e)) => count(e.status(), e.error_type()),
+        _ => {}
+    }
 }
 
 /// Records a streamed event on the request's span.
@@ -175,7 +197,7 @@ pub async fn completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let span = trace::request_span(Operation::TextCompletion, &s.limits.model_name, &headers);
-    let (v, rx) = match accept(&s, body, validation::completion, &span) {
+    let (v, rx) = match accept(&s, &headers, body, validation::completion, &span).await {
         Ok(accepted) => accepted,
         Err(e) => return fail_traced(&span, e),
     };
@@ -186,12 +208,13 @@ pub async fn completions(
                 Ok(x) => x,
                 Err(e) => return fail_traced(&span, e),
             };
-        count(StatusCode::OK, "");
+        // Counted when it ends: a stream that fails mid-way is a failure of its error type.
         let codec = s.codec.clone();
         let mut offset = 0usize;
         let mut usage: Option<Usage> = None;
         return super::stream::sse(first, rx, move |ev| {
             trace_event(&span, ev);
+            count_end(ev);
             let chunk = |text: String,
                          logprobs: Option<CompletionLogprobs>,
                          finish: Option<&'static str>| {
@@ -270,7 +293,7 @@ pub async fn chat(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let span = trace::request_span(Operation::Chat, &s.limits.model_name, &headers);
-    let (v, rx) = match accept(&s, body, validation::chat, &span) {
+    let (v, rx) = match accept(&s, &headers, body, validation::chat, &span).await {
         Ok(accepted) => accepted,
         Err(e) => return fail_traced(&span, e),
     };
@@ -281,12 +304,13 @@ pub async fn chat(
                 Ok(x) => x,
                 Err(e) => return fail_traced(&span, e),
             };
-        count(StatusCode::OK, "");
+        // Counted when it ends: a stream that fails mid-way is a failure of its error type.
         let codec: Arc<TextCodec> = s.codec.clone();
         let mut started = false;
         let mut usage: Option<Usage> = None;
         return super::stream::sse(first, rx, move |ev| {
             trace_event(&span, ev);
+            count_end(ev);
             let chunk =
                 |delta: ChatDelta, logprobs: Option<ChatLogprobs>, finish: Option<&'static str>| {
                     serde_json::to_value(ChatChunk {

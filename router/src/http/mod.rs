@@ -1,10 +1,15 @@
 //! The OpenAI-compatible HTTP API (axum handlers only): `/v1/completions`,
 //! `/v1/chat/completions`, `/v1/models`, `/health`, `/ready`, `/metrics`. With API keys
 //! configured ([`auth`]), `/v1/*` needs one; `/health` and `/ready` never do (probes), `/metrics`
-//! only with [`AppState::metrics_need_key`].
+//! only with [`AppState::metrics_need_key`]. JSON bodies must say `application/json`, and with
+//! `--allowed-hosts` `/v1/*` answers only for those hosts ([`guard`]).
 
 pub mod auth;
+pub mod blocking;
+#[cfg(test)]
+mod fuzz;
 mod generate;
+pub mod guard;
 mod stream;
 mod trace;
 
@@ -42,17 +47,24 @@ pub struct AppState {
     pub api_keys: Option<Arc<auth::ApiKeys>>,
     /// `/metrics` on the API port needs a key too.
     pub metrics_need_key: bool,
+    /// Hosts `/v1/*` answers for; `None` answers for any.
+    pub allowed_hosts: Option<Arc<guard::AllowedHosts>>,
+    /// Where bodies are parsed, rendered and tokenized (off the async workers, bounded).
+    pub blocking: blocking::BlockingPool,
 }
 
 /// The API router.
 pub fn router(state: AppState) -> Router {
     let limit = state.max_body_bytes;
     let keys = axum::middleware::from_fn_with_state(state.api_keys.clone(), auth::require);
+    let hosts =
+        axum::middleware::from_fn_with_state(state.allowed_hosts.clone(), guard::require_host);
     let api = Router::new()
         .route("/v1/completions", post(generate::completions))
         .route("/v1/chat/completions", post(generate::chat))
         .route("/v1/models", get(models))
-        .route_layer(keys.clone());
+        .route_layer(keys.clone())
+        .route_layer(hosts);
     let mut metrics_route = Router::new().route("/metrics", get(metrics));
     if state.metrics_need_key {
         metrics_route = metrics_route.route_layer(keys);
@@ -85,22 +97,29 @@ pub(crate) fn count(status: StatusCode, error_type: &str) {
         .increment(1);
 }
 
-/// An error response, counted.
+/// An error response, counted; a server-side failure's detail goes to the log, not the client.
 pub(crate) fn fail(e: ApiError) -> Response {
     count(e.status(), e.error_type());
+    if e.status().is_server_error() {
+        tracing::warn!(status = e.status().as_u16(), error = %e, "request failed");
+    }
     e.into_response()
 }
 
-/// Parses a JSON body into `T`, mapping the body limit to 413 and bad JSON to 400.
+/// Parses a JSON body into `T`: 415 unless it is declared JSON, 413 over the body limit, 400
+/// for bad JSON or a body that could not be read (the transport's error goes to the log).
 pub(crate) fn parse<T: DeserializeOwned>(
+    headers: &axum::http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
     limit: usize,
 ) -> Result<T, ApiError> {
+    guard::require_json(headers)?;
     let bytes = body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge { limit }
         } else {
-            ApiError::bad_request(format!("cannot read the body: {r}"))
+            tracing::debug!(error = %r, "cannot read a request body");
+            ApiError::bad_request("cannot read the request body")
         }
     })?;
     serde_json::from_slice(&bytes)
@@ -131,7 +150,11 @@ async fn ready(State(s): State<AppState>) -> Response {
     }
     match (s.ready)() {
         Ok(()) => axum::Json(serde_json::json!({"status": "ready"})).into_response(),
-        Err(why) => ApiError::Unavailable(why).into_response(),
+        // Which nodes are unreachable is for the operator (logs, /metrics), not for probes.
+        Err(why) => {
+            tracing::info!(reason = %why, "not ready");
+            ApiError::Unavailable(why).into_response()
+        }
     }
 }
 

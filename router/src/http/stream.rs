@@ -4,6 +4,8 @@
 //! sequence at the next engine step. Before answering 200 a stream waits briefly
 //! ([`FIRST_EVENT_WAIT`]) for its first event, so a request that fails at once (no replica of an
 //! expert it needs) gets its real status and error body rather than a 200 and an in-band error.
+//! One that fails later (an in-band error, or the engine gone without a last event) ends with an
+//! error chunk, and is counted by its error type, not as a 200.
 
 use std::convert::Infallible;
 
@@ -50,7 +52,13 @@ pub fn sse(
                     _ = tx.closed() => return, // client gone: dropping `events` cancels the sequence
                 },
             };
-            let Some(ev) = ev else { break };
+            // The engine went away without ending the sequence (a panic): the stream fails
+            // rather than ending as if complete.
+            let ev = ev.unwrap_or_else(|| {
+                Event::Failed(crate::error::ApiError::Unavailable(
+                    "the engine stopped before the request finished".into(),
+                ))
+            });
             let end = matches!(ev, Event::Finished { .. } | Event::Failed(_));
             for chunk in render(Some(&ev)) {
                 if tx

@@ -15,6 +15,7 @@
 mod admission;
 pub mod kv;
 mod sequence;
+mod stops;
 
 use std::collections::VecDeque;
 use std::sync::Arc;

@@ -9,6 +9,7 @@ use moe_model::SeqCache;
 use moe_model::sampling::Sampler;
 use tokio::sync::mpsc;
 
+use super::stops::StopMatcher;
 use crate::error::ApiError;
 use crate::tokenize::{Detokenizer, TextCodec};
 
@@ -86,6 +87,7 @@ pub(crate) struct Seq {
     detok: Detokenizer,
     /// Output text produced but not yet sent (a possible stop-string prefix).
     held: String,
+    stops: StopMatcher,
     /// Times the sequence lost its cache to preemption.
     pub preemptions: u32,
 }
@@ -98,6 +100,7 @@ impl Seq {
         events: mpsc::UnboundedSender<Event>,
         span: tracing::Span,
     ) -> Seq {
+        let stops = StopMatcher::new(&req.stop);
         Seq {
             id,
             req,
@@ -110,6 +113,7 @@ impl Seq {
             span,
             detok: Detokenizer::default(),
             held: String::new(),
+            stops,
             preemptions: 0,
         }
     }
@@ -196,8 +200,9 @@ impl Seq {
         if finish.is_some() {
             text.push_str(&self.detok.flush(codec, &self.output));
         }
+        let fed_from = self.held.len();
         self.held.push_str(&text);
-        let (emit, stop) = self.split_held(finish.is_some());
+        let (emit, stop) = self.split_held(fed_from, finish.is_some());
         if stop {
             finish = Some(FinishReason::Stop);
         }
@@ -209,34 +214,88 @@ impl Seq {
         finish
     }
 
-    /// Takes what can be sent from the held text: everything up to a stop string (then `true`),
-    /// else all but the longest tail that is a prefix of a stop string (all of it at the end).
-    fn split_held(&mut self, at_end: bool) -> (String, bool) {
-        if let Some(pos) = self
-            .req
-            .stop
-            .iter()
-            .filter_map(|s| self.held.find(s.as_str()))
-            .min()
-        {
-            let out = self.held[..pos].to_string();
+    /// Takes what can be sent from the held text, whose bytes from `fed_from` are new:
+    /// everything before a stop string (then `true`), else all but the tail that could still
+    /// begin one (all of it at the end).
+    fn split_held(&mut self, fed_from: usize, at_end: bool) -> (String, bool) {
+        if let Some((end, len)) = self.stops.feed(&self.held.as_bytes()[fed_from..]) {
+            // The held text always contains the partial match a stop string continues from.
+            let start = (fed_from + end).saturating_sub(len);
+            let out = self.held.get(..start).unwrap_or_default().to_string();
             self.held.clear();
             return (out, true);
         }
         if at_end {
             return (std::mem::take(&mut self.held), false);
         }
-        let mut keep = 0;
-        for s in &self.req.stop {
-            for (i, _) in s.char_indices().skip(1) {
-                if self.held.ends_with(&s[..i]) {
-                    keep = keep.max(i);
-                }
+        let cut = self.held.len() - self.stops.partial().min(self.held.len());
+        let out = self.held.get(..cut).unwrap_or_default().to_string();
+        self.held.drain(..out.len());
+        (out, false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use moe_model::sampling::SamplingParams;
+
+    use super::*;
+
+    /// Feeds the tokens of `text` one by one; the text sent and the finish reason.
+    fn generate(text: &str, stop: &[&str]) -> (String, Option<FinishReason>) {
+        let dir =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models/tiny-dsv3");
+        let codec = TextCodec::from_dir(&dir).expect("codec");
+        let cfg = moe_model::Config::from_dir(&dir).expect("config");
+        let ids = codec.encode(text, false).expect("ids");
+        let req = GenerationRequest {
+            prompt: vec![0],
+            max_tokens: ids.len(),
+            sampler: Sampler::new(SamplingParams::default()),
+            stop: stop.iter().map(|s| s.to_string()).collect(),
+            ignore_eos: true,
+            logprobs: None,
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut seq = Seq::new(0, req, SeqCache::new(&cfg), tx, tracing::Span::none());
+        let mut finish = None;
+        for id in ids {
+            finish = seq.push(id, None, &codec, &[]);
+            if finish.is_some() {
+                break;
             }
         }
-        let cut = self.held.len() - keep;
-        let out = self.held[..cut].to_string();
-        self.held.drain(..cut);
-        (out, false)
+        let mut sent = String::new();
+        while let Ok(Event::Token { text, .. }) = rx.try_recv() {
+            sent.push_str(&text);
+        }
+        (sent, finish)
+    }
+
+    #[test]
+    fn text_is_sent_up_to_the_first_stop_string_and_never_past_it() {
+        let text = "The cat sat on the mat, naïve café.";
+        assert_eq!(
+            generate(text, &["sat on"]),
+            ("The cat ".to_string(), Some(FinishReason::Stop))
+        );
+        assert_eq!(
+            generate(text, &["mat", "on the"]),
+            ("The cat sat ".to_string(), Some(FinishReason::Stop))
+        );
+        assert_eq!(
+            generate(text, &["é."]),
+            (
+                "The cat sat on the mat, naïve caf".to_string(),
+                Some(FinishReason::Stop)
+            )
+        );
+        // A stop that never completes holds back only while it could, and all comes out.
+        assert_eq!(
+            generate(text, &["mat!"]),
+            (text.to_string(), Some(FinishReason::Length))
+        );
     }
 }
