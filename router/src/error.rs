@@ -22,6 +22,9 @@ pub enum ApiError {
     /// The body is larger than the configured limit (413).
     #[error("request body exceeds the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// The body did not arrive within the body timeout (408).
+    #[error("the request body did not arrive within {after_ms} ms")]
+    RequestTimeout { after_ms: u64 },
     /// The waiting queue is full (429).
     #[error("the server is at capacity ({waiting} requests waiting); retry later")]
     Overloaded { waiting: usize },
@@ -72,6 +75,7 @@ impl ApiError {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -83,6 +87,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest { .. }
             | ApiError::PayloadTooLarge { .. }
+            | ApiError::RequestTimeout { .. }
             | ApiError::Unauthorized(_) => "invalid_request_error",
             ApiError::Overloaded { .. } => "rate_limit_error",
             ApiError::Unavailable(_) => "service_unavailable",
@@ -95,6 +100,7 @@ impl ApiError {
         let (param, code) = match self {
             ApiError::BadRequest { param, code, .. } => (param.as_deref(), code.as_deref()),
             ApiError::PayloadTooLarge { .. } => (None, Some("payload_too_large")),
+            ApiError::RequestTimeout { .. } => (None, Some("request_timeout")),
             ApiError::Unauthorized(_) => (None, Some("invalid_api_key")),
             ApiError::Overloaded { .. } => (None, Some("queue_full")),
             _ => (None, None),

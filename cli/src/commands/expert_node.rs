@@ -51,6 +51,13 @@ pub struct Args {
     #[arg(long, env = "MOE_MAX_MESSAGE_BYTES", default_value_t = moe_proto::DEFAULT_MAX_MESSAGE_BYTES)]
     max_message_bytes: usize,
     #[command(flatten)]
+    tls: crate::tls_args::ClusterTlsArgs,
+    /// With cluster TLS: accept only clients whose certificate names one of these (DNS names or
+    /// IP addresses; repeat the flag or separate with commas); empty: any certificate of the
+    /// cluster CA.
+    #[arg(long, env = "MOE_CLUSTER_TLS_ALLOWED_SANS", value_delimiter = ',')]
+    cluster_tls_allowed_san: Vec<String>,
+    #[command(flatten)]
     cluster: ClusterArgs,
 }
 
@@ -72,6 +79,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    let tls = a.tls.load(&a.cluster_tls_allowed_san)?;
+    let server_tls = match &tls {
+        Some(t) => Some(t.server()?),
+        None => None,
+    };
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(a.listen)
             .await
@@ -129,6 +141,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         tracing::info!(node = %node.id, %addr, "serving");
         let opts = ServerOptions {
             max_message_bytes: a.max_message_bytes,
+            tls: server_tls,
         };
         let fatal = Arc::new(std::sync::Mutex::new(None));
         let f = fatal.clone();

@@ -22,7 +22,7 @@ use super::ServerTls;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The first byte of a TLS handshake record.
-const TLS_HANDSHAKE: u8 = 0x16;
+pub const TLS_HANDSHAKE: u8 = 0x16;
 
 /// Why a connection did not become a TLS stream.
 #[derive(Debug, thiserror::Error)]

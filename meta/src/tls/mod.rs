@@ -325,7 +325,7 @@ impl ClusterTls {
                 f.ca.as_ref()
                     .ok_or_else(|| TlsError::Config("mutual TLS needs a CA".into()))?;
             let roots = Arc::new(parse_roots(ca_path, ca_pem)?);
-            let verifier = verify::ClusterClientVerifier::new(roots, &sans)?;
+            let verifier = verify::ClusterClientVerifier::build(roots, &sans)?;
             let (certs, key) = f.identity()?;
             let mut c = rustls::ServerConfig::builder_with_provider(provider())
                 .with_safe_default_protocol_versions()

@@ -20,7 +20,8 @@ pub struct ClusterClientVerifier {
 }
 
 impl ClusterClientVerifier {
-    pub fn new(
+    /// The verifier for `roots`, with the SAN check when `allowed_sans` is not empty.
+    pub fn build(
         roots: Arc<RootCertStore>,
         allowed_sans: &[String],
     ) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
