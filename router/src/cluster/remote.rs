@@ -42,7 +42,11 @@ pub async fn placement_from_nodes(
     let mut nodes = Vec::new();
     for addr in addrs {
         let client = ExpertClient::spawn(addr.clone(), opts.max_message_bytes, opts.tls.clone());
-        let info = client.info().await.map_err(|s| RemoteError::Discovery {
+        let info = client.info().await;
+        // Only for the question: its actor would otherwise keep a stream open (and reconnect)
+        // for the life of the process.
+        client.stop();
+        let info = info.map_err(|s| RemoteError::Discovery {
             addr: addr.clone(),
             why: s.to_string(),
         })?;

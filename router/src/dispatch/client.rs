@@ -128,6 +128,9 @@ fn connect_error(addr: &str, tls: bool, e: &tonic::transport::Error) -> Status {
     let why = chain(e);
     match (tls, is_tls_failure(e)) {
         (true, true) => {
+            // A misconfiguration (or an impostor), not a node that is merely down: say so at
+            // warn, once per reconnect attempt (at most every 2 s per node).
+            tracing::warn!(node = %addr, error = %why, "TLS handshake with node failed");
             Status::unavailable(format!("TLS handshake with node {addr} failed: {why}"))
         }
         (true, false) => Status::unavailable(format!("node {addr} (TLS): {why}")),
