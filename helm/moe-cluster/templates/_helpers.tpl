@@ -256,3 +256,32 @@ topologySpreadConstraints:
 - name: tmp
   mountPath: /tmp
 {{- end -}}
+
+{{/* Cluster mTLS flags, volume and mount for a role; call with (dict "ctx" $ "secret" NAME). */}}
+{{- define "moe.clusterTlsCheck" -}}
+{{- $t := .Values.cluster.tls -}}
+{{- if and (or $t.routerSecret $t.nodeSecret) (not (and $t.routerSecret $t.nodeSecret)) -}}
+{{- fail "cluster.tls needs both routerSecret and nodeSecret (or neither)" -}}
+{{- end -}}
+{{- end -}}
+{{- define "moe.clusterTlsArgs" -}}
+{{- if .secret }}
+- --cluster-tls-ca=/etc/moe/cluster-tls/ca.crt
+- --cluster-tls-cert=/etc/moe/cluster-tls/tls.crt
+- --cluster-tls-key=/etc/moe/cluster-tls/tls.key
+{{- end }}
+{{- end -}}
+{{- define "moe.clusterTlsVolume" -}}
+{{- if .secret }}
+- name: cluster-tls
+  secret:
+    secretName: {{ .secret }}
+{{- end }}
+{{- end -}}
+{{- define "moe.clusterTlsMount" -}}
+{{- if .secret }}
+- name: cluster-tls
+  mountPath: /etc/moe/cluster-tls
+  readOnly: true
+{{- end }}
+{{- end -}}
