@@ -111,3 +111,39 @@ impl EtcdAuth {
         opts
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_that_cannot_work_are_refused_with_the_reason() {
+        let dir = tempfile::tempdir().expect("dir");
+        let missing = dir.path().join("etcd-ca.pem");
+        let e = EtcdAuth::load(Some(&missing), None, None, None).expect_err("missing CA");
+        assert!(
+            e.to_string().contains("etcd CA file") && e.to_string().contains("etcd-ca.pem"),
+            "{e}"
+        );
+
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "no PEM here\n").expect("write");
+        let e = EtcdAuth::load(Some(&junk), None, None, None).expect_err("no certificate");
+        assert!(e.to_string().contains("holds no certificate"), "{e}");
+
+        let e = EtcdAuth::load(None, Some(&junk), None, None).expect_err("a cert without a key");
+        assert!(e.to_string().contains("--etcd-key"), "{e}");
+
+        let e = EtcdAuth::load(None, None, None, Some(("root".into(), String::new())))
+            .expect_err("an empty password");
+        assert!(e.to_string().contains("password"), "{e}");
+
+        let ok = EtcdAuth::load(None, None, None, Some(("moe".into(), "s3cret".into())))
+            .expect("a user alone is fine");
+        assert!(!ok.uses_tls());
+        assert!(
+            !format!("{ok:?}").contains("s3cret"),
+            "Debug never shows the password"
+        );
+    }
+}
