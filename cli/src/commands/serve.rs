@@ -87,8 +87,9 @@ pub struct ServeArgs {
     /// The private key (PEM) of --tls-cert.
     #[arg(long, env = "MOE_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// Time a client has to send a request's line and headers, milliseconds (slowloris).
-    #[arg(long, env = "MOE_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
+    /// Time a client has to send a request's line and headers, milliseconds (slowloris). On
+    /// HTTP/1 it also bounds the wait for the next request on a kept-alive connection.
+    #[arg(long, env = "MOE_HEADER_READ_TIMEOUT_MS", default_value_t = 30_000)]
     header_read_timeout_ms: u64,
     /// Time a client has to send a request's whole body, milliseconds (408 otherwise).
     #[arg(long, env = "MOE_BODY_TIMEOUT_MS", default_value_t = 30_000)]

@@ -5,6 +5,8 @@
 //!   ([`moe_meta::tls::ServerTls`]), so a renewed certificate reaches the next connection without
 //!   a restart. A client speaking plain HTTP to the HTTPS port gets a 400 that says so.
 //! - **Header read timeout**: a client must send a request's whole head within it (slowloris).
+//!   hyper starts it when it waits for a head, so on HTTP/1 it also closes a kept-alive
+//!   connection that sends no next request in time.
 //! - **Body timeout** ([`body`]): the whole body must arrive within it (408 otherwise).
 //! - **Idle timeout**: a connection that moved no byte for that long is closed (gracefully: a
 //!   request in progress finishes first).
@@ -52,7 +54,7 @@ impl Default for ListenerOptions {
     fn default() -> Self {
         ListenerOptions {
             tls: None,
-            header_read_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(30),
             body_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(120),
             max_connections_per_ip: 256,
