@@ -1,14 +1,14 @@
 //! What the cluster roles share on the command line: the metadata store (etcd, or the in-memory
 //! store inside `moe up`), the cluster name, lease TTLs; and starting each role in-process.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use moe_meta::records::Keys;
 use moe_meta::store::MetaStore;
-use moe_meta::store::etcd::EtcdStore;
+use moe_meta::store::etcd::{EtcdAuth, EtcdStore};
 
 /// Cluster options.
 #[derive(Debug, Clone, clap::Args)]
@@ -25,6 +25,22 @@ pub struct ClusterArgs {
     /// Routers: how often to publish token counts per (layer, expert), milliseconds.
     #[arg(long, env = "MOE_LOAD_PUBLISH_MS", default_value_t = 5000)]
     pub load_publish_ms: u64,
+    /// CA bundle (PEM) that verifies the etcd members' certificates (`https://` endpoints).
+    #[arg(long, env = "MOE_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd's `--client-cert-auth`; needs --etcd-key.
+    #[arg(long, env = "MOE_ETCD_CERT", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    /// The private key (PEM) of --etcd-cert.
+    #[arg(long, env = "MOE_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+    /// etcd user (etcd authentication); its password comes from --etcd-password-file or
+    /// MOE_ETCD_PASSWORD.
+    #[arg(long, env = "MOE_ETCD_USER")]
+    pub etcd_user: Option<String>,
+    /// File holding the etcd user's password (trailing newline ignored).
+    #[arg(long, env = "MOE_ETCD_PASSWORD_FILE", requires = "etcd_user")]
+    pub etcd_password_file: Option<PathBuf>,
 }
 
 impl ClusterArgs {
@@ -36,13 +52,41 @@ impl ClusterArgs {
         Duration::from_millis(self.lease_ttl_ms.max(1000))
     }
 
+    /// The etcd credentials these flags give (files read and checked now).
+    pub fn etcd_auth(&self) -> anyhow::Result<EtcdAuth> {
+        let user = match &self.etcd_user {
+            None => None,
+            Some(u) => {
+                let password = match (&self.etcd_password_file, std::env::var("MOE_ETCD_PASSWORD"))
+                {
+                    (Some(f), _) => std::fs::read_to_string(f)
+                        .with_context(|| format!("reading the etcd password file {}", f.display()))?
+                        .trim_end_matches(['\r', '\n'])
+                        .to_string(),
+                    (None, Ok(p)) => p,
+                    (None, Err(_)) => anyhow::bail!(
+                        "--etcd-user needs a password: --etcd-password-file or MOE_ETCD_PASSWORD"
+                    ),
+                };
+                Some((u.clone(), password))
+            }
+        };
+        Ok(EtcdAuth::load(
+            self.etcd_ca.as_deref(),
+            self.etcd_cert.as_deref(),
+            self.etcd_key.as_deref(),
+            user,
+        )?)
+    }
+
     /// Connects to etcd, retrying for up to 30 s (the cluster may be starting): each try is a
     /// read that passes over every member for up to 5 s; tries are 200 ms apart, jittered.
     pub async fn connect(&self) -> anyhow::Result<Arc<dyn MetaStore>> {
         let url = self.etcd.as_deref().context("--etcd is required")?;
+        let auth = self.etcd_auth()?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            match EtcdStore::connect_checked(url).await {
+            match EtcdStore::connect_checked(url, &auth).await {
                 Ok(s) => return Ok(Arc::new(s)),
                 Err(e) if tokio::time::Instant::now() >= deadline => {
                     anyhow::bail!("cannot reach etcd at {url} for 30 s: {e}")

@@ -59,12 +59,14 @@ pub struct RemoteArgs {
     /// (its weights are read once: decode); with more they are split over the replicas.
     #[arg(long, env = "MOE_DISPATCH_SPLIT_MIN_TOKENS", default_value_t = moe_router::dispatch::plan::DEFAULT_SPLIT_MIN_TOKENS)]
     pub dispatch_split_min_tokens: usize,
+    #[command(flatten)]
+    pub tls: crate::tls_args::ClusterTlsArgs,
 }
 
 impl RemoteArgs {
     /// The data-plane options these flags give.
-    pub fn dispatch_options(&self) -> DispatchOptions {
-        DispatchOptions {
+    pub fn dispatch_options(&self) -> anyhow::Result<DispatchOptions> {
+        Ok(DispatchOptions {
             wire: self.wire,
             timeout: Duration::from_millis(self.dispatch_timeout_ms),
             max_message_bytes: self.max_message_bytes,
@@ -77,7 +79,8 @@ impl RemoteArgs {
                 hedge_min: Duration::from_millis(self.dispatch_hedge_min_ms),
                 slow_cooldown: Duration::from_millis(self.dispatch_slow_cooldown_ms),
             },
-        }
+            tls: self.tls.load(&[])?,
+        })
     }
 }
 
@@ -161,7 +164,7 @@ pub fn load_remote(
         &cfg,
         placement,
         addrs,
-        remote.dispatch_options(),
+        remote.dispatch_options()?,
         handle.clone(),
     ))?;
     Ok((backbone, experts))

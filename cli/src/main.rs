@@ -6,6 +6,7 @@ mod engine;
 mod metrics_http;
 mod progress;
 mod signal;
+mod tls_args;
 
 use clap::{Parser, Subcommand};
 

@@ -8,6 +8,7 @@ pub mod spec;
 pub mod store;
 pub mod telemetry;
 pub mod testing;
+pub mod tls;
 
 pub use placement::{NodeEntry, Placement, PlacementError, balancedness};
 pub use spec::ExpertSpec;

@@ -31,12 +31,22 @@ struct Member {
     frozen: bool,
 }
 
+/// Client TLS of a test etcd: it serves `https://` with `cert`/`key` and, with
+/// `--client-cert-auth`, accepts only clients whose certificate chains to `ca`.
+#[derive(Debug, Clone)]
+pub struct EtcdTlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 /// A running etcd cluster of one or more members.
 #[derive(Debug)]
 pub struct EtcdCluster {
     members: Vec<Member>,
     initial_cluster: String,
     token: String,
+    tls: Option<EtcdTlsFiles>,
 }
 
 impl EtcdCluster {
@@ -57,8 +67,21 @@ impl EtcdCluster {
         EtcdCluster::launch(hosts.collect())
     }
 
+    /// Starts `n` members whose clients must use TLS with a certificate of `tls.ca`.
+    pub fn start_tls(n: usize, tls: EtcdTlsFiles) -> EtcdCluster {
+        let hosts = (0..n).map(|_| (None, "127.0.0.1".to_string(), free_port(), free_port()));
+        EtcdCluster::launch_with(hosts.collect(), Some(tls))
+    }
+
     /// Starts one member per `(namespace, address, client port, peer port)`.
     fn launch(hosts: Vec<(Option<String>, String, u16, u16)>) -> EtcdCluster {
+        EtcdCluster::launch_with(hosts, None)
+    }
+
+    fn launch_with(
+        hosts: Vec<(Option<String>, String, u16, u16)>,
+        tls: Option<EtcdTlsFiles>,
+    ) -> EtcdCluster {
         let tag = format!("{}-{}", std::process::id(), free_port());
         let n = hosts.len();
         let members: Vec<Member> = hosts
@@ -84,6 +107,7 @@ impl EtcdCluster {
             members,
             initial_cluster,
             token: format!("moe-test-{tag}"),
+            tls,
         };
         for i in 0..n {
             c.spawn(i);
@@ -107,11 +131,21 @@ impl EtcdCluster {
             }
             None => Command::new("etcd"),
         };
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        if let Some(t) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&t.cert)
+                .arg("--key-file")
+                .arg(&t.key)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--client-cert-auth");
+        }
         let child = cmd
             .args(["--name", &m.name, "--data-dir"])
             .arg(&m.dir)
-            .args(["--listen-client-urls", &format!("http://{ip}:{c}")])
-            .args(["--advertise-client-urls", &format!("http://{ip}:{c}")])
+            .args(["--listen-client-urls", &format!("{scheme}://{ip}:{c}")])
+            .args(["--advertise-client-urls", &format!("{scheme}://{ip}:{c}")])
             .args(["--listen-peer-urls", &format!("http://{ip}:{q}")])
             .args(["--initial-advertise-peer-urls", &format!("http://{ip}:{q}")])
             .args(["--initial-cluster", &ic])
@@ -154,8 +188,9 @@ impl EtcdCluster {
 
     /// Member `i`'s client URL.
     pub fn url(&self, i: usize) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         format!(
-            "http://{}:{}",
+            "{scheme}://{}:{}",
             self.members[i].ip, self.members[i].client_port
         )
     }
@@ -291,6 +326,16 @@ impl EtcdProcess {
     /// Starts etcd and waits until it accepts connections.
     pub fn start() -> EtcdProcess {
         let cluster = EtcdCluster::start(1);
+        let client_port = cluster.members[0].client_port;
+        EtcdProcess {
+            cluster,
+            client_port,
+        }
+    }
+
+    /// Starts etcd serving clients over TLS with client-certificate authentication.
+    pub fn start_tls(tls: EtcdTlsFiles) -> EtcdProcess {
+        let cluster = EtcdCluster::start_tls(1, tls);
         let client_port = cluster.members[0].client_port;
         EtcdProcess {
             cluster,

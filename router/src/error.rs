@@ -33,6 +33,9 @@ pub enum ApiError {
     /// The `Host` is not one this server answers for (421).
     #[error("{0}")]
     MisdirectedHost(String),
+    /// The body did not arrive within the body timeout (408).
+    #[error("the request body did not arrive within {after_ms} ms")]
+    RequestTimeout { after_ms: u64 },
     /// The waiting queue is full (429).
     #[error("the server is at capacity ({waiting} requests waiting); retry later")]
     Overloaded { waiting: usize },
@@ -85,6 +88,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::MisdirectedHost(_) => StatusCode::MISDIRECTED_REQUEST,
+            ApiError::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -98,6 +102,7 @@ impl ApiError {
             | ApiError::PayloadTooLarge { .. }
             | ApiError::UnsupportedMediaType(_)
             | ApiError::MisdirectedHost(_)
+            | ApiError::RequestTimeout { .. }
             | ApiError::Unauthorized(_) => "invalid_request_error",
             ApiError::Overloaded { .. } => "rate_limit_error",
             ApiError::Unavailable(_) => "service_unavailable",
@@ -130,6 +135,7 @@ impl ApiError {
         let (param, code) = match self {
             ApiError::BadRequest { param, code, .. } => (param.as_deref(), code.as_deref()),
             ApiError::PayloadTooLarge { .. } => (None, Some("payload_too_large")),
+            ApiError::RequestTimeout { .. } => (None, Some("request_timeout")),
             ApiError::Unauthorized(_) => (None, Some("invalid_api_key")),
             ApiError::Overloaded { .. } => (None, Some("queue_full")),
             ApiError::UnsupportedMediaType(_) => (None, Some("unsupported_media_type")),

@@ -85,6 +85,9 @@ pub const API_KEY_REQUESTS: &str = "moe_api_key_requests_total";
 pub const API_AUTH_FAILURES: &str = "moe_api_auth_failures_total";
 /// Times the API key file was re-read with new keys.
 pub const API_KEY_RELOADS: &str = "moe_api_key_reloads_total";
+/// Connections the API listener closed without serving, by `reason` (`per_ip_limit`,
+/// `tls_handshake`, `plaintext_on_https`).
+pub const CONNECTIONS_REFUSED: &str = "moe_http_connections_refused_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -112,6 +115,10 @@ fn describe() {
     c!(
         API_KEY_RELOADS,
         "Times the API key file was re-read with new keys."
+    );
+    c!(
+        CONNECTIONS_REFUSED,
+        "Connections the API listener closed without serving, by reason."
     );
     h!(
         TTFT,
@@ -266,4 +273,9 @@ pub fn render(handle: &PrometheusHandle) -> String {
     let mut text = handle.render();
     text.push_str(&moe_meta::telemetry::process::render("router"));
     text
+}
+
+/// Counts a connection the API listener closed without serving it.
+pub fn connection_refused(reason: &'static str) {
+    metrics::counter!(CONNECTIONS_REFUSED, "reason" => reason).increment(1);
 }

@@ -27,7 +27,7 @@ async fn a_flood_of_requests_to_a_node_that_pushes_back_is_all_answered() {
         ..Default::default()
     };
     tokio::spawn(serve(node, listener, opts, std::future::pending()));
-    let client = ExpertClient::spawn(addr.to_string(), 1 << 26);
+    let client = ExpertClient::spawn(addr.to_string(), 1 << 26, None);
     let tokens = 64;
     let req = DispatchRequest {
         layer: 1,

@@ -250,3 +250,78 @@ pub fn python_with_openai() -> PathBuf {
     );
     candidate
 }
+
+/// A process whose stdout lines go to a channel and whose whole stderr is kept (tests that
+/// check what a process logged).
+pub struct Logged {
+    pub proc: Proc,
+    pub lines: mpsc::Receiver<String>,
+    pub log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Logged {
+    /// The stderr so far.
+    pub fn log(&self) -> String {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Waits (up to `within`) for the stderr to contain `needle`; false if it never does.
+    pub fn wait_log(&self, needle: &str, within: Duration) -> bool {
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
+            if self.log().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+}
+
+/// Spawns `cmd` keeping its stderr, and waits (up to two minutes) for `listening on ADDR`.
+pub fn spawn_logged(mut cmd: Command) -> Logged {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawns moe");
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = log.clone();
+    let stderr = child.stderr.take().expect("stderr");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("{line}");
+            if let Ok(mut l) = sink.lock() {
+                l.push_str(&line);
+                l.push('\n');
+            }
+        }
+    });
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let addr = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = rx.recv_timeout(left).unwrap_or_else(|_| {
+            panic!(
+                "the process announces its address; its log:\n{}",
+                log.lock().map(|l| l.clone()).unwrap_or_default()
+            )
+        });
+        if let Some(addr) = line.split("listening on ").nth(1) {
+            break addr.trim().to_string();
+        }
+    };
+    Logged {
+        proc: Proc { child, addr },
+        lines: rx,
+        log,
+    }
+}

@@ -63,6 +63,13 @@ pub struct Args {
     #[arg(long, env = "MOE_MAX_STREAMS_PER_CONNECTION", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
     max_streams_per_connection: u32,
     #[command(flatten)]
+    tls: crate::tls_args::ClusterTlsArgs,
+    /// With cluster TLS: accept only clients whose certificate names one of these (DNS names or
+    /// IP addresses; repeat the flag or separate with commas); empty: any certificate of the
+    /// cluster CA.
+    #[arg(long, env = "MOE_CLUSTER_TLS_ALLOWED_SANS", value_delimiter = ',')]
+    cluster_tls_allowed_san: Vec<String>,
+    #[command(flatten)]
     cluster: ClusterArgs,
 }
 
@@ -84,6 +91,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    let tls = a.tls.load(&a.cluster_tls_allowed_san)?;
+    let server_tls = match &tls {
+        Some(t) => Some(t.server()?),
+        None => None,
+    };
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(a.listen)
             .await
@@ -144,6 +156,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             max_in_flight_per_stream: a.max_in_flight_per_stream as usize,
             max_in_flight: a.max_in_flight as usize,
             max_streams_per_connection: a.max_streams_per_connection,
+            tls: server_tls,
         };
         let fatal = Arc::new(std::sync::Mutex::new(None));
         let f = fatal.clone();

@@ -84,6 +84,28 @@ pub struct ServeArgs {
     /// supervisor to restart it, milliseconds.
     #[arg(long, env = "MOE_ENGINE_FAILURE_GRACE_MS", default_value_t = 2_000)]
     engine_failure_grace_ms: u64,
+    /// Serve the API over HTTPS with this certificate chain (PEM); needs --tls-key. Re-read
+    /// every second: a renewed certificate reaches new connections without a restart.
+    #[arg(long, env = "MOE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "MOE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Time a client has to send a request's line and headers, milliseconds (slowloris). On
+    /// HTTP/1 it also bounds the wait for the next request on a kept-alive connection.
+    #[arg(long, env = "MOE_HEADER_READ_TIMEOUT_MS", default_value_t = 30_000)]
+    header_read_timeout_ms: u64,
+    /// Time a client has to send a request's whole body, milliseconds (408 otherwise).
+    #[arg(long, env = "MOE_BODY_TIMEOUT_MS", default_value_t = 30_000)]
+    body_timeout_ms: u64,
+    /// A connection that moves no byte for this long is closed (after the request in progress),
+    /// milliseconds.
+    #[arg(long, env = "MOE_IDLE_TIMEOUT_MS", default_value_t = 120_000)]
+    idle_timeout_ms: u64,
+    /// Open connections one client IP may hold; more are closed at once (0: no limit). Behind a
+    /// proxy every client has the proxy's IP: raise it there.
+    #[arg(long, env = "MOE_MAX_CONNECTIONS_PER_IP", default_value_t = 256)]
+    max_connections_per_ip: usize,
     /// Test hook: the engine thread panics at this step.
     #[arg(long, hide = true)]
     debug_panic_engine_at_step: Option<u64>,
@@ -117,6 +139,22 @@ pub struct RouterArgs {
 }
 
 impl ServeArgs {
+    /// The API listener's TLS and limits (the certificate is loaded and checked here).
+    pub fn listener_options(&self) -> anyhow::Result<moe_router::http::listener::ListenerOptions> {
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(moe_meta::tls::ServerTls::https(cert, key)?),
+            _ => None,
+        };
+        let ms = std::time::Duration::from_millis;
+        Ok(moe_router::http::listener::ListenerOptions {
+            tls,
+            header_read_timeout: ms(self.header_read_timeout_ms.max(1)),
+            body_timeout: ms(self.body_timeout_ms.max(1)),
+            idle_timeout: ms(self.idle_timeout_ms.max(1)),
+            max_connections_per_ip: self.max_connections_per_ip,
+        })
+    }
+
     pub fn model_dir(&self) -> anyhow::Result<PathBuf> {
         match &self.model {
             Some(dir) => Ok(dir.clone()),
@@ -192,6 +230,7 @@ fn run(
     ready: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
     rt: tokio::runtime::Runtime,
 ) -> anyhow::Result<()> {
+    let opts = a.listener_options()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let state = app_state(&a, engine, ready)?;
@@ -202,7 +241,7 @@ fn run(
                 .await?;
         }
         let (shutdown, died) = engine_watch(&state, &a, crate::signal::shutdown());
-        moe_router::http::serve(listener, state, shutdown).await?;
+        moe_router::http::serve(listener, state, opts, shutdown).await?;
         engine_verdict(died).await
     })
 }
@@ -318,7 +357,7 @@ fn run_coordinated_router(a: RouterArgs, listener: std::net::TcpListener) -> any
     let dir = a.serve.model_dir()?;
     let backbone = crate::progress::load_backbone(&dir)?;
     let (moe_layers, n_experts) = crate::cluster::model_shape(&dir)?;
-    let opts = a.remote.dispatch_options();
+    let opts = a.remote.dispatch_options()?;
     let experts = Arc::new(RemoteExperts::empty(
         backbone.config().hidden_size,
         opts,

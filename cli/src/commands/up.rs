@@ -41,6 +41,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let (moe_layers, n_experts) = model_shape(&dir)?;
     let backbone = crate::progress::load_backbone(&dir)?;
     let hidden = backbone.config().hidden_size;
+    let opts = a.serve.listener_options()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -144,7 +145,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let (shutdown, died) = engine_watch(&state, &a.serve, signal);
         // Requests in flight finish first (the API stops taking new ones); only then do the
         // nodes drain and the coordinator step down, so a stop loses no request.
-        let served = moe_router::http::serve(listener, state, shutdown).await;
+        let served = moe_router::http::serve(listener, state, opts, shutdown).await;
         let _ = stop.send(true);
         served?;
         progress.abort();

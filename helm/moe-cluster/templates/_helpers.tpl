@@ -66,13 +66,18 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s.%s.svc.%s" .service .ctx.Release.Namespace .ctx.Values.clusterDomain -}}
 {{- end -}}
 
+{{/* `https` when roles reach etcd over TLS. */}}
+{{- define "moe.etcd.scheme" -}}
+{{- if .Values.etcd.client.tls.existingSecret -}}https{{- else -}}http{{- end -}}
+{{- end -}}
+
 {{/* The etcd endpoints every role gets as --etcd: every member, or the external ones. */}}
 {{- define "moe.etcd.endpoints" -}}
 {{- if .Values.etcd.enabled -}}
 {{- $eps := list -}}
 {{- $domain := include "moe.podDomain" (dict "ctx" . "service" (include "moe.etcd.headless" .)) -}}
 {{- range $i := until (int .Values.etcd.replicas) -}}
-{{- $eps = append $eps (printf "http://%s-%d.%s:%d" (include "moe.etcd.name" $) $i $domain (int $.Values.etcd.clientPort)) -}}
+{{- $eps = append $eps (printf "%s://%s-%d.%s:%d" (include "moe.etcd.scheme" $) (include "moe.etcd.name" $) $i $domain (int $.Values.etcd.clientPort)) -}}
 {{- end -}}
 {{- join "," $eps -}}
 {{- else -}}
@@ -94,6 +99,66 @@ app.kubernetes.io/component: {{ .component }}
 - --threads={{ int64 .Values.cluster.threads }}
 {{- end }}
 - --model={{ include "moe.modelDir" . }}
+{{- with .Values.etcd.client.tls }}
+{{- if .existingSecret }}
+- --etcd-ca=/etc/moe/etcd-tls/{{ .caKey }}
+{{- if .certKey }}
+- --etcd-cert=/etc/moe/etcd-tls/{{ .certKey }}
+- --etcd-key=/etc/moe/etcd-tls/{{ .keyKey }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- with .Values.etcd.client.auth }}
+{{- if .existingSecret }}
+- --etcd-password-file=/etc/moe/etcd-auth/{{ .passwordKey }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* The etcd user's name (from its Secret), for the containers of cluster roles. */}}
+{{- define "moe.etcdClientEnv" -}}
+{{- with .Values.etcd.client.auth }}
+{{- if .existingSecret }}
+- name: MOE_ETCD_USER
+  valueFrom:
+    secretKeyRef:
+      name: {{ .existingSecret }}
+      key: {{ .usernameKey }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* The Secrets of etcd's client TLS and user, as volumes and read-only mounts. */}}
+{{- define "moe.etcdClientVolumes" -}}
+{{- with .Values.etcd.client.tls }}
+{{- if .existingSecret }}
+- name: etcd-tls
+  secret:
+    secretName: {{ .existingSecret }}
+{{- end }}
+{{- end }}
+{{- with .Values.etcd.client.auth }}
+{{- if .existingSecret }}
+- name: etcd-auth
+  secret:
+    secretName: {{ .existingSecret }}
+    items:
+      - key: {{ .passwordKey }}
+        path: {{ .passwordKey }}
+{{- end }}
+{{- end }}
+{{- end -}}
+{{- define "moe.etcdClientMounts" -}}
+{{- if .Values.etcd.client.tls.existingSecret }}
+- name: etcd-tls
+  mountPath: /etc/moe/etcd-tls
+  readOnly: true
+{{- end }}
+{{- if .Values.etcd.client.auth.existingSecret }}
+- name: etcd-auth
+  mountPath: /etc/moe/etcd-auth
+  readOnly: true
+{{- end }}
 {{- end -}}
 
 {{- define "moe.modelDir" -}}
@@ -190,4 +255,33 @@ topologySpreadConstraints:
 {{- define "moe.tmpMount" -}}
 - name: tmp
   mountPath: /tmp
+{{- end -}}
+
+{{/* Cluster mTLS flags, volume and mount for a role; call with (dict "ctx" $ "secret" NAME). */}}
+{{- define "moe.clusterTlsCheck" -}}
+{{- $t := .Values.cluster.tls -}}
+{{- if and (or $t.routerSecret $t.nodeSecret) (not (and $t.routerSecret $t.nodeSecret)) -}}
+{{- fail "cluster.tls needs both routerSecret and nodeSecret (or neither)" -}}
+{{- end -}}
+{{- end -}}
+{{- define "moe.clusterTlsArgs" -}}
+{{- if .secret }}
+- --cluster-tls-ca=/etc/moe/cluster-tls/ca.crt
+- --cluster-tls-cert=/etc/moe/cluster-tls/tls.crt
+- --cluster-tls-key=/etc/moe/cluster-tls/tls.key
+{{- end }}
+{{- end -}}
+{{- define "moe.clusterTlsVolume" -}}
+{{- if .secret }}
+- name: cluster-tls
+  secret:
+    secretName: {{ .secret }}
+{{- end }}
+{{- end -}}
+{{- define "moe.clusterTlsMount" -}}
+{{- if .secret }}
+- name: cluster-tls
+  mountPath: /etc/moe/cluster-tls
+  readOnly: true
+{{- end }}
 {{- end -}}

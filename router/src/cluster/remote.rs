@@ -33,7 +33,7 @@ pub enum RemoteError {
 pub async fn placement_from_nodes(
     addrs: &[String],
     cfg: &Config,
-    max_message_bytes: usize,
+    opts: &DispatchOptions,
 ) -> Result<Placement, RemoteError> {
     let n = cfg
         .moe()
@@ -41,8 +41,12 @@ pub async fn placement_from_nodes(
         .ok_or(RemoteError::NotMoe)?;
     let mut nodes = Vec::new();
     for addr in addrs {
-        let client = ExpertClient::spawn(addr.clone(), max_message_bytes);
-        let info = client.info().await.map_err(|s| RemoteError::Discovery {
+        let client = ExpertClient::spawn(addr.clone(), opts.max_message_bytes, opts.tls.clone());
+        let info = client.info().await;
+        // Only for the question: its actor would otherwise keep a stream open (and reconnect)
+        // for the life of the process.
+        client.stop();
+        let info = info.map_err(|s| RemoteError::Discovery {
             addr: addr.clone(),
             why: s.to_string(),
         })?;
@@ -75,7 +79,7 @@ pub async fn connect_static(
 ) -> Result<RemoteExperts, RemoteError> {
     let placement = match placement {
         Some(p) => p,
-        None => placement_from_nodes(&addrs, cfg, opts.max_message_bytes).await?,
+        None => placement_from_nodes(&addrs, cfg, &opts).await?,
     };
     if placement.nodes.len() != addrs.len() {
         return Err(RemoteError::Count {

@@ -5,12 +5,19 @@
 //! `Unavailable`, marks the node down, and reconnects with jittered exponential backoff
 //! (50 ms doubling to 2 s). While the node is down, new requests fail immediately. A client of a
 //! node that left the placement is stopped ([`ExpertClient::stop`]) and never reconnects.
+//!
+//! With cluster TLS ([`ClusterTls`]) the client dials `https://`, presents its certificate, and
+//! verifies the node's certificate against the cluster CA and the host of the address it dials
+//! (the address in the placement: the node's certificate must name it as a DNS or IP SAN). The
+//! files are read on every connect, so a rotated client certificate needs no restart. A failed
+//! handshake is reported as such (`TLS handshake with node … failed: …`), with rustls's reason.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use moe_meta::tls::ClusterTls;
 use moe_proto::ExpertServiceClient;
 use moe_proto::pb::{DispatchRequest, DispatchResponse, InfoRequest, InfoResponse};
 use tokio::sync::{mpsc, oneshot};
@@ -31,6 +38,7 @@ struct Shared {
     answered: AtomicU64,
     compute_micros: AtomicU64,
     next_id: AtomicU64,
+    tls: Option<Arc<ClusterTls>>,
     tx: mpsc::UnboundedSender<Outgoing>,
     /// Set by [`ExpertClient::stop`]: the actor fails what is queued and ends.
     stop: tokio::sync::watch::Sender<bool>,
@@ -52,15 +60,25 @@ impl std::fmt::Debug for ExpertClient {
     }
 }
 
-/// An HTTP/2 endpoint with the windows and timeouts tensor traffic needs.
-pub fn endpoint(addr: &str) -> Result<Endpoint, Status> {
-    let uri = if addr.starts_with("http") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    Ok(Endpoint::from_shared(uri)
-        .map_err(|e| Status::invalid_argument(format!("bad node address `{addr}`: {e}")))?
+/// An HTTP/2 endpoint with the windows and timeouts tensor traffic needs; with `tls`, an
+/// `https://` one that presents the cluster certificate.
+pub fn endpoint(addr: &str, tls: Option<&ClusterTls>) -> Result<Endpoint, Status> {
+    let bare = addr
+        .strip_prefix("http://")
+        .or_else(|| addr.strip_prefix("https://"))
+        .unwrap_or(addr);
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut ep = Endpoint::from_shared(format!("{scheme}://{bare}"))
+        .map_err(|e| Status::invalid_argument(format!("bad node address `{addr}`: {e}")))?;
+    if let Some(tls) = tls {
+        let config = tls
+            .client()
+            .map_err(|e| Status::failed_precondition(format!("cluster TLS: {e}")))?;
+        ep = ep
+            .tls_config(config)
+            .map_err(|e| Status::failed_precondition(format!("cluster TLS for `{addr}`: {e}")))?;
+    }
+    Ok(ep
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(2))
         .initial_stream_window_size(16 << 20)
@@ -69,11 +87,63 @@ pub fn endpoint(addr: &str) -> Result<Endpoint, Status> {
         .keep_alive_timeout(Duration::from_secs(5)))
 }
 
+/// The error and every cause under it (tonic's transport error alone says only "transport
+/// error").
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text = format!("{text}: {part}");
+        }
+        cur = s.source();
+    }
+    text
+}
+
+/// Whether a TLS failure (rustls's verdict, or the handshake cut short) is in `e`'s chain.
+fn is_tls_failure(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.downcast_ref::<rustls::Error>().is_some() {
+            return true;
+        }
+        // tokio-rustls wraps rustls's errors in io::Error, whose `source` skips the wrapped one.
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io.get_ref().is_some_and(|i| i.is::<rustls::Error>()) {
+                return true;
+            }
+            if io.kind() == std::io::ErrorKind::UnexpectedEof {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// `Unavailable` for a failed connect to the node at `addr`, naming TLS when TLS is in use.
+fn connect_error(addr: &str, tls: bool, e: &tonic::transport::Error) -> Status {
+    let why = chain(e);
+    match (tls, is_tls_failure(e)) {
+        (true, true) => {
+            // A misconfiguration (or an impostor), not a node that is merely down: say so at
+            // warn, once per reconnect attempt (at most every 2 s per node).
+            tracing::warn!(node = %addr, error = %why, "TLS handshake with node failed");
+            Status::unavailable(format!("TLS handshake with node {addr} failed: {why}"))
+        }
+        (true, false) => Status::unavailable(format!("node {addr} (TLS): {why}")),
+        (false, _) => Status::unavailable(format!("node {addr}: {why}")),
+    }
+}
+
 impl ExpertClient {
     /// A client for `addr` and its request queue, stopped or not.
     fn with_queue(
         addr: String,
         max_message_bytes: usize,
+        tls: Option<Arc<ClusterTls>>,
         stopped: bool,
     ) -> (ExpertClient, mpsc::UnboundedReceiver<Outgoing>) {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -83,6 +153,7 @@ impl ExpertClient {
             answered: AtomicU64::new(0),
             compute_micros: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
+            tls,
             tx,
             stop: tokio::sync::watch::channel(stopped).0,
         });
@@ -93,9 +164,14 @@ impl ExpertClient {
         (client, rx)
     }
 
-    /// Starts the actor for the node at `addr` on the current tokio runtime.
-    pub fn spawn(addr: String, max_message_bytes: usize) -> ExpertClient {
-        let (client, rx) = ExpertClient::with_queue(addr, max_message_bytes, false);
+    /// Starts the actor for the node at `addr` on the current tokio runtime (over mutual TLS
+    /// with `tls`).
+    pub fn spawn(
+        addr: String,
+        max_message_bytes: usize,
+        tls: Option<Arc<ClusterTls>>,
+    ) -> ExpertClient {
+        let (client, rx) = ExpertClient::with_queue(addr, max_message_bytes, tls, false);
         tokio::spawn(run(client.shared.clone(), rx, max_message_bytes));
         client
     }
@@ -103,7 +179,7 @@ impl ExpertClient {
     /// A client that never dials `addr` (a router with no data plane, in the fleet simulator):
     /// the node stays down and every request fails at once with `Unavailable`.
     pub fn unconnected(addr: String, max_message_bytes: usize) -> ExpertClient {
-        ExpertClient::with_queue(addr, max_message_bytes, true).0
+        ExpertClient::with_queue(addr, max_message_bytes, None, true).0
     }
 
     /// The node's address.
@@ -150,10 +226,11 @@ impl ExpertClient {
 
     /// Asks the node what it hosts (a separate unary call).
     pub async fn info(&self) -> Result<InfoResponse, Status> {
-        let channel = endpoint(&self.shared.addr)?
+        let tls = self.shared.tls.as_deref();
+        let channel = endpoint(&self.shared.addr, tls)?
             .connect()
             .await
-            .map_err(|e| Status::unavailable(format!("node {}: {e}", self.shared.addr)))?;
+            .map_err(|e| connect_error(&self.shared.addr, tls.is_some(), &e))?;
         let mut client =
             ExpertServiceClient::new(channel).max_decoding_message_size(self.max_message_bytes);
         Ok(client.info(InfoRequest {}).await?.into_inner())
@@ -170,10 +247,11 @@ async fn connect(
     ),
     Status,
 > {
-    let channel: Channel = endpoint(&shared.addr)?
+    let tls = shared.tls.as_deref();
+    let channel: Channel = endpoint(&shared.addr, tls)?
         .connect()
         .await
-        .map_err(|e| Status::unavailable(format!("node {}: {e}", shared.addr)))?;
+        .map_err(|e| connect_error(&shared.addr, tls.is_some(), &e))?;
     let mut client = ExpertServiceClient::new(channel)
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
@@ -297,7 +375,7 @@ mod tests {
     async fn a_stopped_client_ends_its_actor_and_fails_new_requests() {
         // Nothing listens on port 1: the actor is in its reconnect loop, as for a node that
         // left the placement and is gone.
-        let c = ExpertClient::spawn("127.0.0.1:1".into(), 1 << 20);
+        let c = ExpertClient::spawn("127.0.0.1:1".into(), 1 << 20, None);
         c.stop();
         tokio::time::timeout(Duration::from_secs(10), c.shared.tx.closed())
             .await

@@ -29,6 +29,8 @@ pub struct DispatchOptions {
     pub split_min_tokens: usize,
     /// Quarantine, hedging and slow-node avoidance.
     pub health: HealthOptions,
+    /// Mutual TLS to the nodes; `None`: plaintext.
+    pub tls: Option<std::sync::Arc<moe_meta::tls::ClusterTls>>,
 }
 
 impl Default for DispatchOptions {
@@ -46,6 +48,7 @@ impl Default for DispatchOptions {
                 hedge_min: Duration::from_millis(20),
                 slow_cooldown: Duration::from_secs(30),
             },
+            tls: None,
         }
     }
 }

@@ -146,7 +146,11 @@ impl RemoteExperts {
                         .or_insert_with(|| {
                             crate::metrics::new_node(a);
                             match self.connect {
-                                true => ExpertClient::spawn(a.clone(), self.opts.max_message_bytes),
+                                true => ExpertClient::spawn(
+                                    a.clone(),
+                                    self.opts.max_message_bytes,
+                                    self.opts.tls.clone(),
+                                ),
                                 false => ExpertClient::unconnected(
                                     a.clone(),
                                     self.opts.max_message_bytes,

@@ -10,6 +10,7 @@ pub mod blocking;
 mod fuzz;
 mod generate;
 pub mod guard;
+pub mod listener;
 mod stream;
 mod trace;
 
@@ -78,17 +79,18 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serves the API on `listener` until `shutdown` resolves.
+/// Serves the API on `listener` with the listener's limits and TLS ([`listener`]) until
+/// `shutdown` resolves, then drains.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
+    opts: listener::ListenerOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let addr: SocketAddr = listener.local_addr()?;
-    tracing::info!(%addr, model = %state.limits.model_name, "HTTP API up");
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let scheme = if opts.tls.is_some() { "https" } else { "http" };
+    tracing::info!(%addr, scheme, model = %state.limits.model_name, "HTTP API up");
+    listener::serve(listener, router(state), opts, shutdown).await
 }
 
 /// Counts a finished request by status and error type.
@@ -117,6 +119,10 @@ pub(crate) fn parse<T: DeserializeOwned>(
     let bytes = body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge { limit }
+        } else if let Some(after) = listener::body::is_timeout(&r) {
+            ApiError::RequestTimeout {
+                after_ms: after.as_millis() as u64,
+            }
         } else {
             tracing::debug!(error = %r, "cannot read a request body");
             ApiError::bad_request("cannot read the request body")

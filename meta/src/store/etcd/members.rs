@@ -78,10 +78,25 @@ pub fn classify(e: etcd_client::Error) -> Failure {
             Failure::Member(e.to_string())
         }
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => {
-            Failure::Member(e.to_string())
+            Failure::Member(chain(&e))
         }
         other => Failure::Answer(other),
     }
+}
+
+/// The error and its causes (a transport error alone says only "transport error"; the cause
+/// says "connection refused" or which certificate was refused).
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text = format!("{text}: {part}");
+        }
+        cur = s.source();
+    }
+    text
 }
 
 /// A factor in [0.75, 1.25) from the clock's low bits (enough to keep processes apart).
@@ -94,15 +109,17 @@ pub fn jitter() -> f64 {
 
 impl Members {
     /// One lazily connecting client per endpoint (nothing is dialled here).
-    pub async fn connect(endpoints: &[&str]) -> Result<Members> {
+    pub async fn connect(endpoints: &[&str], auth: &super::EtcdAuth) -> Result<Members> {
         if endpoints.is_empty() {
             return Err(StoreError::Unavailable("no etcd endpoint given".into()));
         }
-        let opts = ConnectOptions::new()
-            .with_connect_timeout(CONNECT_TIMEOUT)
-            .with_keep_alive(H2_PING.0, H2_PING.1)
-            .with_keep_alive_while_idle(true)
-            .with_require_leader(true);
+        let opts = auth.apply(
+            ConnectOptions::new()
+                .with_connect_timeout(CONNECT_TIMEOUT)
+                .with_keep_alive(H2_PING.0, H2_PING.1)
+                .with_keep_alive_while_idle(true)
+                .with_require_leader(true),
+        );
         let mut list = Vec::new();
         for url in endpoints {
             let client = Client::connect([*url], Some(opts.clone()))

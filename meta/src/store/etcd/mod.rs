@@ -7,12 +7,15 @@
 //! as soon as their member is marked down, so the caller's re-list lands on a healthy one;
 //! lease refreshes use one long-lived stream per lease ([`keepalive`]). Every request carries
 //! `require_leader`. A missing lease is recognised by its gRPC code (`NotFound`) or by a
-//! keep-alive answer with TTL 0, never by error text.
+//! keep-alive answer with TTL 0, never by error text. TLS and etcd users: [`auth`].
 //!
 //! API reference: <https://etcd.io/docs/v3.4/learning/api/>.
 
+pub mod auth;
 mod keepalive;
 pub mod members;
+
+pub use auth::EtcdAuth;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -81,12 +84,17 @@ impl EtcdStore {
     /// Connects to the comma-separated endpoints (`http://127.0.0.1:2379,...`). Nothing is
     /// dialled yet: a member that is down now is simply tried later.
     pub async fn connect(endpoints: &str) -> Result<EtcdStore> {
+        EtcdStore::connect_with(endpoints, &EtcdAuth::default()).await
+    }
+
+    /// [`EtcdStore::connect`] with TLS and/or an etcd user.
+    pub async fn connect_with(endpoints: &str, auth: &EtcdAuth) -> Result<EtcdStore> {
         let eps: Vec<&str> = endpoints
             .split(',')
             .map(str::trim)
             .filter(|e| !e.is_empty())
             .collect();
-        let members = Arc::new(Members::connect(&eps).await?);
+        let members = Arc::new(Members::connect(&eps, auth).await?);
         tokio::spawn(Members::probe_forever(Arc::downgrade(&members)));
         Ok(EtcdStore {
             members,
@@ -95,8 +103,8 @@ impl EtcdStore {
     }
 
     /// Connects and checks that some member answers (a bad endpoint fails here, clearly).
-    pub async fn connect_checked(endpoints: &str) -> Result<EtcdStore> {
-        let s = EtcdStore::connect(endpoints).await?;
+    pub async fn connect_checked(endpoints: &str, auth: &EtcdAuth) -> Result<EtcdStore> {
+        let s = EtcdStore::connect_with(endpoints, auth).await?;
         s.get("/moe-health").await?;
         Ok(s)
     }
