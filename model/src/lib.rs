@@ -8,6 +8,8 @@
 //! - [`gate`], [`mlp`], [`moe`]: the router gate, dense/expert FFNs and the expert-backend seam
 //!   that the distributed router plugs into.
 //! - [`model`]: the backbone (everything but routed experts) and the full forward pass.
+//! - [`v4`]: the DeepSeek-V4 sibling (config, checkpoint names, hyper-connections, compressed
+//!   attention, hash / sqrt-softplus gate) over the same kernels and expert seam.
 //! - [`sampling`], [`presets`]: token sampling and random-weight checkpoints for tests/benchmarks.
 
 mod absorb;
@@ -25,6 +27,7 @@ pub mod presets;
 pub mod rope;
 pub mod sampling;
 pub mod tensor;
+pub mod v4;
 
 pub use cache::{KvCacheDtype, KvDtype, KvLayout, KvPool, SeqCache};
 pub use config::Config;
