@@ -173,7 +173,6 @@ impl V4Config {
     /// Whether some layer is CSA (and so has a lightning indexer).
     pub fn uses_indexer(&self) -> bool {
         self.layer_types
-            .iter()
-            .any(|t| *t == super::config::AttnLayerType::Csa)
+            .contains(&super::config::AttnLayerType::Csa)
     }
 }
