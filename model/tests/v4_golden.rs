@@ -81,11 +81,13 @@ fn check_compressed(p: &str, trace: &V4Trace, extra: &Golden, w: &mut Worst) {
         let margin = &extra.f32s[&format!("{key}.margin")];
         assert_eq!(*rows, picks.len(), "{key} rows");
         for (t, pk) in picks.iter().enumerate() {
-            assert_eq!(pk.len(), *k, "{key} token {t}: picks");
+            assert!(pk.len() <= *k, "{key} token {t}: picks");
             if margin.data[t] <= MARGIN {
                 continue;
             }
-            let mut ours: Vec<i64> = pk.iter().map(|e| e.map_or(-1, |e| e as i64)).collect();
+            // The reference pads to min(index_topk, entries) with -1 (no entry).
+            let mut ours: Vec<i64> = pk.iter().map(|&e| e as i64).collect();
+            ours.resize(*k, -1);
             ours.sort_unstable();
             assert_eq!(ours, gids[t * k..][..*k], "{key} token {t}");
             w.picks_compared += 1;
@@ -103,7 +105,7 @@ fn full_forward_matches_the_reference() {
     for (i, ids) in prompts(&json).iter().enumerate() {
         let p = format!("prompt_{i}");
         let mut trace = V4Trace::default();
-        let ours = model.forward(ids, Some(&mut trace)).expect("forward");
+        let ours = model.forward_full(ids, Some(&mut trace)).expect("forward");
         let d = assert_close(&format!("{p} logits"), &ours, &logits.f32s[&p], TOL);
         w.logits = w.logits.max(d);
         assert_close(
@@ -171,8 +173,8 @@ fn official_tensor_names_load_to_the_same_logits() {
     let hf = model();
     let json = golden_json(NAME);
     let ids = &prompts(&json)[2];
-    let a = official.forward(ids, None).expect("forward");
-    let b = hf.forward(ids, None).expect("forward");
+    let a = official.forward_full(ids, None).expect("forward");
+    let b = hf.forward_full(ids, None).expect("forward");
     assert_eq!(a, b);
 }
 

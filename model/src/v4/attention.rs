@@ -10,9 +10,10 @@
 //! `wo_a` rows `[g·r, (g+1)·r)`, concatenated, then `wo_b`.
 //! Reference: transformers `DeepseekV4Attention`, `eager_attention_forward`.
 
+use super::cache::LayerCache;
 use super::compressor::{Compressor, Indexer};
 use super::names::Names;
-use super::rope::RopeTable;
+use super::rope::{RopeTable, V4Rope};
 use super::{AttnLayerType, V4Config};
 use crate::checkpoint::{Checkpoint, WeightData};
 use crate::error::Result;
@@ -52,8 +53,8 @@ pub struct V4Attention {
 pub struct AttnTrace {
     /// Compressed entries `[n, head_dim]` (CSA/HCA).
     pub compressed: Option<Vec<f32>>,
-    /// CSA indexer picks per query.
-    pub picks: Option<Vec<Vec<Option<usize>>>>,
+    /// CSA indexer picks per query, in score order.
+    pub picks: Option<Vec<Vec<usize>>>,
 }
 
 fn linear(ckpt: &Checkpoint, name: &str, out: usize, inp: usize) -> Result<Linear> {
@@ -122,17 +123,20 @@ impl V4Attention {
         })
     }
 
-    /// Attention over one whole sequence `x [t, hidden]` (positions `0..t`, normed input).
-    /// `rope` is the layer's rope at the positions; `compress` the "compress" rope at the
-    /// positions and `entries` the "compress" rope at entry positions `w·m` (rows `w`).
+    /// Attention for the `t` new tokens `x [t, hidden]` (normed input) of one sequence at
+    /// positions `p0..p0+t`, extending its layer `cache`. `rope` holds this layer's rope rows at
+    /// those positions, `compress` the "compress" rows (for the indexer's queries), and
+    /// `compress_rope` places the compressed entries.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         x: &[f32],
-        t: usize,
+        (t, p0): (usize, usize),
+        cache: &mut LayerCache,
         rope: &RopeTable,
         compress: &RopeTable,
-        entry_rope: &dyn Fn(usize) -> RopeTable,
-        trace: &mut AttnTrace,
+        compress_rope: &V4Rope,
+        trace: Option<&mut AttnTrace>,
     ) -> Vec<f32> {
         let (h, hd) = (self.heads, self.head_dim);
         let mut qr = self.wq_a.forward(x, t);
@@ -150,34 +154,44 @@ impl V4Attention {
         for (row, k) in kv.chunks_exact_mut(hd).enumerate() {
             rope.rotate(k, row, false);
         }
+        // The window's keys: the cached rows (positions `p0 - cached ..`) then the new ones.
+        let mut keys = std::mem::take(&mut cache.window);
+        let cached = keys.len() / hd;
+        keys.extend_from_slice(&kv);
         // Compressed entries and, per query, which of them it sees.
-        let (entries, rate, picks) = match &self.extra {
-            Extra::None => (Vec::new(), 1, None),
-            Extra::Hca(c) => (c.entries(x, t, &entry_rope(c.rate)), c.rate, None),
-            Extra::Csa(c, ix) => {
-                let e = c.entries(x, t, &entry_rope(c.rate));
-                let p = ix.select(x, &qr, t, &entry_rope(c.rate), compress);
-                (e, c.rate, Some(p))
+        let (rate, picks) = match (&self.extra, cache.compressor.as_mut()) {
+            (Extra::Hca(c), Some(st)) => {
+                c.extend(st, x, t, compress_rope);
+                (c.rate, None)
             }
+            (Extra::Csa(c, ix), Some(st)) => {
+                c.extend(st, x, t, compress_rope);
+                let ist = cache.indexer.get_or_insert_with(Default::default);
+                let p = ix.select(ist, x, &qr, (t, p0), compress, compress_rope);
+                (c.rate, Some(p))
+            }
+            _ => (0, None),
         };
+        let entries: &[f32] = cache.compressor.as_ref().map_or(&[], |c| &c.entries);
         let scale = (hd as f32).powf(-0.5);
         let mut out = vec![0.0f32; t * h * hd];
         let mut logits = Vec::new();
         let mut vals: Vec<&[f32]> = Vec::new();
         for row in 0..t {
+            let pos = p0 + row;
             vals.clear();
-            let lo = (row + 1).saturating_sub(self.window);
-            for s in lo..=row {
-                vals.push(&kv[s * hd..][..hd]);
+            let lo = (pos + 1).saturating_sub(self.window).max(p0 - cached);
+            for s in lo..=pos {
+                vals.push(&keys[(s + cached - p0) * hd..][..hd]);
             }
             match &picks {
                 Some(p) => {
-                    for e in p[row].iter().flatten() {
+                    for e in &p[row] {
                         vals.push(&entries[e * hd..][..hd]);
                     }
                 }
-                None if rate > 1 => {
-                    let visible = ((row + 1) / rate).min(entries.len() / hd);
+                None if rate > 0 => {
+                    let visible = ((pos + 1) / rate).min(entries.len() / hd);
                     for e in 0..visible {
                         vals.push(&entries[e * hd..][..hd]);
                     }
@@ -202,9 +216,19 @@ impl V4Attention {
                 rope.rotate(o, row, true);
             }
         }
-        trace.compressed = (rate > 1).then_some(entries);
-        trace.picks = picks;
-        // Grouped output projection.
+        if let Some(tr) = trace {
+            tr.compressed = (rate > 0).then(|| entries.to_vec());
+            tr.picks = picks;
+        }
+        let keep = keys.len() / hd - (keys.len() / hd).min(self.window - 1);
+        keys.drain(..keep * hd);
+        cache.window = keys;
+        self.project_out(&out, t)
+    }
+
+    /// The grouped low-rank output projection of `out [t, heads·head_dim]`.
+    fn project_out(&self, out: &[f32], t: usize) -> Vec<f32> {
+        let (h, hd) = (self.heads, self.head_dim);
         let g = self.wo_a.len();
         let group_in = h * hd / g;
         let r = self.wo_a[0].out_features();

@@ -8,14 +8,17 @@
 //! (`[d:]`). Entry `w` is visible to query `t` iff `w < (t+1)/m`.
 //! The indexer (CSA) has its own overlapping compressor at `index_head_dim`; it scores entry `e`
 //! for query `t` as `Σ_h w_t,h · relu(qI_t,h · K_e) · ihd^-0.5` with `qI = rope(qr·Wq_b)` and
-//! `w = x·Wproj · heads^-0.5`, and keeps the top `min(index_topk, entries)` among the visible ones
-//! (ties to the lower index; picks past the visible ones become `None`).
+//! `w = x·Wproj · heads^-0.5`, and keeps the top `min(index_topk, visible)` of the entries the
+//! query may see (ties to the lower index).
+//! Both work incrementally on a [`CompState`]: tokens are projected as they come, complete
+//! windows are emitted, the rest is buffered, so any chunking gives the full forward's entries.
 //! Reference: transformers `DeepseekV4HCACompressor`, `DeepseekV4CSACompressor`,
 //! `DeepseekV4Indexer`.
 
 use super::V4Config;
+use super::cache::CompState;
 use super::names::Names;
-use super::rope::RopeTable;
+use super::rope::{RopeTable, V4Rope};
 use crate::checkpoint::Checkpoint;
 use crate::error::Result;
 use crate::kernels::{self, Linear};
@@ -68,44 +71,60 @@ impl Compressor {
         })
     }
 
-    /// The entries of every complete window of `x [t, hidden]`, `[t / m, dim]`, normalised and
-    /// rotated with `rope` (row `w` = position `w·m`).
-    pub fn entries(&self, x: &[f32], t: usize, rope: &RopeTable) -> Vec<f32> {
+    /// Projects `x [t, hidden]` and appends to `st` the entry of every window the new tokens
+    /// complete (rotated at its window's first position with the "compress" `rope`); the rest
+    /// waits in the buffer.
+    pub fn extend(&self, st: &mut CompState, x: &[f32], t: usize, rope: &V4Rope) {
         let (m, d) = (self.rate, self.dim);
-        let c = if self.overlap { 2 } else { 1 };
-        let windows = t / m;
-        let used = windows * m;
-        let kv = self.wkv.forward(&x[..used * x.len() / t.max(1)], used);
-        let gate = self.wgate.forward(&x[..used * x.len() / t.max(1)], used);
-        let w = c * d;
-        let mut out = vec![0.0f32; windows * d];
+        let w = if self.overlap { 2 * d } else { d };
+        st.buf_kv.extend(self.wkv.forward(x, t));
+        st.buf_gate.extend(self.wgate.forward(x, t));
+        let windows = st.buf_kv.len() / w / m;
+        if windows == 0 {
+            return;
+        }
         let mut logits = Vec::with_capacity(2 * m);
         let mut values = Vec::with_capacity(2 * m);
         for win in 0..windows {
-            let entry = &mut out[win * d..][..d];
+            let index = st.entries.len() / d;
+            let cur_kv = &st.buf_kv[win * m * w..][..m * w];
+            let cur_gate = &st.buf_gate[win * m * w..][..m * w];
+            let (prev_kv, prev_gate) = match win {
+                0 => (&st.prev_kv[..], &st.prev_gate[..]),
+                _ => (
+                    &st.buf_kv[(win - 1) * m * w..][..m * w],
+                    &st.buf_gate[(win - 1) * m * w..][..m * w],
+                ),
+            };
+            let mut entry = vec![0.0f32; d];
             for (ch, e) in entry.iter_mut().enumerate() {
                 logits.clear();
                 values.clear();
-                if self.overlap && win > 0 {
+                if self.overlap && !prev_kv.is_empty() {
                     for j in 0..m {
-                        let row = (win - 1) * m + j;
-                        logits.push(gate[row * w + ch] + self.ape[j * w + ch]);
-                        values.push(kv[row * w + ch]);
+                        logits.push(prev_gate[j * w + ch] + self.ape[j * w + ch]);
+                        values.push(prev_kv[j * w + ch]);
                     }
                 }
                 let off = if self.overlap { d } else { 0 };
                 for j in 0..m {
-                    let row = win * m + j;
-                    logits.push(gate[row * w + off + ch] + self.ape[j * w + off + ch]);
-                    values.push(kv[row * w + off + ch]);
+                    logits.push(cur_gate[j * w + off + ch] + self.ape[j * w + off + ch]);
+                    values.push(cur_kv[j * w + off + ch]);
                 }
                 kernels::softmax(&mut logits);
                 *e = logits.iter().zip(&values).map(|(p, v)| p * v).sum();
             }
-            kernels::rms_norm(entry, &self.norm, self.eps);
-            rope.rotate(entry, win, false);
+            kernels::rms_norm(&mut entry, &self.norm, self.eps);
+            rope.table([index * m]).rotate(&mut entry, 0, false);
+            st.entries.extend(entry);
         }
-        out
+        let used = windows * m * w;
+        if self.overlap {
+            st.prev_kv = st.buf_kv[used - m * w..used].to_vec();
+            st.prev_gate = st.buf_gate[used - m * w..used].to_vec();
+        }
+        st.buf_kv.drain(..used);
+        st.buf_gate.drain(..used);
     }
 }
 
@@ -143,21 +162,22 @@ impl Indexer {
         })
     }
 
-    /// For each query row of `x [t, hidden]` / `qr [t, q_lora]` (positions `0..t`), the picked
-    /// entries in score order (`None`: a pick past the visible entries), and the score margin
-    /// between the last pick and the next visible entry (for diagnostics).
+    /// Extends the indexer's own compressor with `x [t, hidden]`, then for each query row
+    /// (`qr [t, q_lora]`, absolute positions `p0..p0+t`, "compress" rope rows `query_rope`) picks
+    /// the top `min(index_topk, visible)` entries, in score order.
     pub fn select(
         &self,
+        st: &mut CompState,
         x: &[f32],
         qr: &[f32],
-        t: usize,
-        entry_rope: &RopeTable,
+        (t, p0): (usize, usize),
         query_rope: &RopeTable,
-    ) -> Vec<Vec<Option<usize>>> {
-        let keys = self.compressor.entries(x, t, entry_rope);
+        rope: &V4Rope,
+    ) -> Vec<Vec<usize>> {
+        self.compressor.extend(st, x, t, rope);
+        let keys = &st.entries;
         let (d, m, h) = (self.compressor.dim, self.compressor.rate, self.heads);
         let n_entries = keys.len() / d;
-        let k = self.topk.min(n_entries);
         let mut q = self.wq_b.forward(qr, t);
         for (row, qt) in q.chunks_exact_mut(h * d).enumerate() {
             for head in qt.chunks_exact_mut(d) {
@@ -168,7 +188,7 @@ impl Indexer {
         let (scale, wscale) = ((d as f32).powf(-0.5), (h as f32).powf(-0.5));
         (0..t)
             .map(|row| {
-                let visible = ((row + 1) / m).min(n_entries);
+                let visible = ((p0 + row + 1) / m).min(n_entries);
                 let scores: Vec<f32> = (0..visible)
                     .map(|e| {
                         let key = &keys[e * d..][..d];
@@ -181,11 +201,13 @@ impl Indexer {
                             .sum()
                     })
                     .collect();
-                let top = crate::gate::top_indices(&scores, 0..visible, k.min(visible));
-                let mut picks: Vec<Option<usize>> = top.into_iter().map(Some).collect();
-                picks.resize(k, None);
-                picks
+                crate::gate::top_indices(&scores, 0..visible, self.topk.min(visible))
             })
             .collect()
+    }
+
+    /// `index_topk` (picks per query, at most).
+    pub fn topk(&self) -> usize {
+        self.topk
     }
 }

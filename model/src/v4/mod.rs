@@ -8,11 +8,13 @@
 //! - [`hc`]: manifold-constrained hyper-connections and the final HC head.
 //! - [`rope`], [`attention`], [`compressor`]: shared-KV attention with sinks over a sliding window
 //!   and compressed entries (CSA with the lightning indexer, HCA).
-//! - [`model`]: the backbone and the full-sequence forward pass.
+//! - [`cache`]: the per-sequence decode cache (window, compressor and indexer state).
+//! - [`model`]: the backbone and the batched forward pass over caches.
 //!
 //! Reference: transformers 5.24 `models/deepseek_v4`; `V4.md` of the golden fixtures.
 
 pub mod attention;
+pub mod cache;
 pub mod compressor;
 pub mod config;
 mod config_compat;
@@ -24,7 +26,8 @@ pub mod names;
 pub mod rope;
 mod validate;
 
+pub use cache::V4Cache;
 pub use config::{
     AttnLayerType, CompressRates, MlpLayerType, RopeParams, RopeSets, V4Config, V4ScoringFunc,
 };
-pub use model::{V4Backbone, V4Model, V4Trace};
+pub use model::{V4Backbone, V4Model, V4SeqInput, V4Trace};

@@ -1,4 +1,4 @@
-//! The DeepSeek-V4 decoder (full-sequence forward, no cache yet): embeddings repeated into
+//! The DeepSeek-V4 decoder over a batch of sequences with decode caches: embeddings repeated into
 //! `hc_mult` residual streams, decoder layers (hyper-connection → attention → hyper-connection →
 //! MoE), the HC head, final norm and LM head.
 //!
@@ -16,6 +16,7 @@ use std::path::Path;
 use rayon::prelude::*;
 
 use super::attention::{AttnTrace, V4Attention};
+use super::cache::V4Cache;
 use super::gate::V4Gate;
 use super::hc::{self, HcHead, HyperConn};
 use super::names::Names;
@@ -26,6 +27,7 @@ use crate::error::{ModelError, Result};
 use crate::gate::Routing;
 use crate::kernels::{self, Linear};
 use crate::mlp::Mlp;
+use crate::model::LogitsMode;
 use crate::moe::{ExpertBackend, LocalExperts};
 use crate::tensor::Matrix;
 
@@ -53,8 +55,8 @@ pub struct V4Trace {
     pub routing: BTreeMap<usize, Routing>,
     /// Compressed KV entries of each CSA/HCA layer, `[entries, head_dim]`.
     pub compressed: BTreeMap<usize, Matrix>,
-    /// CSA indexer picks per layer and query, in score order (`None`: no entry).
-    pub picks: BTreeMap<usize, Vec<Vec<Option<usize>>>>,
+    /// CSA indexer picks per layer and query, in score order.
+    pub picks: BTreeMap<usize, Vec<Vec<usize>>>,
 }
 
 /// Everything but the routed experts.
@@ -126,41 +128,107 @@ impl V4Backbone {
         &self.cfg
     }
 
-    fn check(&self, tokens: &[u32]) -> Result<()> {
-        if tokens.is_empty() {
-            return Err(ModelError::InvalidInput(
-                "the sequence has no tokens".into(),
-            ));
-        }
-        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
-            return Err(ModelError::InvalidInput(format!(
-                "token id {bad} is outside the vocabulary (size {})",
-                self.cfg.vocab_size
-            )));
-        }
-        if tokens.len() > self.cfg.max_position_embeddings {
-            return Err(ModelError::InvalidInput(format!(
-                "{} tokens exceed the context length {}",
-                tokens.len(),
-                self.cfg.max_position_embeddings
-            )));
+    fn check(&self, seqs: &[V4SeqInput<'_>]) -> Result<()> {
+        for (i, s) in seqs.iter().enumerate() {
+            if s.tokens.is_empty() {
+                return Err(ModelError::InvalidInput(format!(
+                    "sequence {i} has no new tokens"
+                )));
+            }
+            if let Some(bad) = s
+                .tokens
+                .iter()
+                .find(|&&t| t as usize >= self.cfg.vocab_size)
+            {
+                return Err(ModelError::InvalidInput(format!(
+                    "token id {bad} is outside the vocabulary (size {})",
+                    self.cfg.vocab_size
+                )));
+            }
+            let total = s.cache.len() + s.tokens.len();
+            if total > self.cfg.max_position_embeddings {
+                return Err(ModelError::InvalidInput(format!(
+                    "sequence {i} would reach {total} tokens, beyond the context length {}",
+                    self.cfg.max_position_embeddings
+                )));
+            }
+            if s.cache.layers.len() != self.layers.len() {
+                return Err(ModelError::InvalidInput(format!(
+                    "sequence {i}'s cache has {} layers, the model {}",
+                    s.cache.layers.len(),
+                    self.layers.len()
+                )));
+            }
         }
         Ok(())
     }
 
-    /// Runs one whole sequence (positions `0..len`) and returns its logits `[len, vocab]`.
+    /// A fresh cache for one sequence.
+    pub fn new_cache(&self) -> V4Cache {
+        V4Cache::new(&self.cfg)
+    }
+
+    /// Runs the new tokens of every sequence (positions continue from each cache), extending
+    /// the caches, and returns each sequence's logits. Every row is computed independently of
+    /// the others except inside its own sequence's attention, so results do not depend on the
+    /// batch. On error every cache is left as it was.
     pub fn forward(
+        &self,
+        seqs: &mut [V4SeqInput<'_>],
+        experts: &dyn ExpertBackend,
+        mode: LogitsMode,
+        trace: Option<&mut V4Trace>,
+    ) -> Result<Vec<Matrix>> {
+        self.check(seqs)?;
+        let snapshot: Vec<V4Cache> = seqs.iter().map(|s| s.cache.clone()).collect();
+        let result = self.run(seqs, experts, mode, trace);
+        match result {
+            Ok(out) => {
+                for s in seqs.iter_mut() {
+                    s.cache.advance(s.tokens.len());
+                }
+                Ok(out)
+            }
+            Err(e) => {
+                for (s, snap) in seqs.iter_mut().zip(snapshot) {
+                    *s.cache = snap;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// One whole sequence from an empty cache, logits at every position.
+    pub fn forward_full(
         &self,
         tokens: &[u32],
         experts: &dyn ExpertBackend,
-        mut trace: Option<&mut V4Trace>,
+        trace: Option<&mut V4Trace>,
     ) -> Result<Matrix> {
-        self.check(tokens)?;
+        let mut cache = self.new_cache();
+        let mut seqs = [V4SeqInput {
+            tokens,
+            cache: &mut cache,
+        }];
+        let mut out = self.forward(&mut seqs, experts, LogitsMode::All, trace)?;
+        Ok(out.remove(0))
+    }
+
+    fn run(
+        &self,
+        seqs: &mut [V4SeqInput<'_>],
+        experts: &dyn ExpertBackend,
+        mode: LogitsMode,
+        mut trace: Option<&mut V4Trace>,
+    ) -> Result<Vec<Matrix>> {
         experts.begin_step();
-        let (hid, n, t) = (self.cfg.hidden_size, self.cfg.hc_mult, tokens.len());
+        let (hid, n) = (self.cfg.hidden_size, self.cfg.hc_mult);
         let eps = self.cfg.rms_norm_eps as f32;
+        let tokens: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+        let t = tokens.len();
+        // [t, n·hidden]: the embedding repeated into every stream.
         let mut x = Vec::with_capacity(t * n * hid);
-        for &tok in tokens {
+        for &tok in &tokens {
             let row = &self.embed[tok as usize * hid..][..hid];
             for _ in 0..n {
                 x.extend_from_slice(row);
@@ -173,27 +241,49 @@ impl V4Backbone {
                 .collect();
             tr.embed = Matrix::from_vec(t, hid, e);
         }
-        let main = self.main_rope.table(0..t);
-        let compress = self.compress_rope.table(0..t);
-        let entry_rope = |rate: usize| self.compress_rope.table((0..t / rate).map(|w| w * rate));
+        // Per sequence: (first row, rows, first position, main rope, compress rope).
+        let mut start = 0;
+        let spans: Vec<(usize, usize, usize, RopeTable, RopeTable)> = seqs
+            .iter()
+            .map(|s| {
+                let (p0, len) = (s.cache.len(), s.tokens.len());
+                let span = (
+                    start,
+                    len,
+                    p0,
+                    self.main_rope.table(p0..p0 + len),
+                    self.compress_rope.table(p0..p0 + len),
+                );
+                start += len;
+                span
+            })
+            .collect();
         for (l, layer) in self.layers.iter().enumerate() {
-            let (c, mix) = layer.attn_hc.pre(&x, t);
-            let mut a_in = c;
+            let (mut a_in, mix) = layer.attn_hc.pre(&x, t);
             kernels::rms_norm_rows(&mut a_in, &layer.attn_norm, eps);
-            let rope: &RopeTable = match layer.attn.kind {
-                AttnLayerType::Sliding => &main,
-                _ => &compress,
-            };
+            let mut a = Vec::with_capacity(t * hid);
             let mut at = AttnTrace::default();
-            let a = layer
-                .attn
-                .forward(&a_in, t, rope, &compress, &entry_rope, &mut at);
+            for (s, (first, len, p0, main, compress)) in seqs.iter_mut().zip(&spans) {
+                let rope = match layer.attn.kind {
+                    AttnLayerType::Sliding => main,
+                    _ => compress,
+                };
+                let tr = (seqs_len_one(&spans) && trace.is_some()).then_some(&mut at);
+                a.extend(layer.attn.forward(
+                    &a_in[first * hid..(first + len) * hid],
+                    (*len, *p0),
+                    &mut s.cache.layers[l],
+                    rope,
+                    compress,
+                    &self.compress_rope,
+                    tr,
+                ));
+            }
             x = hc::expand(&mix, &a, &x, n);
 
-            let (c, mix) = layer.ffn_hc.pre(&x, t);
-            let mut f_in = c;
+            let (mut f_in, mix) = layer.ffn_hc.pre(&x, t);
             kernels::rms_norm_rows(&mut f_in, &layer.ffn_norm, eps);
-            let routing = layer.gate.route(&f_in, tokens)?;
+            let routing = layer.gate.route(&f_in, &tokens)?;
             let xm = Matrix::from_vec(t, hid, f_in);
             let pending = experts.dispatch(l, &xm, &routing)?;
             // The shared expert runs while the routed ones are in flight; the wait comes after
@@ -226,6 +316,14 @@ impl V4Backbone {
                 }
             }
         }
+        // HC head, final norm and LM head on the rows that need logits.
+        let rows: Vec<usize> = spans
+            .iter()
+            .flat_map(|(first, len, ..)| match mode {
+                LogitsMode::All => *first..first + len,
+                LogitsMode::Last => first + len - 1..first + len,
+            })
+            .collect();
         let mut y = self.hc_head.forward(&x, t);
         if let Some(tr) = trace.as_deref_mut() {
             tr.hc_head = Matrix::from_vec(t, hid, y.clone());
@@ -234,9 +332,34 @@ impl V4Backbone {
         if let Some(tr) = trace {
             tr.final_norm = Matrix::from_vec(t, hid, y.clone());
         }
-        let logits = self.head.forward(&y, t);
-        Ok(Matrix::from_vec(t, self.cfg.vocab_size, logits))
+        let picked = Matrix::from_vec(t, hid, y).gather_rows(&rows);
+        let logits = self.head.forward(&picked.data, rows.len());
+        let vocab = self.cfg.vocab_size;
+        let mut out = Vec::with_capacity(seqs.len());
+        let mut offset = 0;
+        for (_, len, ..) in &spans {
+            let k = if mode == LogitsMode::All { *len } else { 1 };
+            out.push(Matrix::from_vec(
+                k,
+                vocab,
+                logits[offset * vocab..(offset + k) * vocab].to_vec(),
+            ));
+            offset += k;
+        }
+        Ok(out)
     }
+}
+
+/// Per-layer attention traces are recorded for single-sequence passes only.
+fn seqs_len_one<T>(spans: &[T]) -> bool {
+    spans.len() == 1
+}
+
+/// One sequence in a batch: its new tokens and its cache (positions continue from the cache).
+#[derive(Debug)]
+pub struct V4SeqInput<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut V4Cache,
 }
 
 /// The single-process V4 engine: backbone plus every routed expert held locally.
@@ -264,7 +387,22 @@ impl V4Model {
     }
 
     /// [`V4Backbone::forward`] with the local experts.
-    pub fn forward(&self, tokens: &[u32], trace: Option<&mut V4Trace>) -> Result<Matrix> {
-        self.backbone.forward(tokens, &self.experts, trace)
+    pub fn forward(
+        &self,
+        seqs: &mut [V4SeqInput<'_>],
+        mode: LogitsMode,
+        trace: Option<&mut V4Trace>,
+    ) -> Result<Vec<Matrix>> {
+        self.backbone.forward(seqs, &self.experts, mode, trace)
+    }
+
+    /// [`V4Backbone::forward_full`] with the local experts.
+    pub fn forward_full(&self, tokens: &[u32], trace: Option<&mut V4Trace>) -> Result<Matrix> {
+        self.backbone.forward_full(tokens, &self.experts, trace)
+    }
+
+    /// A fresh cache for one sequence.
+    pub fn new_cache(&self) -> V4Cache {
+        self.backbone.new_cache()
     }
 }
