@@ -9,6 +9,7 @@
 //! - [`rope`], [`attention`], [`compressor`]: shared-KV attention with sinks over a sliding window
 //!   and compressed entries (CSA with the lightning indexer, HCA).
 //! - [`cache`]: the per-sequence decode cache (window, compressor and indexer state).
+//! - [`preset`]: random-weight `tiny-v4` / `bench-v4` checkpoints.
 //! - [`model`]: the backbone and the batched forward pass over caches.
 //!
 //! Reference: transformers 5.24 `models/deepseek_v4`; `V4.md` of the golden fixtures.
@@ -23,6 +24,7 @@ pub mod gate;
 pub mod hc;
 pub mod model;
 pub mod names;
+pub mod preset;
 pub mod rope;
 mod validate;
 
