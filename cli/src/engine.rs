@@ -158,7 +158,7 @@ pub fn load_remote(
         None => None,
     };
     let experts = handle.block_on(moe_router::cluster::remote::connect_static(
-        &cfg,
+        &cfg.clone().into(),
         placement,
         addrs,
         remote.dispatch_options(),

@@ -2,7 +2,8 @@
 //! serve the routed experts of `tiny-dsv4` (clamped SwiGLU, loaded per (layer, expert) in the
 //! V4 spelling), and the V4 backbone in this process dispatches to them over the unchanged wire
 //! (f32). The logits of every golden prompt match the reference within 1e-3 and the 24-token
-//! greedy continuation of the chat prompt is the golden one.
+//! greedy continuation of the chat prompt is the golden one; `moe logits` gives the golden
+//! logits in-process and against the nodes.
 
 pub mod harness;
 
@@ -108,4 +109,84 @@ fn v4_experts_on_separate_nodes_reproduce_the_golden_logits() {
         next = vec![tok];
     }
     assert_eq!(got, want);
+}
+
+/// `moe logits` of every golden prompt with `extra` arguments, against the golden logits.
+fn moe_logits_diff(dir: &std::path::Path, extra: &[&str]) -> f32 {
+    let g = golden(MODEL);
+    let prompts: Vec<Vec<u64>> = g["prompts"]
+        .as_array()
+        .expect("prompts")
+        .iter()
+        .map(|p| ids(&p["ids"]))
+        .collect();
+    let prompts_file = dir.join("prompts.json");
+    std::fs::write(
+        &prompts_file,
+        serde_json::json!({ "prompts": prompts }).to_string(),
+    )
+    .expect("write");
+    let out_file = dir.join(format!("logits-{}.safetensors", extra.len()));
+    let model = fixture(MODEL);
+    let mut args = vec![
+        "logits",
+        "--model",
+        model.to_str().expect("utf8"),
+        "--prompts",
+        prompts_file.to_str().expect("utf8"),
+        "--out",
+        out_file.to_str().expect("utf8"),
+    ];
+    args.extend_from_slice(extra);
+    let out = moe(&args);
+    assert!(
+        out.status.success(),
+        "moe logits failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ours = f32_tensors(&out_file, |_| true);
+    let want = f32_tensors(&model.join("golden/golden_logits.safetensors"), |_| true);
+    assert_eq!(ours.len(), want.len());
+    want.iter()
+        .map(|(name, w)| {
+            let o = &ours[name];
+            assert_eq!(o.len(), w.len(), "{name}");
+            o.iter()
+                .zip(w)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max)
+        })
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn moe_logits_runs_v4_locally_and_against_expert_nodes() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let local = moe_logits_diff(dir.path(), &[]);
+    assert!(local <= 1e-3, "local: {local}");
+    let file = placement_file(dir.path(), 1, &["0-4:0-99", "0-4:100-383"]);
+    let f = file.to_str().expect("utf8");
+    let model = fixture(MODEL);
+    let nodes: Vec<Proc> = (0..2)
+        .map(|i| {
+            expert_node(
+                &model,
+                &["--placement", f, "--node-id", &format!("node-{i}")],
+            )
+        })
+        .collect();
+    let addrs = nodes
+        .iter()
+        .map(|n| n.addr.clone())
+        .collect::<Vec<_>>()
+        .join(",");
+    // With the placement file, and discovered from the nodes (Info).
+    for extra in [
+        vec!["--experts-at", &addrs, "--wire", "f32", "--placement", f],
+        vec!["--experts-at", &addrs, "--wire", "f32"],
+    ] {
+        let d = moe_logits_diff(dir.path(), &extra);
+        assert!(d <= 1e-3, "{extra:?}: {d}");
+    }
+    eprintln!("moe logits on tiny-dsv4: local {local}");
 }
