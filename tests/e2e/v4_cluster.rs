@@ -2,8 +2,8 @@
 //! serve the routed experts of `tiny-dsv4` (clamped SwiGLU, loaded per (layer, expert) in the
 //! V4 spelling), and the V4 backbone in this process dispatches to them over the unchanged wire
 //! (f32). The logits of every golden prompt match the reference within 1e-3 and the 24-token
-//! greedy continuation of the chat prompt is the golden one; `moe logits` gives the golden
-//! logits in-process and against the nodes.
+//! greedy continuation of the chat prompt is the golden one; `moe logits` and `moe generate`
+//! give the golden logits and greedy ids in-process and against the nodes.
 
 pub mod harness;
 
@@ -160,7 +160,7 @@ fn moe_logits_diff(dir: &std::path::Path, extra: &[&str]) -> f32 {
 }
 
 #[test]
-fn moe_logits_runs_v4_locally_and_against_expert_nodes() {
+fn moe_logits_and_generate_run_v4_locally_and_against_expert_nodes() {
     let dir = tempfile::tempdir().expect("tmp");
     let local = moe_logits_diff(dir.path(), &[]);
     assert!(local <= 1e-3, "local: {local}");
@@ -187,6 +187,40 @@ fn moe_logits_runs_v4_locally_and_against_expert_nodes() {
     ] {
         let d = moe_logits_diff(dir.path(), &extra);
         assert!(d <= 1e-3, "{extra:?}: {d}");
+    }
+    // `moe generate`: the golden 24-token greedy continuation, in-process and over the nodes.
+    let g = golden(MODEL);
+    for i in [1, 2] {
+        let prompt: Vec<String> = ids(&g["prompts"][i]["ids"])
+            .iter()
+            .map(u64::to_string)
+            .collect();
+        let want = ids(&g["results"][i]["generated_ids"]);
+        let prompt = prompt.join(",");
+        for extra in [vec![], vec!["--experts-at", &addrs, "--wire", "f32"]] {
+            let model_dir = model.to_str().expect("utf8");
+            let mut args = vec![
+                "generate",
+                "--model",
+                model_dir,
+                "--prompt-ids",
+                &prompt,
+                "--max-tokens",
+                "24",
+                "--ignore-eos",
+                "--json",
+            ];
+            args.extend_from_slice(&extra);
+            let out = moe(&args);
+            assert!(
+                out.status.success(),
+                "moe generate failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let v: serde_json::Value =
+                serde_json::from_slice(&out.stdout).expect("generate --json output");
+            assert_eq!(ids(&v["output_ids"]), want, "prompt_{i} {extra:?}");
+        }
     }
     eprintln!("moe logits on tiny-dsv4: local {local}");
 }

@@ -34,10 +34,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .with_context(|| format!("reading {}", a.prompts.display()))?;
     let prompts: Prompts = serde_json::from_str(&text)
         .with_context(|| format!("{}: expected {{\"prompts\": [[ids]]}}", a.prompts.display()))?;
-    let logits = if matches!(
-        moe_model::ModelConfig::from_dir(&a.model)?,
-        moe_model::ModelConfig::V4(_)
-    ) {
+    let logits = if crate::engine::is_v4(&a.model)? {
         v4_logits(&a, &prompts.prompts)?
     } else {
         v3_logits(&a, &prompts.prompts)?
@@ -58,44 +55,14 @@ fn v3_logits(a: &Args, prompts: &[Vec<u32>]) -> anyhow::Result<Vec<moe_model::Ma
 
 /// The V4 decoder over the prompts, with local experts or the nodes of `--experts-at`.
 fn v4_logits(a: &Args, prompts: &[Vec<u32>]) -> anyhow::Result<Vec<moe_model::Matrix>> {
-    use moe_model::v4::{V4Backbone, V4Model, V4SeqInput, model::open};
-    let forward = |backbone: &V4Backbone, experts: &dyn moe_model::ExpertBackend| {
-        let mut caches: Vec<_> = prompts.iter().map(|_| backbone.new_cache()).collect();
-        let mut seqs: Vec<V4SeqInput<'_>> = prompts
-            .iter()
-            .zip(caches.iter_mut())
-            .map(|(tokens, cache)| V4SeqInput { tokens, cache })
-            .collect();
-        backbone.forward(&mut seqs, experts, LogitsMode::All, None)
-    };
-    let Some(addrs) = a.remote.experts_at.clone() else {
-        let model = V4Model::load(&a.model)?;
-        return Ok(forward(&model.backbone, &model.experts)?);
-    };
-    let (cfg, ckpt) = open(&a.model)?;
-    let backbone = V4Backbone::load(&cfg, &ckpt)?;
-    let placement = match &a.remote.placement {
-        Some(file) => Some(moe_meta::Placement::from_file(
-            file,
-            &cfg.moe_layers(),
-            cfg.n_routed_experts,
-        )?),
-        None => None,
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let experts = rt.block_on(moe_router::cluster::remote::connect_static(
-        &cfg.clone().into(),
-        placement,
-        addrs,
-        a.remote.dispatch_options(),
-        rt.handle().clone(),
-    ))?;
-    let out = forward(&backbone, &experts)?;
-    drop(experts);
-    Ok(out)
+    let engine = crate::engine::V4Engine::load(&a.model, &a.remote)?;
+    let mut caches: Vec<_> = prompts.iter().map(|_| engine.new_cache()).collect();
+    let mut seqs: Vec<moe_model::v4::V4SeqInput<'_>> = prompts
+        .iter()
+        .zip(caches.iter_mut())
+        .map(|(tokens, cache)| moe_model::v4::V4SeqInput { tokens, cache })
+        .collect();
+    Ok(engine.forward(&mut seqs, LogitsMode::All)?)
 }
 
 fn write(a: &Args, logits: &[moe_model::Matrix]) -> anyhow::Result<()> {
