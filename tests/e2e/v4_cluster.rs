@@ -224,3 +224,20 @@ fn moe_logits_and_generate_run_v4_locally_and_against_expert_nodes() {
     }
     eprintln!("moe logits on tiny-dsv4: local {local}");
 }
+
+#[test]
+fn the_scheduler_commands_refuse_v4_with_a_clear_error() {
+    let model = fixture(MODEL);
+    let m = model.to_str().expect("utf8");
+    // The router is pointed at a port nobody listens on: it must refuse before dialling.
+    for args in [
+        vec!["serve", "--model", m],
+        vec!["router", "--model", m, "--experts-at", "127.0.0.1:9"],
+    ] {
+        let cmd = args[0];
+        let out = moe(&args);
+        assert!(!out.status.success(), "{cmd} accepted a V4 model");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("DeepSeek-V4 models run in"), "{cmd}: {err}");
+    }
+}
