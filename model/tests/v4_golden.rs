@@ -191,3 +191,29 @@ fn an_expert_pair_reads_only_its_own_tensors() {
     let err = experts::load_experts(&cfg, &ckpt, &[(5, 0)]).expect_err("no layer 5");
     assert!(matches!(err, ModelError::InvalidInput(_)), "{err}");
 }
+
+#[test]
+fn a_hash_table_listing_an_expert_twice_is_refused() {
+    let src = fixture(NAME);
+    let bytes = std::fs::read(src.join("model.safetensors")).expect("weights");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    let name = "model.layers.1.ffn.gate.tid2eid";
+    let mut table = st.tensor(name).expect("table").data().to_vec();
+    // Token 7's second expert := its first.
+    let row = 7 * 6 * 8;
+    let first: [u8; 8] = table[row..row + 8].try_into().expect("8 bytes");
+    table[row + 8..row + 16].copy_from_slice(&first);
+    let mut views: HashMap<String, safetensors::tensor::TensorView<'_>> =
+        st.tensors().into_iter().collect();
+    views.insert(
+        name.into(),
+        safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![512, 6], &table)
+            .expect("view"),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    safetensors::serialize_to_file(&views, None, &dir.path().join("model.safetensors"))
+        .expect("write");
+    std::fs::copy(src.join("config.json"), dir.path().join("config.json")).expect("config");
+    let err = V4Model::load(dir.path()).expect_err("duplicate expert");
+    assert!(err.to_string().contains("twice for token id 7"), "{err}");
+}

@@ -60,7 +60,18 @@ impl V4Gate {
         );
         let choice = if cfg.is_hash_layer(layer) {
             let name = names.layer(layer, "ffn.gate.tid2eid");
-            Choice::Hash(ckpt.read_index_table(&name, &[cfg.vocab_size, k], e)?)
+            let table = ckpt.read_index_table(&name, &[cfg.vocab_size, k], e)?;
+            // A token's experts must be distinct: a dispatch lists each expert once per token.
+            if let Some(tok) = (0..cfg.vocab_size).find(|&t| {
+                let row = &table[t * k..][..k];
+                (1..k).any(|i| row[..i].contains(&row[i]))
+            }) {
+                return Err(ModelError::Checkpoint {
+                    path: ckpt.dir().to_path_buf(),
+                    reason: format!("`{name}` lists an expert twice for token id {tok}"),
+                });
+            }
+            Choice::Hash(table)
         } else {
             Choice::Score(ckpt.read_f32(&names.layer(layer, "ffn.gate.bias"), &[e])?)
         };
