@@ -1,4 +1,4 @@
-//! DeepSeek-V4 attention (full-sequence form): shared-KV multi-query attention with sinks over a
+//! DeepSeek-V4 attention over a sequence's cache: shared-KV multi-query attention with sinks over a
 //! sliding window plus, on CSA/HCA layers, compressed entries.
 //!
 //! `qr = q_norm(x·Wq_a)`; `q = qr·Wq_b` per head `[nope | rope]`, weightless RMS per head, RoPE;

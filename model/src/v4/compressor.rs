@@ -1,4 +1,4 @@
-//! DeepSeek-V4's KV compressors and the lightning indexer (full-sequence form).
+//! DeepSeek-V4's KV compressors and the lightning indexer.
 //!
 //! A compressor turns every complete window of `m` tokens into one entry:
 //! `kv = x·Wkv`, `g = x·Wgate + ape[j]`, entry = `norm(Σ_j softmax_j(g) ⊙ kv_j)` (softmax per

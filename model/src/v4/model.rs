@@ -258,6 +258,8 @@ impl V4Backbone {
                 span
             })
             .collect();
+        // Compressed entries and indexer picks are traced for single-sequence passes only.
+        let record_attn = trace.is_some() && spans.len() == 1;
         for (l, layer) in self.layers.iter().enumerate() {
             let (mut a_in, mix) = layer.attn_hc.pre(&x, t);
             kernels::rms_norm_rows(&mut a_in, &layer.attn_norm, eps);
@@ -268,7 +270,7 @@ impl V4Backbone {
                     AttnLayerType::Sliding => main,
                     _ => compress,
                 };
-                let tr = (seqs_len_one(&spans) && trace.is_some()).then_some(&mut at);
+                let tr = record_attn.then_some(&mut at);
                 a.extend(layer.attn.forward(
                     &a_in[first * hid..(first + len) * hid],
                     (*len, *p0),
@@ -348,11 +350,6 @@ impl V4Backbone {
         }
         Ok(out)
     }
-}
-
-/// Per-layer attention traces are recorded for single-sequence passes only.
-fn seqs_len_one<T>(spans: &[T]) -> bool {
-    spans.len() == 1
 }
 
 /// One sequence in a batch: its new tokens and its cache (positions continue from the cache).
