@@ -161,11 +161,89 @@ pub fn load_remote(
         None => None,
     };
     let experts = handle.block_on(moe_router::cluster::remote::connect_static(
-        &cfg,
+        &cfg.clone().into(),
         placement,
         addrs,
         remote.dispatch_options()?,
         handle.clone(),
     ))?;
     Ok((backbone, experts))
+}
+
+/// A DeepSeek-V4 engine: the V4 backbone with its experts in this process or on expert nodes
+/// (`--experts-at`, placement from `--placement` or the nodes' Info). Fields drop in order: the
+/// clients before their runtime.
+pub struct V4Engine {
+    backbone: moe_model::v4::V4Backbone,
+    experts: Box<dyn moe_model::ExpertBackend>,
+    _rt: Option<tokio::runtime::Runtime>,
+}
+
+impl V4Engine {
+    /// Loads the V4 model in `dir`, locally or against expert nodes.
+    pub fn load(dir: &Path, remote: &RemoteArgs) -> anyhow::Result<V4Engine> {
+        use moe_model::v4::{V4Backbone, V4Model, model::open};
+        let Some(addrs) = remote.experts_at.clone() else {
+            let model = V4Model::load(dir).with_context(|| format!("loading {}", dir.display()))?;
+            return Ok(V4Engine {
+                backbone: model.backbone,
+                experts: Box::new(model.experts),
+                _rt: None,
+            });
+        };
+        let (cfg, ckpt) = open(dir)?;
+        let backbone = V4Backbone::load(&cfg, &ckpt)?;
+        let placement = match &remote.placement {
+            Some(file) => Some(Placement::from_file(
+                file,
+                &cfg.moe_layers(),
+                cfg.n_routed_experts,
+            )?),
+            None => None,
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let experts = rt.block_on(moe_router::cluster::remote::connect_static(
+            &cfg.clone().into(),
+            placement,
+            addrs,
+            remote.dispatch_options()?,
+            rt.handle().clone(),
+        ))?;
+        Ok(V4Engine {
+            backbone,
+            experts: Box::new(experts),
+            _rt: Some(rt),
+        })
+    }
+
+    /// The model configuration.
+    pub fn config(&self) -> &moe_model::v4::V4Config {
+        self.backbone.config()
+    }
+
+    /// A fresh cache.
+    pub fn new_cache(&self) -> moe_model::v4::V4Cache {
+        self.backbone.new_cache()
+    }
+
+    /// One forward pass.
+    pub fn forward(
+        &self,
+        seqs: &mut [moe_model::v4::V4SeqInput<'_>],
+        mode: LogitsMode,
+    ) -> moe_model::Result<Vec<Matrix>> {
+        self.backbone
+            .forward(seqs, self.experts.as_ref(), mode, None)
+    }
+}
+
+/// Whether the model in `dir` is a DeepSeek-V4 one.
+pub fn is_v4(dir: &Path) -> anyhow::Result<bool> {
+    Ok(matches!(
+        moe_model::ModelConfig::from_dir(dir)?,
+        moe_model::ModelConfig::V4(_)
+    ))
 }

@@ -47,6 +47,7 @@ fn done(bar: Option<ProgressBar>, dir: &Path, total: u64, start: Instant, what: 
 
 /// Loads the single-process model from `dir`.
 pub fn load_model(dir: &Path) -> anyhow::Result<Model> {
+    refuse_v4(dir)?;
     let start = Instant::now();
     let total =
         Model::load_bytes(dir).with_context(|| format!("opening model {}", dir.display()))?;
@@ -57,8 +58,22 @@ pub fn load_model(dir: &Path) -> anyhow::Result<Model> {
     Ok(model)
 }
 
+/// The scheduler (`moe serve`, `moe router`, `moe up`) runs V3-family models only so far.
+fn refuse_v4(dir: &Path) -> anyhow::Result<()> {
+    if crate::engine::is_v4(dir).unwrap_or(false) {
+        anyhow::bail!(
+            "{}: DeepSeek-V4 models run in `moe logits`, `moe generate` and `moe expert-node` so \
+             far; the batching scheduler of `moe serve`, `moe router` and `moe up` does not \
+             serve them yet",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 /// Loads everything but the routed experts (the router's part).
 pub fn load_backbone(dir: &Path) -> anyhow::Result<Backbone> {
+    refuse_v4(dir)?;
     let start = Instant::now();
     let (cfg, mut ckpt) = open(dir).with_context(|| format!("opening model {}", dir.display()))?;
     let total = ckpt.selected_bytes(&TensorFilter::Backbone {

@@ -10,7 +10,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use moe_model::checkpoint::Checkpoint;
 use moe_model::moe::run_experts;
-use moe_model::{Config, ExpertStore, Matrix, ModelError};
+use moe_model::{ExpertStore, Matrix, ModelConfig, ModelError};
 use moe_proto::pb;
 
 use crate::validate::Job;
@@ -27,7 +27,7 @@ struct Hosted {
 #[derive(Debug)]
 pub struct ExpertNode {
     pub id: String,
-    cfg: Config,
+    cfg: ModelConfig,
     ckpt: Option<Arc<Checkpoint>>,
     /// Hosts experts by name only (the fleet simulator's nodes): loads read nothing.
     weightless: bool,
@@ -52,9 +52,9 @@ impl ExpertNode {
         pairs: &[(usize, usize)],
         versions: BTreeSet<u64>,
     ) -> Result<ExpertNode, ModelError> {
-        let cfg = Config::from_dir(dir)?;
-        let ckpt = Arc::new(Checkpoint::open(dir, cfg.fp8_block())?);
-        let store = ExpertStore::load(&cfg, &ckpt, pairs)?;
+        let cfg = ModelConfig::from_dir(dir)?;
+        let ckpt = Arc::new(cfg.open_checkpoint(dir)?);
+        let store = cfg.load_experts(&ckpt, pairs)?;
         tracing::info!(node = %id, experts = pairs.len(), bytes = ckpt.bytes_read(), "experts loaded");
         let mut node = ExpertNode::from_store(id, cfg, store, pairs, versions);
         node.ckpt = Some(ckpt);
@@ -64,7 +64,7 @@ impl ExpertNode {
     /// A node over experts already in memory (no checkpoint to load more from).
     pub fn from_store(
         id: String,
-        cfg: Config,
+        cfg: impl Into<ModelConfig>,
         store: ExpertStore,
         pairs: &[(usize, usize)],
         versions: BTreeSet<u64>,
@@ -73,6 +73,7 @@ impl ExpertNode {
         for &(l, e) in pairs {
             hosted.entry(l).or_default().insert(e);
         }
+        let cfg = cfg.into();
         let fingerprint = cfg.fingerprint();
         ExpertNode {
             id,
@@ -96,7 +97,7 @@ impl ExpertNode {
     /// A node that hosts experts by name only: [`ExpertNode::load_pairs`] records the pairs and
     /// reads no weights, so it "loads" instantly (the fleet simulator's nodes, which exercise
     /// membership and placement at fleet size; a compute on one finds no weights and fails).
-    pub fn weightless(id: String, cfg: Config) -> ExpertNode {
+    pub fn weightless(id: String, cfg: impl Into<ModelConfig>) -> ExpertNode {
         let mut node =
             ExpertNode::from_store(id, cfg, ExpertStore::default(), &[], BTreeSet::new());
         node.weightless = true;
@@ -113,7 +114,7 @@ impl ExpertNode {
     }
 
     /// The model configuration.
-    pub fn config(&self) -> &Config {
+    pub fn config(&self) -> &ModelConfig {
         &self.cfg
     }
 
@@ -166,7 +167,7 @@ impl ExpertNode {
         let ckpt = self.ckpt.as_ref().ok_or_else(|| {
             ModelError::InvalidInput("this node has no checkpoint to load experts from".into())
         })?;
-        let loaded = ExpertStore::load(&self.cfg, ckpt, pairs);
+        let loaded = self.cfg.load_experts(ckpt, pairs);
         // The load's staging buffers (read, widened, packed) are freed by now, whatever it gave.
         crate::memory::release_to_os();
         let loaded = loaded?;
@@ -274,8 +275,8 @@ impl ExpertNode {
         let st = self.read();
         pb::InfoResponse {
             node_id: self.id.clone(),
-            hidden_size: self.cfg.hidden_size as u32,
-            n_routed_experts: self.cfg.moe().map_or(0, |m| m.n_routed_experts as u32),
+            hidden_size: self.cfg.hidden_size() as u32,
+            n_routed_experts: self.cfg.n_routed_experts() as u32,
             moe_layers: self
                 .cfg
                 .moe_layers()

@@ -58,7 +58,7 @@ pub fn validate(req: &DispatchRequest, node: &ExpertNode) -> Result<Job, Status>
     if t == 0 || t > MAX_TOKENS {
         return inv(format!("num_tokens must be in 1..={MAX_TOKENS}, got {t}"));
     }
-    let h = cfg.hidden_size;
+    let h = cfg.hidden_size();
     let want = tensor::payload_len(dtype, t, h);
     if req.hidden.len() != want {
         return inv(format!(
@@ -91,7 +91,7 @@ pub fn validate(req: &DispatchRequest, node: &ExpertNode) -> Result<Job, Status>
         ));
     }
     let weights = tensor::decode(&req.weights, Dtype::F32);
-    let n_experts = cfg.moe().map_or(0, |m| m.n_routed_experts);
+    let n_experts = cfg.n_routed_experts();
     for tok in 0..t {
         let range = req.offsets[tok] as usize..req.offsets[tok + 1] as usize;
         for i in range.clone() {

@@ -30,7 +30,7 @@ fn check(req: &DispatchRequest) -> Result<(), TestCaseError> {
     match validate(req, &node) {
         Ok(job) => {
             prop_assert_eq!(job.hidden.rows, req.num_tokens as usize);
-            prop_assert_eq!(job.hidden.cols, node.config().hidden_size);
+            prop_assert_eq!(job.hidden.cols, node.config().hidden_size());
             prop_assert!(job.hidden.data.iter().all(|v| v.is_finite()));
             prop_assert_eq!(job.assignments.offsets.len(), job.hidden.rows + 1);
         }

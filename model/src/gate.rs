@@ -101,7 +101,11 @@ impl Gate {
 }
 
 /// Indices of the `k` largest `values` among `candidates` (ties: lower index first).
-fn top_indices(values: &[f32], candidates: impl Iterator<Item = usize>, k: usize) -> Vec<usize> {
+pub(crate) fn top_indices(
+    values: &[f32],
+    candidates: impl Iterator<Item = usize>,
+    k: usize,
+) -> Vec<usize> {
     let mut idx: Vec<usize> = candidates.collect();
     let cmp = |a: &usize, b: &usize| values[*b].total_cmp(&values[*a]).then(a.cmp(b));
     if idx.len() > k {

@@ -8,6 +8,9 @@
 //! - [`gate`], [`mlp`], [`moe`]: the router gate, dense/expert FFNs and the expert-backend seam
 //!   that the distributed router plugs into.
 //! - [`model`]: the backbone (everything but routed experts) and the full forward pass.
+//! - [`family`]: V3-family or V4 config, as the expert side and control plane see it.
+//! - [`v4`]: the DeepSeek-V4 sibling (config, checkpoint names, hyper-connections, compressed
+//!   attention, hash / sqrt-softplus gate) over the same kernels and expert seam.
 //! - [`sampling`], [`presets`]: token sampling and random-weight checkpoints for tests/benchmarks.
 
 mod absorb;
@@ -16,6 +19,7 @@ pub mod cache;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod family;
 pub mod gate;
 pub mod kernels;
 pub mod mlp;
@@ -25,10 +29,12 @@ pub mod presets;
 pub mod rope;
 pub mod sampling;
 pub mod tensor;
+pub mod v4;
 
 pub use cache::{KvCacheDtype, KvDtype, KvLayout, KvPool, SeqCache};
 pub use config::Config;
 pub use error::{DispatchClass, ModelError, Result};
+pub use family::ModelConfig;
 pub use model::{Backbone, LoadOptions, LogitsMode, Model, SeqInput, Trace};
 pub use moe::{Assignments, ExpertBackend, ExpertStore, LocalExperts, PendingExperts};
 pub use tensor::Matrix;

@@ -1,6 +1,7 @@
 //! SwiGLU feed-forward blocks: dense MLP layers, shared experts and routed experts all compute
 //! `down(silu(gate(x)) * up(x))`. `gate_proj` and `up_proj` are fused into one weight so a
-//! batch needs two GEMMs, not three.
+//! batch needs two GEMMs, not three. DeepSeek-V4 blocks carry a `swiglu_limit` L and compute
+//! `down(silu(min(gate, L)) * clamp(up, -L, L))` instead (routed and shared experts alike).
 
 use crate::checkpoint::{Checkpoint, WeightData, fp8};
 use crate::error::Result;
@@ -13,6 +14,8 @@ pub struct Mlp {
     gate_up: Linear,
     down: Linear,
     inter: usize,
+    /// DeepSeek-V4's `swiglu_limit` (`None`: plain SwiGLU).
+    limit: Option<f32>,
 }
 
 /// Stacks two `[rows, cols]` weights vertically, keeping the common representation.
@@ -84,7 +87,41 @@ impl Mlp {
             gate_up: Linear::new(concat_rows(gate, up, inter, hidden), 2 * inter, hidden),
             down: Linear::new(down, hidden, inter),
             inter,
+            limit: None,
         })
+    }
+
+    /// Loads a DeepSeek-V4 block in the official spelling, `{prefix}.{w1,w3,w2}.weight` (gate,
+    /// up, down), clamped at `limit`.
+    pub fn load_clamped(
+        ckpt: &Checkpoint,
+        prefix: &str,
+        hidden: usize,
+        inter: usize,
+        limit: f32,
+    ) -> Result<Mlp> {
+        let gate = ckpt.read_weight(&format!("{prefix}.w1.weight"), &[inter, hidden])?;
+        let up = ckpt.read_weight(&format!("{prefix}.w3.weight"), &[inter, hidden])?;
+        let down = ckpt.read_weight(&format!("{prefix}.w2.weight"), &[hidden, inter])?;
+        Ok(Mlp::from_weights(gate, up, down, hidden, inter).with_limit(Some(limit)))
+    }
+
+    /// The same block with the SwiGLU clamp set (or removed).
+    pub fn with_limit(mut self, limit: Option<f32>) -> Mlp {
+        self.limit = limit;
+        self
+    }
+
+    /// The SwiGLU clamp, if any.
+    pub fn limit(&self) -> Option<f32> {
+        self.limit
+    }
+
+    fn activate(&self, gu: &[f32], h: &mut [f32]) {
+        match self.limit {
+            Some(l) => kernels::silu_mul_clamped(gu, self.inter, l, h),
+            None => kernels::silu_mul(gu, self.inter, h),
+        }
     }
 
     /// Builds a block from weights (`gate`/`up`: `[inter, hidden]`, `down`: `[hidden, inter]`).
@@ -99,6 +136,7 @@ impl Mlp {
             gate_up: Linear::new(concat_rows(gate, up, inter, hidden), 2 * inter, hidden),
             down: Linear::new(down, hidden, inter),
             inter,
+            limit: None,
         }
     }
 
@@ -106,7 +144,7 @@ impl Mlp {
     pub fn forward(&self, x: &[f32], t: usize) -> Vec<f32> {
         let gu = self.gate_up.forward(x, t);
         let mut h = vec![0.0f32; t * self.inter];
-        kernels::silu_mul(&gu, self.inter, &mut h);
+        self.activate(&gu, &mut h);
         self.down.forward(&h, t)
     }
 
@@ -136,7 +174,7 @@ pub fn forward_many(mlps: &[&Mlp], inputs: &[Matrix]) -> Vec<Vec<f32>> {
         .zip(inputs)
         .map(|((m, g), x)| {
             let mut h = vec![0.0f32; x.rows * m.inter];
-            kernels::silu_mul(g, m.inter, &mut h);
+            m.activate(g, &mut h);
             h
         })
         .collect();

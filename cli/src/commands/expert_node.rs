@@ -81,12 +81,12 @@ impl Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let cfg = moe_model::Config::from_dir(&a.model)
+    let cfg = moe_model::ModelConfig::from_dir(&a.model)
         .with_context(|| format!("reading {}", a.model.display()))?;
-    let n_experts = cfg
-        .moe()
-        .map(|m| m.n_routed_experts)
-        .context("the model has no routed experts")?;
+    let n_experts = cfg.n_routed_experts();
+    if n_experts == 0 {
+        bail!("the model has no routed experts");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

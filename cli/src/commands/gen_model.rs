@@ -3,13 +3,34 @@
 use std::path::PathBuf;
 
 use moe_model::presets::{GenDtype, Preset, write_preset};
+use moe_model::v4::preset::{V4Preset, write_v4_preset};
+
+/// A DeepSeek-V3-layout or a DeepSeek-V4 preset.
+#[derive(Debug, Clone, Copy)]
+pub enum AnyPreset {
+    V3(Preset),
+    V4(V4Preset),
+}
+
+impl std::str::FromStr for AnyPreset {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(p) = s.parse::<V4Preset>() {
+            return Ok(AnyPreset::V4(p));
+        }
+        s.parse::<Preset>()
+            .map(AnyPreset::V3)
+            .map_err(|e| format!("{e}; or tiny-v4, bench-v4 (DeepSeek-V4)"))
+    }
+}
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// `tiny` (the shape of the golden test model), `bench` (1B parameters, 256 experts), or
-    /// `tiny-129k` / `bench-129k`: the same with DeepSeek's 129,280-token vocabulary.
+    /// `tiny` (the shape of the golden test model), `bench` (1B parameters, 256 experts),
+    /// `tiny-129k` / `bench-129k`: the same with DeepSeek's 129,280-token vocabulary; or
+    /// DeepSeek-V4: `tiny-v4` (the shape of the V4 golden model), `bench-v4` (V4-Flash-like, 1B).
     #[arg(long, default_value = "tiny")]
-    preset: Preset,
+    preset: AnyPreset,
     /// Output directory (created if missing).
     #[arg(long)]
     out: PathBuf,
@@ -23,7 +44,10 @@ pub struct Args {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let start = std::time::Instant::now();
-    write_preset(a.preset, &a.out, a.seed, a.dtype)?;
+    match a.preset {
+        AnyPreset::V3(p) => write_preset(p, &a.out, a.seed, a.dtype)?,
+        AnyPreset::V4(p) => write_v4_preset(p, &a.out, a.seed, a.dtype)?,
+    }
     tracing::info!(out = %a.out.display(), preset = ?a.preset, secs = format!("{:.1}", start.elapsed().as_secs_f64()), "model written");
     Ok(())
 }

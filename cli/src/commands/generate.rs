@@ -1,4 +1,5 @@
 //! `moe generate`: prompt in, continuation out; experts in this process or on expert nodes.
+//! DeepSeek-V4 models (`model_type: deepseek_v4`) run through the V4 decoder and its cache.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -55,6 +56,47 @@ pub struct Args {
     remote: crate::engine::RemoteArgs,
 }
 
+/// One sequence's engine and cache, of either family.
+enum Stepper {
+    V3(Box<crate::engine::Engine>, moe_model::SeqCache),
+    V4(Box<crate::engine::V4Engine>, moe_model::v4::V4Cache),
+}
+
+impl Stepper {
+    fn load(dir: &std::path::Path, remote: &crate::engine::RemoteArgs) -> anyhow::Result<Self> {
+        Ok(if crate::engine::is_v4(dir)? {
+            let e = crate::engine::V4Engine::load(dir, remote)?;
+            let cache = e.new_cache();
+            Stepper::V4(Box::new(e), cache)
+        } else {
+            let e = crate::engine::Engine::load(dir, remote)?;
+            let cache = e.new_cache();
+            Stepper::V3(Box::new(e), cache)
+        })
+    }
+
+    fn eos(&self) -> Vec<u32> {
+        match self {
+            Stepper::V3(e, _) => e.config().eos_token_ids(),
+            Stepper::V4(e, _) => e.config().eos_token_ids(),
+        }
+    }
+
+    /// Feeds `tokens` and returns the last position's logits.
+    fn step(&mut self, tokens: &[u32]) -> moe_model::Result<moe_model::Matrix> {
+        let mut out = match self {
+            Stepper::V3(e, cache) => {
+                e.forward(&mut [SeqInput { tokens, cache }], LogitsMode::Last)?
+            }
+            Stepper::V4(e, cache) => e.forward(
+                &mut [moe_model::v4::V4SeqInput { tokens, cache }],
+                LogitsMode::Last,
+            )?,
+        };
+        Ok(out.remove(0))
+    }
+}
+
 pub fn run(a: Args) -> anyhow::Result<()> {
     let params = SamplingParams {
         temperature: a.temperature,
@@ -83,24 +125,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if prompt_ids.is_empty() {
         bail!("the prompt is empty");
     }
-    let model = crate::engine::Engine::load(&model_dir, &a.remote)?;
-    let eos = model.config().eos_token_ids();
+    let mut step = Stepper::load(&model_dir, &a.remote)?;
+    let eos = step.eos();
     let mut sampler = Sampler::new(params);
-    let mut cache = model.new_cache();
     let mut output = Vec::with_capacity(a.max_tokens);
     let mut next = prompt_ids.clone();
     let start = Instant::now();
     let mut first_token = None;
     let mut step_logits: Vec<Vec<f32>> = Vec::new();
     while output.len() < a.max_tokens {
-        let mut seqs = [SeqInput {
-            tokens: &next,
-            cache: &mut cache,
-        }];
-        let logits = model
-            .forward(&mut seqs, LogitsMode::Last)
-            .context("forward pass")?
-            .remove(0);
+        let logits = step.step(&next).context("forward pass")?;
         if a.logits {
             step_logits.push(logits.data.clone());
         }

@@ -1,4 +1,6 @@
-//! `moe logits`: logits at every position of every prompt, as float32 safetensors.
+//! `moe logits`: logits at every position of every prompt, as float32 safetensors. DeepSeek-V4
+//! models (`model_type: deepseek_v4`) run through the V4 decoder, locally or against expert
+//! nodes (`--experts-at`), the same way.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -32,15 +34,38 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .with_context(|| format!("reading {}", a.prompts.display()))?;
     let prompts: Prompts = serde_json::from_str(&text)
         .with_context(|| format!("{}: expected {{\"prompts\": [[ids]]}}", a.prompts.display()))?;
+    let logits = if crate::engine::is_v4(&a.model)? {
+        v4_logits(&a, &prompts.prompts)?
+    } else {
+        v3_logits(&a, &prompts.prompts)?
+    };
+    write(&a, &logits)
+}
+
+fn v3_logits(a: &Args, prompts: &[Vec<u32>]) -> anyhow::Result<Vec<moe_model::Matrix>> {
     let model = crate::engine::Engine::load(&a.model, &a.remote)?;
-    let mut caches: Vec<_> = prompts.prompts.iter().map(|_| model.new_cache()).collect();
+    let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
     let mut seqs: Vec<SeqInput<'_>> = prompts
-        .prompts
         .iter()
         .zip(caches.iter_mut())
         .map(|(tokens, cache)| SeqInput { tokens, cache })
         .collect();
-    let logits = model.forward(&mut seqs, LogitsMode::All)?;
+    Ok(model.forward(&mut seqs, LogitsMode::All)?)
+}
+
+/// The V4 decoder over the prompts, with local experts or the nodes of `--experts-at`.
+fn v4_logits(a: &Args, prompts: &[Vec<u32>]) -> anyhow::Result<Vec<moe_model::Matrix>> {
+    let engine = crate::engine::V4Engine::load(&a.model, &a.remote)?;
+    let mut caches: Vec<_> = prompts.iter().map(|_| engine.new_cache()).collect();
+    let mut seqs: Vec<moe_model::v4::V4SeqInput<'_>> = prompts
+        .iter()
+        .zip(caches.iter_mut())
+        .map(|(tokens, cache)| moe_model::v4::V4SeqInput { tokens, cache })
+        .collect();
+    Ok(engine.forward(&mut seqs, LogitsMode::All)?)
+}
+
+fn write(a: &Args, logits: &[moe_model::Matrix]) -> anyhow::Result<()> {
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = logits
         .iter()
         .enumerate()

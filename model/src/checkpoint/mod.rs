@@ -378,6 +378,36 @@ impl Checkpoint {
     }
 }
 
+impl Checkpoint {
+    /// Reads an integer table (`I64` or `I32`, e.g. DeepSeek-V4's `tid2eid`) as `u32`; every
+    /// entry must lie in `0..bound`.
+    pub fn read_index_table(&self, name: &str, shape: &[usize], bound: usize) -> Result<Vec<u32>> {
+        let (entry, bytes) = self.raw(name, shape)?;
+        let values: Vec<i64> = match entry.dtype {
+            Dtype::I64 => bytes
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+                .collect(),
+            Dtype::I32 => bytes
+                .chunks_exact(4)
+                .map(|b| i64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+                .collect(),
+            other => return Err(Self::unsupported(name, other)),
+        };
+        if let Some((i, v)) = values
+            .iter()
+            .enumerate()
+            .find(|(_, v)| **v < 0 || **v as u64 >= bound as u64)
+        {
+            return Err(ModelError::Checkpoint {
+                path: self.files[entry.file].0.clone(),
+                reason: format!("tensor `{name}` holds {v} at element {i}, outside 0..{bound}"),
+            });
+        }
+        Ok(values.into_iter().map(|v| v as u32).collect())
+    }
+}
+
 /// bf16 bits to f32 (exact).
 #[inline]
 pub fn bf16_to_f32(bits: u16) -> f32 {

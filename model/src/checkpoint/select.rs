@@ -15,9 +15,17 @@ pub enum TensorKind {
     Global,
 }
 
-/// Classifies a tensor name.
+/// Classifies a tensor name: V3 (`model.layers.L.mlp.experts.E.*`) and DeepSeek-V4, HF-saved
+/// (`model.layers.L.ffn.experts.E.*`) or official (`layers.L.ffn.experts.E.*`). V4's official
+/// MTP tensors (`mtp.*`) count as a layer past every model's last, so no filter selects them.
 pub fn classify(name: &str) -> TensorKind {
-    let Some(rest) = name.strip_prefix("model.layers.") else {
+    if name.starts_with("mtp.") {
+        return TensorKind::Layer { layer: usize::MAX };
+    }
+    let Some(rest) = name
+        .strip_prefix("model.layers.")
+        .or_else(|| name.strip_prefix("layers."))
+    else {
         return TensorKind::Global;
     };
     let Some((layer, rest)) = rest.split_once('.') else {
@@ -26,7 +34,9 @@ pub fn classify(name: &str) -> TensorKind {
     let Ok(layer) = layer.parse() else {
         return TensorKind::Global;
     };
-    if let Some(rest) = rest.strip_prefix("mlp.experts.")
+    if let Some(rest) = rest
+        .strip_prefix("mlp.experts.")
+        .or_else(|| rest.strip_prefix("ffn.experts."))
         && let Some((expert, _)) = rest.split_once('.')
         && let Ok(expert) = expert.parse()
     {
@@ -87,6 +97,23 @@ mod tests {
             TensorKind::Layer { layer: 0 }
         );
         assert_eq!(classify("lm_head.weight"), TensorKind::Global);
+        for v4 in [
+            "model.layers.2.ffn.experts.300.w1.weight",
+            "layers.2.ffn.experts.300.w2.weight",
+        ] {
+            assert_eq!(
+                classify(v4),
+                TensorKind::RoutedExpert {
+                    layer: 2,
+                    expert: 300
+                }
+            );
+        }
+        assert_eq!(
+            classify("layers.2.ffn.shared_experts.w1.weight"),
+            TensorKind::Layer { layer: 2 }
+        );
+        assert!(!TensorFilter::All { num_layers: 61 }.matches("mtp.0.attn.wq_a.weight"));
     }
 
     #[test]

@@ -169,6 +169,13 @@ impl Config {
             reason: e.to_string(),
         };
         let value: serde_json::Value = serde_json::from_str(text).map_err(read)?;
+        if value.get("model_type").and_then(|v| v.as_str()) == Some("deepseek_v4") {
+            return Err(ModelError::InvalidConfig(
+                "model_type `deepseek_v4` is the DeepSeek-V4 layout: load it with \
+                 `moe_model::v4::V4Config`"
+                    .into(),
+            ));
+        }
         let cfg: Config = serde_json::from_value(compat::normalize(value)?).map_err(read)?;
         cfg.validate()?;
         Ok(cfg)

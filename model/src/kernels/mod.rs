@@ -70,6 +70,18 @@ pub fn silu_mul(gu: &[f32], inter: usize, out: &mut [f32]) {
     }
 }
 
+/// `silu(min(g, limit)) * clamp(u, -limit, limit)` (DeepSeek-V4's clamped SwiGLU; the gate has
+/// no lower clamp), where `gu` rows are `[gate | up]` of width `2 * inter`; writes `[rows, inter]`.
+pub fn silu_mul_clamped(gu: &[f32], inter: usize, limit: f32, out: &mut [f32]) {
+    for (row, o) in gu.chunks_exact(2 * inter).zip(out.chunks_exact_mut(inter)) {
+        let (g, u) = row.split_at(inter);
+        for i in 0..inter {
+            let gi = g[i].min(limit);
+            o[i] = gi / (1.0 + exp(-gi)) * u[i].clamp(-limit, limit);
+        }
+    }
+}
+
 /// Numerically stable softmax in place.
 pub fn softmax(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -123,6 +135,24 @@ mod tests {
         assert!(exp(-1000.0) < 1e-37 && exp(-1000.0) >= 0.0);
         assert!(exp(1000.0).is_finite() && exp(1000.0) > 1e38);
         assert_eq!(exp(0.0), 1.0);
+    }
+
+    #[test]
+    fn clamped_swiglu_clamps_gate_above_and_up_both_ways() {
+        // [gate | up] rows of width 2 * 3.
+        let gu = [5.0f32, -5.0, 1.0, 4.0, -4.0, 0.5];
+        let mut out = [0.0f32; 3];
+        silu_mul_clamped(&gu, 3, 2.5, &mut out);
+        let silu = |x: f32| x / (1.0 + (-x).exp());
+        let expect = [silu(2.5) * 2.5, silu(-5.0) * -2.5, silu(1.0) * 0.5];
+        for (o, e) in out.iter().zip(expect) {
+            assert!((o - e).abs() < 1e-6, "{out:?} vs {expect:?}");
+        }
+        // A limit above every value is plain SwiGLU.
+        let mut plain = [0.0f32; 3];
+        silu_mul(&gu, 3, &mut plain);
+        silu_mul_clamped(&gu, 3, 100.0, &mut out);
+        assert_eq!(out, plain);
     }
 
     #[test]

@@ -179,10 +179,11 @@ impl Preset {
     }
 }
 
+/// A tensor's initialisation: normal(mean, std).
 #[derive(Debug, Clone, Copy)]
-struct Init {
-    mean: f32,
-    std: f32,
+pub(crate) struct Init {
+    pub(crate) mean: f32,
+    pub(crate) std: f32,
 }
 
 /// Every tensor of a DeepSeek-V3 checkpoint for `cfg`, with its initialisation.
@@ -328,7 +329,7 @@ fn tensors(cfg: &Config, preset: Preset) -> Vec<(String, Vec<usize>, Init, bool)
 }
 
 /// FNV-1a, to derive a per-tensor seed from its name.
-fn name_hash(name: &str) -> u64 {
+pub(crate) fn name_hash(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
     })
@@ -336,12 +337,46 @@ fn name_hash(name: &str) -> u64 {
 
 const CHUNK: usize = 1 << 16;
 
-/// One tensor, generated when the writer asks for its bytes.
-struct Lazy {
-    shape: Vec<usize>,
-    dtype: Dtype,
-    init: Init,
-    seed: u64,
+/// One tensor, generated when the writer asks for its bytes: normal values (`F32`/`BF16`), or
+/// (`I64`) rows of `k` distinct ids below `table` (DeepSeek-V4's `tid2eid`).
+pub(crate) struct Lazy {
+    pub(crate) shape: Vec<usize>,
+    pub(crate) dtype: Dtype,
+    pub(crate) init: Init,
+    pub(crate) seed: u64,
+    pub(crate) table: usize,
+}
+
+impl Lazy {
+    fn elem_size(&self) -> usize {
+        match self.dtype {
+            Dtype::BF16 => 2,
+            Dtype::I64 => 8,
+            _ => 4,
+        }
+    }
+
+    fn table_bytes(&self) -> Vec<u8> {
+        use rand::Rng;
+        let k = self.shape.last().copied().unwrap_or(1);
+        let rows = self.shape.iter().product::<usize>() / k.max(1);
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+        let mut out = Vec::with_capacity(rows * k * 8);
+        let mut row = Vec::with_capacity(k);
+        for _ in 0..rows {
+            row.clear();
+            while row.len() < k.min(self.table) {
+                let e = rng.random_range(0..self.table) as i64;
+                if !row.contains(&e) {
+                    row.push(e);
+                }
+            }
+            for e in &row {
+                out.extend_from_slice(&e.to_le_bytes());
+            }
+        }
+        out
+    }
 }
 
 impl View for &Lazy {
@@ -352,8 +387,11 @@ impl View for &Lazy {
         &self.shape
     }
     fn data(&self) -> Cow<'_, [u8]> {
+        if self.dtype == Dtype::I64 {
+            return Cow::Owned(self.table_bytes());
+        }
         let n: usize = self.shape.iter().product();
-        let size = if self.dtype == Dtype::BF16 { 2 } else { 4 };
+        let size = self.elem_size();
         let mut bytes = vec![0u8; n * size];
         let dist =
             Normal::new(self.init.mean, self.init.std).unwrap_or_else(|_| unreachable!("std >= 0"));
@@ -376,7 +414,7 @@ impl View for &Lazy {
         Cow::Owned(bytes)
     }
     fn data_len(&self) -> usize {
-        self.shape.iter().product::<usize>() * if self.dtype == Dtype::BF16 { 2 } else { 4 }
+        self.shape.iter().product::<usize>() * self.elem_size()
     }
 }
 
@@ -385,27 +423,34 @@ const TOKENIZER_CONFIG: &str = include_str!("../../assets/tokenizer/tokenizer_co
 const SPECIAL_TOKENS: &str = include_str!("../../assets/tokenizer/special_tokens_map.json");
 const GENERATION_CONFIG: &str = include_str!("../../assets/tokenizer/generation_config.json");
 
-/// Writes a complete model directory for `preset` into `out` (created if needed).
-pub fn write_preset(preset: Preset, out: &Path, seed: u64, dtype: GenDtype) -> Result<()> {
+/// Writes `config.json` (`config`), the tokenizer files for `vocab` ids and the tensors
+/// `(name, shape, init, keep_f32)` (plus integer `tables`: `(name, shape, bound)`) of a model
+/// directory into `out` (created if needed); weights are bf16 unless `dtype` is f32 or the
+/// tensor is kept in f32.
+pub(crate) fn write_dir(
+    out: &Path,
+    config: &serde_json::Value,
+    vocab: usize,
+    tensors: Vec<(String, Vec<usize>, Init, bool)>,
+    tables: Vec<(String, Vec<usize>, usize)>,
+    (seed, dtype): (u64, GenDtype),
+) -> Result<()> {
     let werr = |path: &Path, e: &dyn std::fmt::Display| ModelError::Write {
         path: path.into(),
         reason: e.to_string(),
     };
     std::fs::create_dir_all(out).map_err(|e| werr(out, &e))?;
-    let cfg = preset.config(dtype);
-    cfg.validate()?;
-    let json = serde_json::to_value(&cfg).map_err(|e| werr(out, &e))?;
     let files = [
         (
             "config.json",
-            serde_json::to_string_pretty(&json).map_err(|e| werr(out, &e))?,
+            serde_json::to_string_pretty(config).map_err(|e| werr(out, &e))?,
         ),
         (
             "tokenizer.json",
-            if cfg.vocab_size == 512 {
+            if vocab == 512 {
                 TOKENIZER.to_string()
             } else {
-                tokenizer::extend(TOKENIZER, cfg.vocab_size)?
+                tokenizer::extend(TOKENIZER, vocab)?
             },
         ),
         ("tokenizer_config.json", TOKENIZER_CONFIG.to_string()),
@@ -416,7 +461,8 @@ pub fn write_preset(preset: Preset, out: &Path, seed: u64, dtype: GenDtype) -> R
         let path = out.join(name);
         std::fs::write(&path, text).map_err(|e| werr(&path, &e))?;
     }
-    let lazies: Vec<(String, Lazy)> = tensors(&cfg, preset)
+    let tensor_seed = |name: &str| seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ name_hash(name);
+    let mut lazies: Vec<(String, Lazy)> = tensors
         .into_iter()
         .map(|(name, shape, init, keep_f32)| {
             let dtype = if keep_f32 || dtype == GenDtype::F32 {
@@ -424,7 +470,7 @@ pub fn write_preset(preset: Preset, out: &Path, seed: u64, dtype: GenDtype) -> R
             } else {
                 Dtype::BF16
             };
-            let seed = seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ name_hash(&name);
+            let seed = tensor_seed(&name);
             (
                 name,
                 Lazy {
@@ -432,14 +478,49 @@ pub fn write_preset(preset: Preset, out: &Path, seed: u64, dtype: GenDtype) -> R
                     dtype,
                     init,
                     seed,
+                    table: 0,
                 },
             )
         })
         .collect();
+    for (name, shape, bound) in tables {
+        let seed = tensor_seed(&name);
+        lazies.push((
+            name,
+            Lazy {
+                shape,
+                dtype: Dtype::I64,
+                init: Init {
+                    mean: 0.0,
+                    std: 0.0,
+                },
+                seed,
+                table: bound,
+            },
+        ));
+    }
     let path = out.join("model.safetensors");
     let views = lazies.iter().map(|(n, l)| (n.as_str(), l));
     safetensors::serialize_to_file(views, None, &path).map_err(|e| werr(&path, &e))?;
     Ok(())
+}
+
+/// Writes a complete model directory for `preset` into `out` (created if needed).
+pub fn write_preset(preset: Preset, out: &Path, seed: u64, dtype: GenDtype) -> Result<()> {
+    let cfg = preset.config(dtype);
+    cfg.validate()?;
+    let json = serde_json::to_value(&cfg).map_err(|e| ModelError::Write {
+        path: out.into(),
+        reason: e.to_string(),
+    })?;
+    write_dir(
+        out,
+        &json,
+        cfg.vocab_size,
+        tensors(&cfg, preset),
+        Vec::new(),
+        (seed, dtype),
+    )
 }
 
 #[cfg(test)]

@@ -34,6 +34,8 @@ pub fn read_golden(name: &str, file: &str) -> Golden {
         let (rows, cols) = match shape.as_slice() {
             [r, c] => (*r, *c),
             [r] => (*r, 1),
+            // DeepSeek-V4's residual streams `[len, hc_mult, hidden]`, flattened per token.
+            [r, c, d] => (*r, c * d),
             _ => panic!("unexpected golden shape {shape:?}"),
         };
         match v.dtype() {

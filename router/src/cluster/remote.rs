@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use moe_meta::{NodeEntry, Placement, PlacementError};
-use moe_model::Config;
+use moe_model::ModelConfig;
 use tokio::runtime::Handle;
 
 use crate::dispatch::{DispatchError, ExpertClient};
@@ -32,13 +32,13 @@ pub enum RemoteError {
 /// Builds the placement from what each node at `addrs` says it hosts.
 pub async fn placement_from_nodes(
     addrs: &[String],
-    cfg: &Config,
+    cfg: &ModelConfig,
     opts: &DispatchOptions,
 ) -> Result<Placement, RemoteError> {
-    let n = cfg
-        .moe()
-        .map(|m| m.n_routed_experts)
-        .ok_or(RemoteError::NotMoe)?;
+    let n = cfg.n_routed_experts();
+    if n == 0 {
+        return Err(RemoteError::NotMoe);
+    }
     let mut nodes = Vec::new();
     for addr in addrs {
         let client = ExpertClient::spawn(addr.clone(), opts.max_message_bytes, opts.tls.clone());
@@ -71,7 +71,7 @@ pub async fn placement_from_nodes(
 /// Connects to the static nodes at `addrs` (node i of the placement is the i-th address),
 /// with `placement` or the one discovered from the nodes, and waits until they are ready.
 pub async fn connect_static(
-    cfg: &Config,
+    cfg: &ModelConfig,
     placement: Option<Placement>,
     addrs: Vec<String>,
     opts: DispatchOptions,
@@ -88,7 +88,7 @@ pub async fn connect_static(
         });
     }
     let n = addrs.len();
-    let experts = RemoteExperts::new(placement, addrs, cfg.hidden_size, opts, handle);
+    let experts = RemoteExperts::new(placement, addrs, cfg.hidden_size(), opts, handle);
     experts
         .ready(STATIC_READY_WITHIN, Some(&cfg.fingerprint()))
         .await?;
