@@ -18,6 +18,7 @@ use moe_expert_node::ExpertNode;
 use moe_expert_node::membership::{MemberConfig, run_member};
 use moe_meta::records::{self, Keys, PlacementRecord, RouterRecord};
 use moe_meta::store::MetaStore;
+use moe_meta::store::placements::{Slot, read_whole};
 use moe_meta::store::memory::{Clock, MemStore};
 use moe_router::cluster::{FollowConfig, follow};
 use moe_router::{DispatchOptions, RemoteExperts};
@@ -291,8 +292,7 @@ impl World {
 
     /// The active placement, read without counting.
     pub async fn active(&self) -> Option<PlacementRecord> {
-        let kv = self.mem.get(&self.keys.active()).await.ok()??;
-        records::decode_or_skip(&kv.key, &kv.value)
+        read_whole(&self.mem, &self.keys, Slot::Active).await.ok()?
     }
 
     /// Whether the fleet has converged on the running nodes: the active placement names exactly
