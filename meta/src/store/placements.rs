@@ -165,3 +165,79 @@ pub async fn read_whole(
             _ => None,
         }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::wire::encode_wire;
+    use crate::records::{PlacedNode, encode};
+    use crate::store::memory::MemStore;
+    use crate::store::mirror::mirror;
+    use crate::store::wait_until;
+
+    fn rec(version: u64, nodes: usize) -> Resolved {
+        let nodes = (0..nodes)
+            .map(|i| PlacedNode {
+                id: format!("n{i}"),
+                addr: format!("n{i}:1"),
+                experts: (0..40u16).map(|e| (3, e * 3 + i as u16)).collect(),
+                shares: vec![],
+            })
+            .collect();
+        Resolved::new(PlacementRecord { version, nodes })
+    }
+
+    #[tokio::test]
+    async fn deltas_apply_to_what_is_held_and_a_newcomer_reads_the_whole_record() {
+        let store: Arc<dyn MetaStore> = Arc::new(MemStore::start());
+        let keys = Keys::new("t");
+        let mut snap = mirror(store.clone(), keys.placement());
+        let mut feed = PlacementFeed::new(store.clone(), keys.clone());
+        let (a, b) = (rec(1, 20), rec(2, 19));
+        let put = |k: String, v: Vec<u8>| {
+            let s = store.clone();
+            async move { s.put(&k, v, None).await.expect("put") }
+        };
+        put(keys.full_active(), a.bytes.to_vec()).await;
+        let rev = put(keys.active(), encode_wire(&a, None)).await;
+        assert!(wait_until(&mut snap, |s| s.revision >= rev).await);
+        assert!(feed.update(&snap.borrow_and_update()).await);
+        assert_eq!(feed.active().map(|r| r.digest), Some(a.digest));
+        // The pending as a delta against the active: no whole-record read.
+        put(keys.full_pending(), b.bytes.to_vec()).await;
+        let wire = encode_wire(&b, Some(&a));
+        assert!(wire.len() * 4 < b.bytes.len(), "{}", wire.len());
+        let rev = put(keys.pending(), wire).await;
+        assert!(wait_until(&mut snap, |s| s.revision >= rev).await);
+        assert!(feed.update(&snap.borrow_and_update()).await);
+        assert_eq!(feed.pending().map(|r| r.record.clone()), Some(b.record.clone()));
+        assert_eq!(feed.full_reads, 0);
+        // Promoted: a few bytes against the pending, applied without a read.
+        put(keys.full_active(), b.bytes.to_vec()).await;
+        let promote = encode_wire(&b, Some(&b));
+        assert!(promote.len() < 64, "{}", promote.len());
+        put(keys.active(), promote).await;
+        store.delete(&keys.full_pending()).await.expect("delete");
+        store.delete(&keys.pending()).await.expect("delete");
+        assert!(wait_until(&mut snap, |s| !s.entries.contains_key(&keys.pending())).await);
+        assert!(feed.update(&snap.borrow_and_update()).await);
+        assert_eq!(feed.active().map(|r| r.digest), Some(b.digest));
+        assert!(feed.pending().is_none());
+        assert_eq!(feed.full_reads, 0);
+        // A newcomer lacks the base: it reads the whole active once.
+        let mut fresh = PlacementFeed::new(store.clone(), keys.clone());
+        assert!(fresh.update(&snap.borrow()).await);
+        assert_eq!(fresh.active().map(|r| r.digest), Some(b.digest));
+        assert_eq!(fresh.full_reads, 1);
+        // A previous coordinator's format-2 record is taken whole and marked legacy.
+        let rev = put(keys.active(), encode(&*a.record)).await;
+        assert!(wait_until(&mut snap, |s| s.revision >= rev).await);
+        assert!(feed.update(&snap.borrow_and_update()).await);
+        assert!(feed.active().is_some_and(|r| r.legacy && r.digest == a.digest));
+        assert_eq!(
+            read_whole(store.as_ref(), &keys, Slot::Active).await.expect("read"),
+            Some((*b.record).clone())
+        );
+        assert_eq!(read_whole(store.as_ref(), &keys, Slot::Pending).await.expect("read"), None);
+    }
+}
