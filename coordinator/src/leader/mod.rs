@@ -282,7 +282,10 @@ async fn lead(
                             && active.as_ref().is_none_or(|a| p.version > a.version) =>
                     {
                         tracing::info!(version = p.version, "resuming the pending placement");
-                        (p, false)
+                        // One a coordinator of the previous format left is written again in
+                        // this format (its acks went where this one does not read them).
+                        let legacy = store.get(&cfg.keys.full_pending()).await?.is_none();
+                        (p, legacy)
                     }
                     _ => {
                         let version = active
