@@ -127,7 +127,10 @@ mod tests {
         assert_eq!((back.router.as_str(), back.window_ms), ("r", 60_000));
         let max = f64::from(*counts.iter().max().expect("some"));
         for (&a, &b) in counts.iter().zip(&back.layers[0].1) {
-            assert!((f64::from(a) - f64::from(b)).abs() <= max / 65_535.0 + 1.0, "{a} {b}");
+            assert!(
+                (f64::from(a) - f64::from(b)).abs() <= max / 65_535.0 + 1.0,
+                "{a} {b}"
+            );
         }
         assert_eq!(back.layers[1], (4, vec![0; 256]));
         let summary: LoadSummary = decode_as(LOAD_FORMAT, "k", &bytes).expect("summary");

@@ -92,7 +92,11 @@ pub fn diff(base: &[u8], next: &[u8]) -> Vec<Edit> {
         let here = next.get(i..i + BLOCK);
         let at = here.and_then(|w| {
             let fits = base.get(expect..expect + BLOCK) == Some(w);
-            if fits { Some(expect) } else { index.get(w).copied() }
+            if fits {
+                Some(expect)
+            } else {
+                index.get(w).copied()
+            }
         });
         match at {
             Some(from) => {
@@ -204,8 +208,9 @@ mod tests {
         let nodes = (0..nodes)
             .filter(|&i| Some(i) != skip)
             .map(|i| {
-                let mut experts: Vec<(u16, u16)> =
-                    (0..58u16).map(|l| (l + 3, (i as u16 * 7 + l) % 256)).collect();
+                let mut experts: Vec<(u16, u16)> = (0..58u16)
+                    .map(|l| (l + 3, (i as u16 * 7 + l) % 256))
+                    .collect();
                 if Some(i) == extra {
                     experts.push((61, 0));
                 }
@@ -265,6 +270,13 @@ mod tests {
         );
         // Edits outside the base are refused, not panicked on.
         assert!(patch(b"abc", &[Edit::Copy { from: 2, len: 5 }]).is_none());
-        assert_eq!(patch(b"abc", &[Edit::Copy { from: 1, len: 2 }, Edit::Insert(b"x".to_vec())]).as_deref(), Some(&b"bcx"[..]));
+        assert_eq!(
+            patch(
+                b"abc",
+                &[Edit::Copy { from: 1, len: 2 }, Edit::Insert(b"x".to_vec())]
+            )
+            .as_deref(),
+            Some(&b"bcx"[..])
+        );
     }
 }

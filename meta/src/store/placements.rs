@@ -125,8 +125,9 @@ impl PlacementFeed {
     async fn read_full(&mut self, key: &str) -> Option<Resolved> {
         self.full_reads += 1;
         match self.store.get(key).await {
-            Ok(Some(kv)) => records::decode_or_skip::<PlacementRecord>(key, &kv.value)
-                .map(Resolved::new),
+            Ok(Some(kv)) => {
+                records::decode_or_skip::<PlacementRecord>(key, &kv.value).map(Resolved::new)
+            }
             Ok(None) => None,
             Err(e) => {
                 tracing::warn!(%key, error = %e, "cannot read the whole placement");
@@ -210,7 +211,10 @@ mod tests {
         let rev = put(keys.pending(), wire).await;
         assert!(wait_until(&mut snap, |s| s.revision >= rev).await);
         assert!(feed.update(&snap.borrow_and_update()).await);
-        assert_eq!(feed.pending().map(|r| r.record.clone()), Some(b.record.clone()));
+        assert_eq!(
+            feed.pending().map(|r| r.record.clone()),
+            Some(b.record.clone())
+        );
         assert_eq!(feed.full_reads, 0);
         // Promoted: a few bytes against the pending, applied without a read.
         put(keys.full_active(), b.bytes.to_vec()).await;
@@ -233,11 +237,21 @@ mod tests {
         let rev = put(keys.active(), encode(&*a.record)).await;
         assert!(wait_until(&mut snap, |s| s.revision >= rev).await);
         assert!(feed.update(&snap.borrow_and_update()).await);
-        assert!(feed.active().is_some_and(|r| r.legacy && r.digest == a.digest));
+        assert!(
+            feed.active()
+                .is_some_and(|r| r.legacy && r.digest == a.digest)
+        );
         assert_eq!(
-            read_whole(store.as_ref(), &keys, Slot::Active).await.expect("read"),
+            read_whole(store.as_ref(), &keys, Slot::Active)
+                .await
+                .expect("read"),
             Some((*b.record).clone())
         );
-        assert_eq!(read_whole(store.as_ref(), &keys, Slot::Pending).await.expect("read"), None);
+        assert_eq!(
+            read_whole(store.as_ref(), &keys, Slot::Pending)
+                .await
+                .expect("read"),
+            None
+        );
     }
 }

@@ -36,7 +36,10 @@ pub struct Published {
 }
 
 /// Per layer the rates (tokens per second of the window) and the token count.
-fn rates(covered: Duration, layers: &BTreeMap<usize, Vec<u32>>) -> BTreeMap<usize, (Vec<f64>, u64)> {
+fn rates(
+    covered: Duration,
+    layers: &BTreeMap<usize, Vec<u32>>,
+) -> BTreeMap<usize, (Vec<f64>, u64)> {
     let secs = covered.as_secs_f64().max(1e-3);
     layers
         .iter()
@@ -50,7 +53,12 @@ fn rates(covered: Duration, layers: &BTreeMap<usize, Vec<u32>>) -> BTreeMap<usiz
 impl Published {
     /// Whether a window of `now` must be published at `at` (see the module's rule), given
     /// `refresh`, the longest time between publications.
-    pub fn due(&self, at: Instant, refresh: Duration, now: &BTreeMap<usize, (Vec<f64>, u64)>) -> bool {
+    pub fn due(
+        &self,
+        at: Instant,
+        refresh: Duration,
+        now: &BTreeMap<usize, (Vec<f64>, u64)>,
+    ) -> bool {
         let Some(last) = self.at else { return true };
         if at >= last + refresh || self.layers.len() != now.len() {
             return true;
@@ -65,7 +73,9 @@ impl Published {
             }
             let top = r.iter().chain(r0).copied().fold(0.0, f64::max);
             r.len() != r0.len()
-                || r.iter().zip(r0).any(|(a, b)| (a - b).abs() > RATE_DRIFT * top)
+                || r.iter()
+                    .zip(r0)
+                    .any(|(a, b)| (a - b).abs() > RATE_DRIFT * top)
         })
     }
 }
@@ -103,7 +113,11 @@ pub async fn publish_loads(
         layers: layers.into_iter().map(|(l, c)| (l as u16, c)).collect(),
     };
     match store
-        .put(&cfg.keys.load(&cfg.id), records::encode_load(&rec), Some(lease))
+        .put(
+            &cfg.keys.load(&cfg.id),
+            records::encode_load(&rec),
+            Some(lease),
+        )
         .await
     {
         Ok(_) => {
@@ -126,7 +140,10 @@ mod tests {
         let t0 = Instant::now();
         let refresh = Duration::from_secs(60);
         let first = window(vec![6000, 600, 60, 0]);
-        assert!(Published::default().due(t0, refresh, &first), "nothing published yet");
+        assert!(
+            Published::default().due(t0, refresh, &first),
+            "nothing published yet"
+        );
         let p = Published {
             at: Some(t0),
             layers: first.clone(),
