@@ -22,7 +22,8 @@ pub struct ClusterArgs {
     /// Lease TTL of registrations and leadership, milliseconds.
     #[arg(long, env = "MOE_LEASE_TTL_MS", default_value_t = 3000)]
     pub lease_ttl_ms: u64,
-    /// Routers: how often to publish token counts per (layer, expert), milliseconds.
+    /// Routers: how often to check the token counts per (layer, expert) and publish them if
+    /// they drifted (at least every 12 checks), milliseconds.
     #[arg(long, env = "MOE_LOAD_PUBLISH_MS", default_value_t = 5000)]
     pub load_publish_ms: u64,
     /// CA bundle (PEM) that verifies the etcd members' certificates (`https://` endpoints).

@@ -24,6 +24,10 @@ pub const ROLLOUT_SECONDS: &str = "moe_placement_rollout_seconds_total";
 pub const EXCLUDED_NODES: &str = "moe_placement_excluded_nodes";
 /// Load-driven rounds that changed the placement.
 pub const REBALANCE_ROUNDS: &str = "moe_rebalance_rounds_total";
+/// Failures that stopped load rebalancing, by `reason`.
+pub const REBALANCE_ERRORS: &str = "moe_coordinator_rebalance_errors_total";
+/// Wall time of the last round's re-placements, summed over its layers.
+pub const REBALANCE_COMPUTE: &str = "moe_coordinator_rebalance_compute_seconds";
 /// Balancedness per layer under the smoothed load, by `layer`.
 pub const LAYER_BALANCEDNESS: &str = "moe_layer_balancedness";
 
@@ -102,6 +106,21 @@ pub fn render(status: &CoordinatorStatus) -> String {
         c,
         "Load-driven rebalance rounds that changed the placement.",
         s.rebalance_rounds as f64,
+    );
+    let _ = writeln!(
+        out,
+        "# HELP {REBALANCE_ERRORS} Failures that stopped (part of) a load rebalancing round, by reason.\n# TYPE {REBALANCE_ERRORS} counter"
+    );
+    for reason in crate::leader::REBALANCE_ERROR_REASONS {
+        let n = s.rebalance_errors.get(reason).copied().unwrap_or(0);
+        let _ = writeln!(out, "{REBALANCE_ERRORS}{{reason=\"{reason}\"}} {n}");
+    }
+    sample(
+        &mut out,
+        REBALANCE_COMPUTE,
+        g,
+        "Wall time the last rebalancing round spent re-placing layers (off the async runtime).",
+        s.rebalance_compute.values().sum(),
     );
     let _ = writeln!(
         out,

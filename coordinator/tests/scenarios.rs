@@ -39,8 +39,8 @@ async fn membership_changes_failover_and_leader_loss() {
     covers_twice(&first);
     assert!(!s2.borrow().leading, "one leader");
 
-    // Settled: every node has acknowledged, and then nothing writes (acks live under the
-    // placement prefix every node watches; re-writing them would wake the others for ever).
+    // Settled: every node has acknowledged, and then nothing writes (a node writes each ack
+    // once per term; re-writing them would keep the coordinator busy for ever).
     let mut settled = w.acked(first.version, 4).await;
     for _ in 0..100 {
         if settled.0 {

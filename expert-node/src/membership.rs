@@ -7,13 +7,21 @@
 //! keeps its lease while etcd is unreachable; only a lease etcd says is gone makes it register
 //! again (acks are written under the lease, so none is written meanwhile). Its id is
 //! [`claim`]ed: a second live process with the same id is refused.
+//!
+//! The placement comes through a [`PlacementFeed`] (deltas applied to the record held, the whole
+//! record read only when the base is missing). Acks go to `acks/<node>`, outside the
+//! `placement/` prefix every node and router watches, so a rollout's thousand acks reach the
+//! coordinator alone; a record a coordinator of the previous format wrote is acknowledged
+//! where that coordinator reads acks.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use moe_meta::records::{self, AckRecord, Keys, NodeRecord, PlacementRecord, RouterRecord};
+use moe_meta::records::wire::Resolved;
+use moe_meta::records::{self, AckRecord, Keys, NodeRecord, RouterRecord};
 use moe_meta::store::mirror::{Snapshot, mirror};
+use moe_meta::store::placements::PlacementFeed;
 use moe_meta::store::register::{Term, TermError, claim, hold};
 use moe_meta::store::{MetaStore, StoreError};
 use tokio::sync::watch;
@@ -31,11 +39,6 @@ pub struct MemberConfig {
     pub lease_ttl: Duration,
 }
 
-fn placement(snap: &Snapshot, key: &str) -> Option<PlacementRecord> {
-    let kv = snap.entries.get(key)?;
-    records::decode_or_skip(key, &kv.value)
-}
-
 /// Lowest placement version any router reports (None: no router registered).
 fn min_router_version(snap: &Snapshot) -> Option<u64> {
     snap.entries
@@ -50,22 +53,23 @@ async fn reconcile(
     node: &Arc<ExpertNode>,
     store: &Arc<dyn MetaStore>,
     cfg: &MemberConfig,
-    placements: &Snapshot,
+    feed: &PlacementFeed,
     routers: &Snapshot,
     lease: i64,
+    last_ack: &mut Option<(String, Vec<u8>)>,
 ) -> Result<Option<u64>, StoreError> {
-    let active = placement(placements, &cfg.keys.active());
-    let pending = placement(placements, &cfg.keys.pending());
+    let active = feed.active();
+    let pending = feed.pending();
     let mut desired: BTreeSet<(usize, usize)> = BTreeSet::new();
     for p in [&active, &pending].into_iter().flatten() {
-        desired.extend(p.pairs_of(&node.id));
+        desired.extend(p.record.pairs_of(&node.id));
     }
     let hosted = node.hosted();
     let missing: Vec<(usize, usize)> = desired.difference(&hosted).copied().collect();
     let newest_rec = [&pending, &active]
         .into_iter()
         .flatten()
-        .max_by_key(|p| p.version);
+        .max_by_key(|p| p.record.version);
     if !missing.is_empty() {
         let n = node.clone();
         let loaded = tokio::task::spawn_blocking(move || n.load_pairs(&missing)).await;
@@ -80,16 +84,16 @@ async fn reconcile(
             if let Some(rec) = newest_rec {
                 let ack = AckRecord {
                     error: Some(why),
-                    ..AckRecord::loaded(rec)
+                    ..AckRecord::loaded(&rec.record)
                 };
-                write_ack(store, cfg, placements, &node.id, &ack, lease).await?;
+                write_ack(store, cfg, rec, &node.id, &ack, lease, last_ack).await?;
             }
             return Ok(None);
         }
     }
     // Serve every version from the oldest one a router may still use up to the newest.
-    let active_v = active.as_ref().map(|p| p.version);
-    let newest = pending.as_ref().map(|p| p.version).max(active_v);
+    let active_v = active.as_ref().map(|p| p.record.version);
+    let newest = pending.as_ref().map(|p| p.record.version).max(active_v);
     if let Some(newest) = newest {
         let oldest = min_router_version(routers).map_or(active_v.unwrap_or(newest), |r| {
             r.min(active_v.unwrap_or(newest))
@@ -98,15 +102,8 @@ async fn reconcile(
     }
     // Acknowledge the newest record (its experts are all here).
     if let Some(rec) = newest_rec {
-        write_ack(
-            store,
-            cfg,
-            placements,
-            &node.id,
-            &AckRecord::loaded(rec),
-            lease,
-        )
-        .await?;
+        let ack = AckRecord::loaded(&rec.record);
+        write_ack(store, cfg, rec, &node.id, &ack, lease, last_ack).await?;
     }
     let acked = newest;
     // Unload what no placement needs once every router routes with the active version. A node
@@ -114,7 +111,7 @@ async fn reconcile(
     // it holds: the coordinator gives it back without loading anything.
     let named = active
         .as_ref()
-        .is_some_and(|a| a.nodes.iter().any(|n| n.id == node.id));
+        .is_some_and(|a| a.record.nodes.iter().any(|n| n.id == node.id));
     if let Some(av) = active_v
         && named
         && pending.is_none()
@@ -126,22 +123,26 @@ async fn reconcile(
     Ok(acked)
 }
 
-/// Writes `ack` unless that very ack is in the store under this lease already: acks live under
-/// the watched placement prefix, so writing one again would wake every node to write theirs
-/// again, without end.
+/// Writes `ack` of `rec` unless this term wrote that very ack already (`last`): an ack of a
+/// legacy record goes where its coordinator reads them, under the watched placement prefix,
+/// where writing one again would wake every node to write theirs again, without end.
 async fn write_ack(
     store: &Arc<dyn MetaStore>,
     cfg: &MemberConfig,
-    placements: &Snapshot,
+    rec: &Resolved,
     id: &str,
     ack: &AckRecord,
     lease: i64,
+    last: &mut Option<(String, Vec<u8>)>,
 ) -> Result<(), StoreError> {
-    let key = cfg.keys.ack(id);
-    let rec = records::encode(ack);
-    let stored = placements.entries.get(&key);
-    if stored.is_none_or(|kv| kv.lease != lease || kv.value != rec) {
-        store.put(&key, rec, Some(lease)).await?;
+    let key = match rec.legacy {
+        true => cfg.keys.legacy_ack(id),
+        false => cfg.keys.ack(id),
+    };
+    let value = records::encode(ack);
+    if last.as_ref() != Some(&(key.clone(), value.clone())) {
+        store.put(&key, value.clone(), Some(lease)).await?;
+        *last = Some((key, value));
     }
     Ok(())
 }
@@ -193,14 +194,17 @@ async fn run_term(
     )
     .await?;
     tracing::info!(node = %node.id, lease = term.lease, "registered");
-    // What the last successful reconcile saw: the placement prefix also holds every node's
-    // ack, and those alone change nothing here.
+    // What the last successful reconcile saw (with both placements resolved): a router
+    // re-reporting the same version changes nothing here.
     let mut done: Option<(i64, i64, i64)> = None;
+    let mut feed = PlacementFeed::new(store.clone(), cfg.keys.clone());
+    let mut last_ack = None;
     loop {
         let (p, r) = (
             placements.borrow_and_update().clone(),
             routers.borrow_and_update().clone(),
         );
+        let current = p.revision > 0 && feed.update(&p).await;
         let rev = |key: &str| p.entries.get(key).map_or(0, |kv| kv.mod_revision);
         let seen = (
             rev(&cfg.keys.active()),
@@ -208,8 +212,9 @@ async fn run_term(
             r.revision,
         );
         if p.revision > 0 && done != Some(seen) {
-            match reconcile(node, store, cfg, &p, &r, term.lease).await {
-                Ok(Some(_)) => done = Some(seen),
+            match reconcile(node, store, cfg, &feed, &r, term.lease, &mut last_ack).await {
+                Ok(Some(_)) if current => done = Some(seen),
+                Ok(Some(_)) => {}
                 Ok(None) => {}
                 // The keeper reports the loss; nothing to do under this lease meanwhile.
                 Err(StoreError::LeaseGone(_)) => std::future::pending::<()>().await,
@@ -223,6 +228,8 @@ async fn run_term(
             r = routers.changed() => if r.is_err() {
                 return Err(TermError::Retry("router mirror closed".into()));
             },
+            // A placement the feed could not resolve (the store did not answer): again soon.
+            _ = tokio::time::sleep(Duration::from_millis(500)), if p.revision > 0 && !current => {}
         }
     }
 }

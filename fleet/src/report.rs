@@ -41,6 +41,9 @@ pub struct Report {
     /// Rollouts the coordinator started during the scenario.
     pub rollouts: u64,
     pub largest_list_bytes: u64,
+    /// Gets and lists, and their bytes (not watch deliveries).
+    pub reads: u64,
+    pub bytes_read: u64,
     pub keep_alives: u64,
     pub refused_too_large: u64,
     pub refused_no_space: u64,
@@ -99,6 +102,8 @@ impl Report {
             max_node_share: s.max_node_share,
             rollouts,
             largest_list_bytes: counts.largest_list_bytes,
+            reads: counts.reads,
+            bytes_read: counts.bytes_read,
             keep_alives: counts.keep_alives,
             refused_too_large: counts.refused_too_large,
             refused_no_space: counts.refused_no_space,
@@ -128,12 +133,13 @@ pub fn table(reports: &[Report]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<16} {:>9} {:>11} {:>11} {:>11} {:>10} {:>9} {:>10} {:>9} {:>8} {:>8} {:>6} {:>7}",
+        "{:<16} {:>9} {:>11} {:>11} {:>11} {:>11} {:>10} {:>9} {:>10} {:>9} {:>8} {:>8} {:>6} {:>7}",
         "scenario",
         "writes",
         "written",
         "events",
         "delivered",
+        "read",
         "largest",
         "writes/s",
         "written/s",
@@ -152,12 +158,13 @@ pub fn table(reports: &[Report]) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<16} {:>9} {:>11} {:>11} {:>11} {:>10} {:>9.1} {:>10} {:>9} {:>7.1}s {:>8.3} {:>6} {:>7}",
+            "{:<16} {:>9} {:>11} {:>11} {:>11} {:>11} {:>10} {:>9.1} {:>10} {:>9} {:>7.1}s {:>8.3} {:>6} {:>7}",
             r.scenario,
             r.writes,
             bytes(r.bytes_written as f64),
             r.events_delivered,
             bytes(r.bytes_delivered as f64),
+            bytes(r.bytes_read as f64),
             bytes(r.largest_value_bytes as f64),
             r.writes_per_s,
             format!("{}/s", bytes(r.bytes_written_per_s)),

@@ -63,6 +63,10 @@ pub struct Counts {
     pub largest_value_bytes: u64,
     /// Largest list answer (key and value bytes): what a client's decode limit must allow.
     pub largest_list_bytes: u64,
+    /// Gets and lists answered, and their key and value bytes (what readers pull rather than
+    /// watch: the whole placement read by a process that lacks a delta's base, re-lists).
+    pub reads: u64,
+    pub bytes_read: u64,
     /// Lease refreshes (not writes to the key space).
     pub keep_alives: u64,
     /// Writes refused for size (`--max-request-bytes`).
@@ -84,6 +88,8 @@ impl Counts {
             bytes_delivered: self.bytes_delivered - before.bytes_delivered,
             largest_value_bytes: self.largest_value_bytes,
             largest_list_bytes: self.largest_list_bytes,
+            reads: self.reads - before.reads,
+            bytes_read: self.bytes_read - before.bytes_read,
             keep_alives: self.keep_alives - before.keep_alives,
             refused_too_large: self.refused_too_large - before.refused_too_large,
             refused_no_space: self.refused_no_space - before.refused_no_space,
@@ -100,6 +106,8 @@ struct Counters {
     bytes_delivered: AtomicU64,
     largest_value: AtomicU64,
     largest_list: AtomicU64,
+    reads: AtomicU64,
+    bytes_read: AtomicU64,
     keep_alives: AtomicU64,
     too_large: AtomicU64,
     no_space: AtomicU64,
@@ -163,6 +171,8 @@ impl CountingStore {
             bytes_delivered: get(&c.bytes_delivered),
             largest_value_bytes: get(&c.largest_value),
             largest_list_bytes: get(&c.largest_list),
+            reads: get(&c.reads),
+            bytes_read: get(&c.bytes_read),
             keep_alives: get(&c.keep_alives),
             refused_too_large: get(&c.too_large),
             refused_no_space: get(&c.no_space),
@@ -220,7 +230,14 @@ impl CountingStore {
 
 impl MetaStore for CountingStore {
     fn get(&self, key: &str) -> BoxFut<'_, Result<Option<KeyValue>>> {
-        self.inner.get(key)
+        let key = key.to_string();
+        Box::pin(async move {
+            let r = self.inner.get(&key).await?;
+            let bytes = r.as_ref().map_or(0, |kv| put_bytes(&kv.key, &kv.value));
+            self.counters.reads.fetch_add(1, Ordering::Relaxed);
+            self.counters.bytes_read.fetch_add(bytes, Ordering::Relaxed);
+            Ok(r)
+        })
     }
 
     fn list(&self, prefix: &str) -> BoxFut<'_, Result<(Vec<KeyValue>, i64)>> {
@@ -231,6 +248,8 @@ impl MetaStore for CountingStore {
             self.counters
                 .largest_list
                 .fetch_max(bytes, Ordering::Relaxed);
+            self.counters.reads.fetch_add(1, Ordering::Relaxed);
+            self.counters.bytes_read.fetch_add(bytes, Ordering::Relaxed);
             Ok(r)
         })
     }

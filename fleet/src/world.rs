@@ -2,7 +2,8 @@
 //! coordinator ([`moe_coordinator::run`]), real expert-node membership
 //! ([`moe_expert_node::membership::run_member`]) over weightless nodes that load instantly, and
 //! real router-follow code ([`moe_router::cluster::follow`]) over routers with no data plane,
-//! whose load windows a traffic task fills with a skewed, deterministic token mix.
+//! whose load windows a traffic task fills with a skewed, deterministic token mix (with
+//! Poisson-like noise, so windows move as real ones do).
 //!
 //! Everything runs on a paused current-thread runtime: time moves only when every task is idle
 //! (tokio's auto-advance), so simulated seconds cost only the work done in them. Blocking
@@ -19,6 +20,7 @@ use moe_expert_node::membership::{MemberConfig, run_member};
 use moe_meta::records::{self, Keys, PlacementRecord, RouterRecord};
 use moe_meta::store::MetaStore;
 use moe_meta::store::memory::{Clock, MemStore};
+use moe_meta::store::placements::{Slot, read_whole};
 use moe_router::cluster::{FollowConfig, follow};
 use moe_router::{DispatchOptions, RemoteExperts};
 use tokio::sync::watch;
@@ -109,6 +111,27 @@ pub fn token_mix(layer: usize, experts: usize, tokens: u64) -> Vec<u32> {
     (0..experts)
         .map(|e| (tokens as f64 * weight(e) / total).round() as u32)
         .collect()
+}
+
+/// Deterministic counting noise (xorshift64*): each interval's counts vary as Poisson counts
+/// do (standard deviation the square root of the mean), so a router's window moves as a real
+/// one does and its publications are what real traffic would cause.
+struct Noise(u64);
+
+impl Noise {
+    fn uniform(&mut self) -> f64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// About Poisson(`mean`): the mean plus a sum of four uniforms scaled to its deviation.
+    fn poisson(&mut self, mean: u32) -> u32 {
+        let g = (0..4).map(|_| self.uniform()).sum::<f64>() - 2.0;
+        let sd = f64::from(mean).sqrt() * 3f64.sqrt();
+        (f64::from(mean) + g * sd).round().max(0.0) as u32
+    }
 }
 
 impl World {
@@ -278,11 +301,15 @@ impl World {
         self._traffic.abort();
         self._traffic = tokio::spawn(async move {
             let mut iv = tokio::time::interval(every);
+            let mut noise = Noise(0x9e37_79b9_7f4a_7c15);
+            let mut counts = Vec::new();
             loop {
                 iv.tick().await;
                 for w in &windows {
-                    for (l, counts) in &mixes {
-                        w.loads.record_counts(*l, counts);
+                    for (l, mix) in &mixes {
+                        counts.clear();
+                        counts.extend(mix.iter().map(|&c| noise.poisson(c)));
+                        w.loads.record_counts(*l, &counts);
                     }
                 }
             }
@@ -291,8 +318,7 @@ impl World {
 
     /// The active placement, read without counting.
     pub async fn active(&self) -> Option<PlacementRecord> {
-        let kv = self.mem.get(&self.keys.active()).await.ok()??;
-        records::decode_or_skip(&kv.key, &kv.value)
+        read_whole(&self.mem, &self.keys, Slot::Active).await.ok()?
     }
 
     /// Whether the fleet has converged on the running nodes: the active placement names exactly

@@ -2,7 +2,7 @@
 //! tiny model's 3 MoE layers × 256 experts, 2 replicas, 3 nodes, then a fourth joining, then a
 //! node killed) must see what they see: one rollout per membership change, every layer spread
 //! evenly, the joining node holding a fair share of every layer (±20%), a quiet store between
-//! changes (only the routers' load records are written, one per router every 5 s), and a dead
+//! changes (only the routers' load records are written, at most one per router every 5 s), and a dead
 //! node re-placed within its lease TTL plus the settle window and a rollout.
 
 use std::time::Duration;
@@ -51,9 +51,10 @@ fn four_nodes_see_what_the_end_to_end_tests_see() {
 
     let steady = by("steady");
     assert_eq!(steady.rollouts, 0);
-    // Only load records: one router, one every 5 s, for 60 s (12, give or take the edges).
+    // Only load records: one router, at most one every 5 s (12 in 60 s, give or take the
+    // edges) while its window fills, and at least one a minute.
     assert!(
-        (11..=13).contains(&steady.writes),
+        (1..=13).contains(&steady.writes),
         "steady writes: {}",
         steady.writes
     );

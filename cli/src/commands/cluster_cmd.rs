@@ -4,6 +4,7 @@ use moe_meta::records::{
     self, AckRecord, LoadRecord, NodeRecord, PlacementRecord, RouterRecord, spec_of,
 };
 use moe_meta::store::election::leader;
+use moe_meta::store::placements::{Slot, read_whole};
 
 use crate::cluster::ClusterArgs;
 
@@ -57,12 +58,10 @@ fn rt() -> anyhow::Result<tokio::runtime::Runtime> {
 
 async fn placement(
     store: &dyn moe_meta::store::MetaStore,
-    key: &str,
+    keys: &records::Keys,
+    slot: Slot,
 ) -> anyhow::Result<Option<PlacementRecord>> {
-    match store.get(key).await? {
-        Some(kv) => Ok(Some(records::decode(key, &kv.value)?)),
-        None => Ok(None),
-    }
+    Ok(read_whole(store, keys, slot).await?)
 }
 
 pub fn run_cluster(c: ClusterCommand) -> anyhow::Result<()> {
@@ -77,8 +76,8 @@ pub fn run_cluster(c: ClusterCommand) -> anyhow::Result<()> {
                 .await?
                 .unwrap_or_else(|| "none".into())
         );
-        let active = placement(store.as_ref(), &keys.active()).await?;
-        let pending = placement(store.as_ref(), &keys.pending()).await?;
+        let active = placement(store.as_ref(), &keys, Slot::Active).await?;
+        let pending = placement(store.as_ref(), &keys, Slot::Pending).await?;
         println!(
             "placement: active {}, pending {}",
             active
@@ -116,7 +115,7 @@ pub fn run_cluster(c: ClusterCommand) -> anyhow::Result<()> {
         let (loads, _) = store.list(&keys.loads()).await?;
         let loads: Vec<LoadRecord> = loads
             .iter()
-            .filter_map(|kv| records::decode(&kv.key, &kv.value).ok())
+            .filter_map(|kv| records::decode_load(&kv.key, &kv.value).ok())
             .collect();
         print_loads(&loads, active.as_ref());
         Ok(())
@@ -239,8 +238,8 @@ pub fn run_placement(c: PlacementCommand) -> anyhow::Result<()> {
     rt()?.block_on(async move {
         let store = a.connect().await?;
         let keys = a.keys();
-        for (what, key) in [("active", keys.active()), ("pending", keys.pending())] {
-            let Some(p) = placement(store.as_ref(), &key).await? else {
+        for (what, slot) in [("active", Slot::Active), ("pending", Slot::Pending)] {
+            let Some(p) = placement(store.as_ref(), &keys, slot).await? else {
                 println!("{what}: none");
                 continue;
             };

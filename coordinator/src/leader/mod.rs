@@ -26,11 +26,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use moe_meta::records::wire::{Resolved, encode_wire};
 use moe_meta::records::{
     self, AckRecord, Keys, LoadRecord, NodeRecord, PlacedNode, PlacementRecord,
 };
 use moe_meta::store::election::{Leadership, campaign};
 use moe_meta::store::mirror::{Snapshot, mirror};
+use moe_meta::store::placements::{Slot, read_whole};
 use moe_meta::store::register::{Term, TermError, hold};
 use moe_meta::store::wait_until;
 use moe_meta::store::{MetaStore, Op, StoreError};
@@ -44,7 +46,7 @@ mod on_load;
 mod status;
 
 use on_load::rebalance_round;
-pub use status::{CoordinatorStatus, LayerRebalance};
+pub use status::{CoordinatorStatus, LayerRebalance, REBALANCE_ERROR_REASONS};
 
 /// Replicas of every expert unless told otherwise: two survive the loss of any one node with
 /// no failed request (routers re-send its tokens to the other replica at once).
@@ -96,15 +98,18 @@ fn live_nodes(snap: &Snapshot) -> Vec<(NodeSlot, i64)> {
         .collect()
 }
 
-/// The placement record stored at `key` (`active` or `pending`), if any and readable.
+/// The whole `active` or `pending` record (see [`read_whole`]).
 async fn read_placement(
     store: &Arc<dyn MetaStore>,
-    key: &str,
+    keys: &Keys,
+    slot: Slot,
 ) -> Result<Option<PlacementRecord>, StoreError> {
-    Ok(store
-        .get(key)
-        .await?
-        .and_then(|kv| records::decode_or_skip(&kv.key, &kv.value)))
+    read_whole(store.as_ref(), keys, slot).await
+}
+
+/// The writes that drop the pending placement.
+fn drop_pending(keys: &Keys) -> [Op; 2] {
+    [Op::Delete(keys.pending()), Op::Delete(keys.full_pending())]
 }
 
 /// Runs a coordinator replica until `shutdown` becomes true. The lease and its loss policy are
@@ -216,10 +221,11 @@ async fn lead(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut quiet_until = tokio::time::Instant::now();
     let mut term = TermState::default();
+    let mut ticks = 0u64;
     loop {
         let noticed = Instant::now();
         let mut live = term.live(&nodes.borrow_and_update());
-        let mut active = read_placement(store, &cfg.keys.active()).await?;
+        let mut active = read_placement(store, &cfg.keys, Slot::Active).await?;
         if let Some(a) = &active {
             status.send_modify(|s| s.active_version = a.version);
         }
@@ -228,9 +234,9 @@ async fn lead(
             // Gather what else is changing before planning.
             settle(&mut nodes, cfg.settle).await;
             live = term.live(&nodes.borrow_and_update());
-            active = read_placement(store, &cfg.keys.active()).await?;
+            active = read_placement(store, &cfg.keys, Slot::Active).await?;
         }
-        let pending = read_placement(store, &cfg.keys.pending()).await?;
+        let pending = read_placement(store, &cfg.keys, Slot::Pending).await?;
         let target = match (&active, live.is_empty()) {
             (Some(a), _) if same_members(a, &live) => Some(a.nodes.clone()),
             (_, true) => active.as_ref().map(|a| a.nodes.clone()),
@@ -276,7 +282,10 @@ async fn lead(
                             && active.as_ref().is_none_or(|a| p.version > a.version) =>
                     {
                         tracing::info!(version = p.version, "resuming the pending placement");
-                        (p, false)
+                        // One a coordinator of the previous format left is written again in
+                        // this format (its acks went where this one does not read them).
+                        let legacy = store.get(&cfg.keys.full_pending()).await?.is_none();
+                        (p, legacy)
                     }
                     _ => {
                         let version = active
@@ -297,10 +306,7 @@ async fn lead(
                         "deleting a pending placement no rollout waits for"
                     );
                     if !store
-                        .txn(
-                            vec![leadership.fence()],
-                            vec![Op::Delete(cfg.keys.pending())],
-                        )
+                        .txn(vec![leadership.fence()], drop_pending(&cfg.keys).to_vec())
                         .await?
                     {
                         return Err(TermEnd::Deposed);
@@ -374,12 +380,8 @@ async fn lead(
                 return Ok(());
             },
             _ = tick.tick(), if cfg.rebalance.threshold > 0.0 => {
-                let records: Vec<LoadRecord> = loads
-                    .borrow()
-                    .entries
-                    .iter()
-                    .filter_map(|(k, kv)| records::decode_or_skip(k, &kv.value))
-                    .collect();
+                let records = read_loads(&loads.borrow(), status, ticks > 0);
+                ticks += 1;
                 tracker.update(&records, cfg.n_experts, cfg.rebalance.alpha);
                 if let Some(a) = &active {
                     let quiet = tokio::time::Instant::now() < quiet_until;
@@ -393,6 +395,30 @@ async fn lead(
             }
         }
     }
+}
+
+/// The routers' load records in `snap`; what stops rebalancing is logged at warn and counted
+/// (an unread prefix only once `late`: the first tick may come before the first list).
+fn read_loads(
+    snap: &Snapshot,
+    status: &watch::Sender<CoordinatorStatus>,
+    late: bool,
+) -> Vec<LoadRecord> {
+    if snap.revision == 0 && late {
+        tracing::warn!("the routers' load records are not readable yet; no load rebalancing");
+        status.send_modify(|s| s.rebalance_error("loads_unread"));
+    }
+    snap.entries
+        .iter()
+        .filter_map(|(k, kv)| match records::decode_load(k, &kv.value) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(error = %e, "skipping a router's load record");
+                status.send_modify(|s| s.rebalance_error("load_undecodable"));
+                None
+            }
+        })
+        .collect()
 }
 
 /// Whether `active` places exactly the live nodes, at their addresses.
@@ -425,13 +451,25 @@ async fn rollout(
     nodes: &mut watch::Receiver<Arc<Snapshot>>,
     acks: &mut watch::Receiver<Arc<Snapshot>>,
 ) -> Result<Rollout, TermEnd> {
+    let next = Resolved::new(rec.clone());
     if write {
-        let put = Op::Put {
-            key: cfg.keys.pending(),
-            value: records::encode(rec),
-            lease: None,
-        };
-        if !store.txn(vec![leadership.fence()], vec![put]).await? {
+        // Watchers get the pending as a delta against the active they hold.
+        let base = read_placement(store, &cfg.keys, Slot::Active)
+            .await?
+            .map(Resolved::new);
+        let puts = vec![
+            Op::Put {
+                key: cfg.keys.full_pending(),
+                value: next.bytes.to_vec(),
+                lease: None,
+            },
+            Op::Put {
+                key: cfg.keys.pending(),
+                value: encode_wire(&next, base.as_ref()),
+                lease: None,
+            },
+        ];
+        if !store.txn(vec![leadership.fence()], puts).await? {
             return Err(TermEnd::Deposed);
         }
     }
@@ -486,14 +524,20 @@ async fn rollout(
             }
         }
     }
-    let ops = vec![
+    // The active is the pending promoted: to watchers, a delta of a few bytes against it.
+    let mut ops = vec![
         Op::Put {
-            key: cfg.keys.active(),
-            value: records::encode(rec),
+            key: cfg.keys.full_active(),
+            value: next.bytes.to_vec(),
             lease: None,
         },
-        Op::Delete(cfg.keys.pending()),
+        Op::Put {
+            key: cfg.keys.active(),
+            value: encode_wire(&next, Some(&next)),
+            lease: None,
+        },
     ];
+    ops.extend(drop_pending(&cfg.keys));
     if !store.txn(vec![leadership.fence()], ops).await? {
         return Err(TermEnd::Deposed);
     }

@@ -9,6 +9,7 @@ use moe_meta::records::PlacementRecord;
 use moe_meta::store::MetaStore;
 use moe_meta::store::election::Leadership;
 use moe_meta::store::mirror::Snapshot;
+use moe_meta::store::placements::Slot;
 use tokio::sync::watch;
 
 use super::{
@@ -58,11 +59,12 @@ pub(super) async fn rebalance_round(
         .iter()
         .map(|n| live.iter().find(|l| l.id == n.id).map_or(0, |l| l.capacity))
         .collect();
-    let pending = read_placement(store, &cfg.keys.pending())
+    let pending = read_placement(store, &cfg.keys, Slot::Pending)
         .await?
         .map_or(0, |p| p.version);
     let mut rec = active.clone();
     let mut changed = false;
+    status.send_modify(|s| s.rebalance_compute.clear());
     for (_, layer) in worst {
         let slots = layer_slots(&rec, layer, &capacity, layers);
         // Off the async workers: a large layer's re-placement takes a while.
@@ -72,10 +74,25 @@ pub(super) async fn rebalance_round(
             cfg.rebalance.tolerance,
         );
         let computed = tokio::task::spawn_blocking(move || {
-            rebalance(&r, layer, &rate, &slots, floor, tolerance)
+            let t = Instant::now();
+            let change = rebalance(&r, layer, &rate, &slots, floor, tolerance);
+            (change, t.elapsed())
         })
         .await;
-        let Ok(Some(mut change)) = computed else {
+        let change = match computed {
+            Ok((change, took)) => {
+                status.send_modify(|s| {
+                    s.rebalance_compute.insert(layer, took.as_secs_f64());
+                });
+                change
+            }
+            Err(e) => {
+                tracing::warn!(layer, error = %e, "re-placing a layer failed");
+                status.send_modify(|s| s.rebalance_error("compute_failed"));
+                None
+            }
+        };
+        let Some(mut change) = change else {
             continue;
         };
         if change.after < change.before + 0.01 {
@@ -93,10 +110,10 @@ pub(super) async fn rebalance_round(
             "rebalancing a layer"
         );
         status.send_modify(|s| s.rollouts += 1);
-        if !matches!(
-            rollout(store, cfg, leadership, &change.record, true, nodes, acks).await?,
-            Rollout::Done
-        ) {
+        let done = rollout(store, cfg, leadership, &change.record, true, nodes, acks).await?;
+        if !matches!(done, Rollout::Done) {
+            tracing::warn!(layer, version, outcome = ?done, "a layer's rollout did not complete; the round stops");
+            status.send_modify(|s| s.rebalance_error("rollout_failed"));
             return Ok(changed);
         }
         let done = LayerRebalance {

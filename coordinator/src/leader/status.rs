@@ -36,6 +36,28 @@ pub struct CoordinatorStatus {
     pub rollout_seconds: f64,
     /// Nodes left out of placement (load failed or timed out), with why.
     pub excluded: Vec<(String, String)>,
+    /// Failures that stopped (part of) a rebalancing round, by reason: `loads_unread` (the
+    /// `load/` prefix could not be listed), `load_undecodable` (a router's record skipped),
+    /// `compute_failed` (the re-placement task died), `rollout_failed` (a layer's rollout did
+    /// not complete).
+    pub rebalance_errors: BTreeMap<&'static str, u64>,
+    /// Wall seconds the last round's re-placement took, per layer computed.
+    pub rebalance_compute: BTreeMap<usize, f64>,
+}
+
+/// Every reason of [`CoordinatorStatus::rebalance_errors`].
+pub const REBALANCE_ERROR_REASONS: [&str; 4] = [
+    "loads_unread",
+    "load_undecodable",
+    "compute_failed",
+    "rollout_failed",
+];
+
+impl CoordinatorStatus {
+    /// Counts a rebalancing failure (see [`CoordinatorStatus::rebalance_errors`]).
+    pub fn rebalance_error(&mut self, reason: &'static str) {
+        *self.rebalance_errors.entry(reason).or_default() += 1;
+    }
 }
 
 impl CoordinatorStatus {

@@ -74,8 +74,10 @@ impl World {
     }
 
     pub async fn active(&self) -> Option<PlacementRecord> {
-        let kv = self.store.get(&self.keys.active()).await.expect("get")?;
-        Some(records::decode(&kv.key, &kv.value).expect("decodes"))
+        let slot = moe_meta::store::placements::Slot::Active;
+        moe_meta::store::placements::read_whole(self.store.as_ref(), &self.keys, slot)
+            .await
+            .expect("reads")
     }
 
     /// A coordinator keeping 2 replicas of every expert, without load rebalancing.

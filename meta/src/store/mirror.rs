@@ -2,6 +2,10 @@
 //! list the prefix, watch from the next revision, apply events; on any error back off (jittered,
 //! 50 ms doubling to 2 s) and start over with a full re-list, so a delete missed while
 //! disconnected cannot leave a ghost entry.
+//!
+//! Values are shared (`Arc<KeyValue>`): publishing the snapshot after an event copies the key
+//! map's spine, never the values, so a prefix holding a large record (the placement) costs the
+//! same per event as one holding small ones.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -16,7 +20,7 @@ use super::{KeyValue, MetaStore, WatchEvent};
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
     pub revision: i64,
-    pub entries: BTreeMap<String, KeyValue>,
+    pub entries: BTreeMap<String, Arc<KeyValue>>,
 }
 
 fn jitter() -> f64 {
@@ -39,7 +43,10 @@ pub fn mirror(store: Arc<dyn MetaStore>, prefix: String) -> watch::Receiver<Arc<
                 Ok((kvs, rev)) => {
                     let mut snap = Snapshot {
                         revision: rev.max(1),
-                        entries: kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect(),
+                        entries: kvs
+                            .into_iter()
+                            .map(|kv| (kv.key.clone(), Arc::new(kv)))
+                            .collect(),
                     };
                     tx.send_replace(Arc::new(snap.clone()));
                     match store.watch(&prefix, rev + 1).await {
@@ -53,7 +60,7 @@ pub fn mirror(store: Arc<dyn MetaStore>, prefix: String) -> watch::Receiver<Arc<
                                 match ev {
                                     Some(Ok(WatchEvent::Put(kv))) => {
                                         snap.revision = snap.revision.max(kv.mod_revision);
-                                        snap.entries.insert(kv.key.clone(), kv);
+                                        snap.entries.insert(kv.key.clone(), Arc::new(kv));
                                     }
                                     Some(Ok(WatchEvent::Delete { key, revision })) => {
                                         snap.revision = snap.revision.max(revision);
@@ -71,7 +78,7 @@ pub fn mirror(store: Arc<dyn MetaStore>, prefix: String) -> watch::Receiver<Arc<
                         Err(e) => tracing::warn!(%prefix, error = %e, "watch failed"),
                     }
                 }
-                Err(e) => tracing::debug!(%prefix, error = %e, "list failed"),
+                Err(e) => tracing::warn!(%prefix, error = %e, "list failed; retrying"),
             }
             tokio::time::sleep(backoff.mul_f64(jitter())).await;
             backoff = (backoff * 2).min(Duration::from_secs(2));

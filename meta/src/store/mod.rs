@@ -6,13 +6,15 @@
 //! keep-alive, revoke; keys put under a lease vanish with it), and compare-and-swap transactions.
 //! Leader election and fenced writes are built on the transactions ([`election`]), identically
 //! for both stores. [`mirror`] turns a prefix into a live snapshot that survives reconnects by
-//! re-reading the whole prefix (a missed delete cannot leave a ghost).
+//! re-reading the whole prefix (a missed delete cannot leave a ghost); [`placements`] follows
+//! the placement through it as routers and nodes do.
 
 pub mod election;
 pub mod etcd;
 pub mod lease;
 pub mod memory;
 pub mod mirror;
+pub mod placements;
 pub mod register;
 
 use std::future::Future;

@@ -3,6 +3,9 @@
 //! version, which is what lets nodes unload experts the new placement moved away. Every
 //! `load_publish` it also publishes its load counts ([`super::load`]).
 //!
+//! The placement comes through a [`PlacementFeed`]: the watched values are deltas against the
+//! pending the router holds, the whole record is read only when that base is missing.
+//!
 //! The lease and what happens when it is lost live in [`moe_meta::store::register::hold`]:
 //! while etcd is unreachable the router keeps its lease (and keeps routing with the last active
 //! placement); only a lease etcd says is gone makes it register again.
@@ -10,13 +13,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use moe_meta::records::{self, Keys, PlacementRecord, RouterRecord};
+use moe_meta::records::{self, Keys, RouterRecord};
 use moe_meta::store::MetaStore;
 use moe_meta::store::mirror::{Snapshot, mirror};
+use moe_meta::store::placements::PlacementFeed;
 use moe_meta::store::register::{Term, TermError, hold};
 use tokio::sync::watch;
 
-use super::load::publish_loads;
+use super::load::{Published, publish_loads};
 use crate::RemoteExperts;
 
 /// How the router takes part in the cluster.
@@ -52,24 +56,26 @@ pub async fn follow(
     }
 }
 
-/// Acts on a new active placement in `snap`, if there is one.
-fn apply_active(cfg: &FollowConfig, experts: &RemoteExperts, snap: &Snapshot, applied: &mut i64) {
-    let key = cfg.keys.active();
-    // The prefix also holds pending and every node's ack: act on a new active only.
-    let Some(kv) = snap.entries.get(&key) else {
+/// Acts on a new active placement of `feed`, if there is one (`applied`: the digest of the
+/// last one acted on).
+fn apply_active(
+    cfg: &FollowConfig,
+    experts: &RemoteExperts,
+    feed: &PlacementFeed,
+    applied: &mut Option<u64>,
+) {
+    // The feed also holds the pending: act on a new active only.
+    let Some(a) = feed.active() else {
         return;
     };
-    if kv.mod_revision == *applied {
+    if *applied == Some(a.digest) {
         return;
     }
-    *applied = kv.mod_revision;
-    match records::decode::<PlacementRecord>(&key, &kv.value)
-        .map(|r| r.to_placement(&cfg.moe_layers, cfg.n_experts))
-    {
-        Ok(Ok(p)) if p.version != experts.placement_version() => experts.update(p),
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => tracing::error!(error = %e, "the active placement does not fit the model"),
-        Err(e) => tracing::error!(error = %e, "cannot decode the active placement"),
+    *applied = Some(a.digest);
+    match a.record.to_placement(&cfg.moe_layers, cfg.n_experts) {
+        Ok(p) if p.version != experts.placement_version() => experts.update(p),
+        Ok(_) => {}
+        Err(e) => tracing::error!(error = %e, "the active placement does not fit the model"),
     }
 }
 
@@ -83,8 +89,10 @@ async fn run_term(
     placements: &mut watch::Receiver<Arc<Snapshot>>,
     term: Term,
 ) -> Result<(), TermError> {
-    // Store revision of the active placement last acted on (re-applying one is a no-op).
-    let mut applied = 0;
+    // Digest of the active placement last acted on (re-applying one is a no-op).
+    let mut applied = None;
+    let mut feed = PlacementFeed::new(store.clone(), cfg.keys.clone());
+    let mut published = Published::default();
     let record = |v: u64| {
         records::encode(&RouterRecord {
             id: cfg.id.clone(),
@@ -97,7 +105,8 @@ async fn run_term(
     publish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let snap = placements.borrow_and_update().clone();
-        apply_active(cfg, experts, &snap, &mut applied);
+        let current = snap.revision == 0 || feed.update(&snap).await;
+        apply_active(cfg, experts, &feed, &mut applied);
         let v = experts.placement_version();
         if reported != Some(v) {
             match store
@@ -123,8 +132,10 @@ async fn run_term(
             r = placements.changed() => if r.is_err() {
                 return Err(TermError::Retry("placement mirror closed".into()));
             },
-            _ = publish.tick() => publish_loads(store, cfg, experts, term.lease).await,
+            _ = publish.tick() => publish_loads(store, cfg, experts, term.lease, &mut published).await,
             _ = tokio::time::sleep(Duration::from_secs(1)), if reported != Some(v) => {}
+            // A placement the feed could not resolve (the store did not answer): again soon.
+            _ = tokio::time::sleep(Duration::from_millis(500)), if !current => {}
         }
     }
 }

@@ -5,12 +5,18 @@
 //! | --- | --- | --- |
 //! | `nodes/<id>` | expert node, under its lease | [`NodeRecord`] |
 //! | `routers/<id>` | router, under its lease | [`RouterRecord`] |
-//! | `placement/pending`, `placement/active` | coordinator, fenced | [`PlacementRecord`] |
-//! | `placement/acks/<node>` | expert node, under its lease | [`AckRecord`] |
-//! | `load/<router>` | router, under its lease | [`LoadRecord`] |
+//! | `placement/pending`, `placement/active` | coordinator, fenced | [`wire::PlacementWire`] (format 3): the record, or a delta against the one watchers hold |
+//! | `placement-full/pending`, `placement-full/active` | coordinator, with the above | [`PlacementRecord`]: the whole record, read (never watched) by a process that lacks a delta's base |
+//! | `acks/<node>` | expert node, under its lease | [`AckRecord`] (outside `placement/`: only the coordinator watches acks) |
+//! | `load/<router>` | router, under its lease | [`LoadSummary`] (format 3; format 2 [`LoadRecord`]s are read too) |
 //! | `election/coordinator` | coordinators | the leader's id (plain text) |
 
+mod load;
+pub mod wire;
+
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+pub use load::{LOAD_FORMAT, LayerLoad, LoadSummary, decode_load, encode_load};
 
 use crate::placement::{NodeEntry, Placement, PlacementError};
 use crate::store::StoreError;
@@ -52,10 +58,23 @@ impl Keys {
     pub fn active(&self) -> String {
         format!("{}placement/active", self.root)
     }
+    /// The whole pending record (not watched; see [`wire`]).
+    pub fn full_pending(&self) -> String {
+        format!("{}placement-full/pending", self.root)
+    }
+    /// The whole active record (not watched; see [`wire`]).
+    pub fn full_active(&self) -> String {
+        format!("{}placement-full/active", self.root)
+    }
     pub fn acks(&self) -> String {
-        format!("{}placement/acks/", self.root)
+        format!("{}acks/", self.root)
     }
     pub fn ack(&self, node: &str) -> String {
+        format!("{}acks/{node}", self.root)
+    }
+    /// Where nodes acknowledged records of the previous format (a coordinator of that format
+    /// reads acks there): under the watched `placement/` prefix.
+    pub fn legacy_ack(&self, node: &str) -> String {
         format!("{}placement/acks/{node}", self.root)
     }
     pub fn loads(&self) -> String {
@@ -149,25 +168,39 @@ impl AckRecord {
 
 /// Encodes a record (format byte + bincode).
 pub fn encode<T: Serialize>(rec: &T) -> Vec<u8> {
-    let mut out = vec![FORMAT];
+    encode_as(FORMAT, rec)
+}
+
+/// Encodes a record under format byte `format`.
+pub fn encode_as<T: Serialize>(format: u8, rec: &T) -> Vec<u8> {
+    let mut out = vec![format];
     out.extend(bincode::serde::encode_to_vec(rec, bincode::config::standard()).unwrap_or_default());
     out
 }
 
 /// Decodes a record stored at `key`.
 pub fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    decode_as(FORMAT, key, bytes)
+}
+
+/// Decodes a record of format byte `format` stored at `key`.
+pub fn decode_as<T: DeserializeOwned>(
+    format: u8,
+    key: &str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
     let bad = |why: String| StoreError::Decode {
         key: key.to_string(),
         why,
     };
     match bytes.split_first() {
-        Some((&FORMAT, rest)) => {
+        Some((&f, rest)) if f == format => {
             bincode::serde::decode_from_slice(rest, bincode::config::standard())
                 .map(|(v, _)| v)
                 .map_err(|e| bad(e.to_string()))
         }
         Some((f, _)) => Err(bad(format!(
-            "record format {f} is not {FORMAT}: a newer or older process wrote it"
+            "record format {f} is not {format}: a newer or older process wrote it"
         ))),
         None => Err(bad("empty record".into())),
     }
@@ -181,12 +214,17 @@ pub fn decode_or_skip<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Option<T>
         .ok()
 }
 
+/// 64-bit FNV-1a.
+pub fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
 impl PlacementRecord {
     /// A 64-bit digest (FNV-1a) of the record's encoding: what acks name besides the version.
     pub fn digest(&self) -> u64 {
-        encode(self).iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-        })
+        fnv(&encode(self))
     }
 
     /// Resolves the record into a routable placement (checks coverage of the model).
