@@ -29,7 +29,7 @@ pub struct ClusterArgs {
     /// CA bundle (PEM) that verifies the etcd members' certificates (`https://` endpoints).
     #[arg(long, env = "MOE_ETCD_CA")]
     pub etcd_ca: Option<PathBuf>,
-    /// Client certificate (PEM) for etcd's `--client-cert-auth`; needs --etcd-key.
+    /// Client certificate (PEM) for etcd members that require client certificates; needs --etcd-key.
     #[arg(long, env = "MOE_ETCD_CERT", requires = "etcd_key")]
     pub etcd_cert: Option<PathBuf>,
     /// The private key (PEM) of --etcd-cert.
