@@ -122,6 +122,13 @@ async fn preempted_sequences_resume_with_the_ids_they_have_alone() {
         }
     }
     assert!(get(&m, "moe_kv_preemptions_total") >= 1.0, "{m:?}");
+    // A response's last byte can leave before the engine ends the step that finished it and
+    // frees its pages: watch the gauge reach 0 (it must, and soon).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while get(&m, "moe_kv_cache_used_tokens") != 0.0 && std::time::Instant::now() < deadline {
+        tokio::task::yield_now().await;
+        m = metric_values(&c, &s.addr).await;
+    }
     assert_eq!(
         get(&m, "moe_kv_cache_used_tokens"),
         0.0,
