@@ -34,16 +34,61 @@ pub fn yarn_mscale(scale: f64, mscale: f64) -> f64 {
     }
 }
 
+/// `base ** (arange(0, dim, 2) / dim)`, computed in float32 like the reference.
+pub(crate) fn pos_freqs(base: f64, dim: usize) -> Vec<f32> {
+    (0..dim / 2)
+        .map(|i| (base as f32).powf((2 * i) as f32 / dim as f32))
+        .collect()
+}
+
+/// YaRN's frequency blend (transformers `_compute_yarn_parameters`): dims that rotate more than
+/// `beta_fast` times over the original context keep their frequency, those under `beta_slow`
+/// are interpolated by `factor`, with a linear ramp between.
+pub(crate) struct Yarn {
+    pub factor: f64,
+    pub original: f64,
+    pub beta_fast: f64,
+    pub beta_slow: f64,
+    /// Round the ramp's ends to whole dims (the reference's default).
+    pub truncate: bool,
+}
+
+impl Yarn {
+    /// The blended inverse frequencies for `pos_freqs` of `dim` rotated dims at `base`.
+    pub fn inv_freq(&self, pos_freqs: &[f32], base: f64, dim: usize) -> Vec<f32> {
+        let correction_dim = |rotations: f64| {
+            dim as f64 * (self.original / (rotations * 2.0 * PI)).ln() / (2.0 * base.ln())
+        };
+        let (mut low, mut high) = (
+            correction_dim(self.beta_fast),
+            correction_dim(self.beta_slow),
+        );
+        if self.truncate {
+            low = low.floor();
+            high = high.ceil();
+        }
+        let low = low.max(0.0);
+        let high = high.min(dim as f64 - 1.0);
+        let span = if low == high { 0.001 } else { high - low };
+        pos_freqs
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let ramp = ((i as f32 - low as f32) / span as f32).clamp(0.0, 1.0);
+                let extrapolation = 1.0 - ramp;
+                let interpolated = 1.0 / (self.factor as f32 * p);
+                interpolated * (1.0 - extrapolation) + (1.0 / p) * extrapolation
+            })
+            .collect()
+    }
+}
+
 impl Rope {
     /// RoPE of `cfg` (rope dim = `qk_rope_head_dim`).
     pub fn new(cfg: &Config) -> Rope {
         let dim = cfg.qk_rope_head_dim;
-        let half = dim / 2;
         let base = cfg.rope_theta;
-        // pos_freqs = base ** (arange(0, dim, 2) / dim), computed in float32 like the reference.
-        let pos_freqs: Vec<f32> = (0..half)
-            .map(|i| (base as f32).powf((2 * i) as f32 / dim as f32))
-            .collect();
+        let pos_freqs = pos_freqs(base, dim);
         let Some(rs) = &cfg.rope_scaling else {
             return Rope {
                 dim,
@@ -69,22 +114,14 @@ impl Rope {
                 });
         let beta_fast = rs.beta_fast.filter(|b| *b != 0.0).unwrap_or(32.0);
         let beta_slow = rs.beta_slow.filter(|b| *b != 0.0).unwrap_or(1.0);
-        let correction_dim = |rotations: f64| {
-            dim as f64 * (original / (rotations * 2.0 * PI)).ln() / (2.0 * base.ln())
+        let yarn = Yarn {
+            factor,
+            original,
+            beta_fast,
+            beta_slow,
+            truncate: true,
         };
-        let low = correction_dim(beta_fast).floor().max(0.0);
-        let high = correction_dim(beta_slow).ceil().min(dim as f64 - 1.0);
-        let span = if low == high { 0.001 } else { high - low };
-        let inv_freq = pos_freqs
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                let ramp = ((i as f32 - low as f32) / span as f32).clamp(0.0, 1.0);
-                let extrapolation = 1.0 - ramp;
-                let interpolated = 1.0 / (factor as f32 * p);
-                interpolated * (1.0 - extrapolation) + (1.0 / p) * extrapolation
-            })
-            .collect();
+        let inv_freq = yarn.inv_freq(&pos_freqs, base, dim);
         Rope {
             dim,
             inv_freq,

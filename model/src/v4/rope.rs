@@ -9,10 +9,9 @@
 //! Reference: transformers `DeepseekV4RotaryEmbedding`, `apply_rotary_pos_emb`,
 //! `modeling_rope_utils._compute_yarn_parameters`.
 
-use std::f64::consts::PI;
-
 use super::config::RopeParams;
 use crate::config::RopeType;
+use crate::rope::{Yarn, pos_freqs};
 
 /// Inverse frequencies of one rope set.
 #[derive(Debug, Clone)]
@@ -51,11 +50,7 @@ impl V4Rope {
     /// The rope set `p` over `dim` rotated dims.
     pub fn new(p: &RopeParams, dim: usize) -> V4Rope {
         let base = p.rope_theta;
-        let half = dim / 2;
-        // base ** (arange(0, dim, 2) / dim) in float32, as the reference.
-        let pos_freqs: Vec<f32> = (0..half)
-            .map(|i| (base as f32).powf((2 * i) as f32 / dim as f32))
-            .collect();
+        let pos_freqs = pos_freqs(base, dim);
         if p.rope_type != RopeType::Yarn {
             return V4Rope {
                 dim,
@@ -63,31 +58,14 @@ impl V4Rope {
                 scaling: 1.0,
             };
         }
-        let factor = p.factor.unwrap_or(1.0);
-        let original = p.original_max_position_embeddings.unwrap_or(4096) as f64;
-        let beta_fast = p.beta_fast.unwrap_or(32.0);
-        let beta_slow = p.beta_slow.unwrap_or(1.0);
-        let truncate = p.truncate.unwrap_or(true);
-        let correction_dim =
-            |rot: f64| dim as f64 * (original / (rot * 2.0 * PI)).ln() / (2.0 * base.ln());
-        let (mut low, mut high) = (correction_dim(beta_fast), correction_dim(beta_slow));
-        if truncate {
-            low = low.floor();
-            high = high.ceil();
-        }
-        let low = low.max(0.0);
-        let high = high.min(dim as f64 - 1.0);
-        let span = if low == high { 0.001 } else { high - low };
-        let inv_freq = pos_freqs
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                let ramp = ((i as f32 - low as f32) / span as f32).clamp(0.0, 1.0);
-                let extrapolation = 1.0 - ramp;
-                let interpolated = 1.0 / (factor as f32 * p);
-                interpolated * (1.0 - extrapolation) + (1.0 / p) * extrapolation
-            })
-            .collect();
+        let yarn = Yarn {
+            factor: p.factor.unwrap_or(1.0),
+            original: p.original_max_position_embeddings.unwrap_or(4096) as f64,
+            beta_fast: p.beta_fast.unwrap_or(32.0),
+            beta_slow: p.beta_slow.unwrap_or(1.0),
+            truncate: p.truncate.unwrap_or(true),
+        };
+        let inv_freq = yarn.inv_freq(&pos_freqs, base, dim);
         V4Rope {
             dim,
             inv_freq,
