@@ -29,31 +29,7 @@ fn prompts() -> Vec<Vec<u64>> {
 
 /// `moe logits` of every golden prompt, with `extra` arguments (e.g. `--experts-at`).
 fn logits(dir: &Path, extra: &[&str]) -> HashMap<String, Vec<f32>> {
-    let prompts_file = dir.join("prompts.json");
-    std::fs::write(
-        &prompts_file,
-        serde_json::json!({ "prompts": prompts() }).to_string(),
-    )
-    .expect("write");
-    let out_file = dir.join(format!("logits-{}.safetensors", extra.len()));
-    let model = fixture(MODEL);
-    let mut args = vec![
-        "logits",
-        "--model",
-        model.to_str().expect("utf8"),
-        "--prompts",
-        prompts_file.to_str().expect("utf8"),
-        "--out",
-        out_file.to_str().expect("utf8"),
-    ];
-    args.extend_from_slice(extra);
-    let out = moe(&args);
-    assert!(
-        out.status.success(),
-        "moe logits failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    f32_tensors(&out_file, |_| true)
+    moe_logits(&fixture(MODEL), &prompts(), dir, extra)
 }
 
 fn max_diff(a: &HashMap<String, Vec<f32>>, b: &HashMap<String, Vec<f32>>) -> f32 {

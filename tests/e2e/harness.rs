@@ -175,6 +175,40 @@ pub async fn metrics_text(c: &reqwest::Client, addr: &str) -> String {
         .expect("metrics text")
 }
 
+/// `moe logits --model model` of `prompts` (token-id lists) with `extra` arguments (e.g.
+/// `--experts-at`), files under `dir`; the logits by tensor name.
+pub fn moe_logits(
+    model: &Path,
+    prompts: &[Vec<u64>],
+    dir: &Path,
+    extra: &[&str],
+) -> HashMap<String, Vec<f32>> {
+    let prompts_file = dir.join("prompts.json");
+    std::fs::write(
+        &prompts_file,
+        serde_json::json!({ "prompts": prompts }).to_string(),
+    )
+    .expect("write");
+    let out_file = dir.join(format!("logits-{}.safetensors", extra.len()));
+    let mut args = vec![
+        "logits",
+        "--model",
+        model.to_str().expect("utf8"),
+        "--prompts",
+        prompts_file.to_str().expect("utf8"),
+        "--out",
+        out_file.to_str().expect("utf8"),
+    ];
+    args.extend_from_slice(extra);
+    let out = moe(&args);
+    assert!(
+        out.status.success(),
+        "moe logits failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    f32_tensors(&out_file, |_| true)
+}
+
 /// The tensors of a safetensors file whose names `keep` accepts, as f32 values.
 pub fn f32_tensors(path: &Path, keep: impl Fn(&str) -> bool) -> HashMap<String, Vec<f32>> {
     let bytes = std::fs::read(path).expect("safetensors file");

@@ -120,31 +120,8 @@ fn moe_logits_diff(dir: &std::path::Path, extra: &[&str]) -> f32 {
         .iter()
         .map(|p| ids(&p["ids"]))
         .collect();
-    let prompts_file = dir.join("prompts.json");
-    std::fs::write(
-        &prompts_file,
-        serde_json::json!({ "prompts": prompts }).to_string(),
-    )
-    .expect("write");
-    let out_file = dir.join(format!("logits-{}.safetensors", extra.len()));
     let model = fixture(MODEL);
-    let mut args = vec![
-        "logits",
-        "--model",
-        model.to_str().expect("utf8"),
-        "--prompts",
-        prompts_file.to_str().expect("utf8"),
-        "--out",
-        out_file.to_str().expect("utf8"),
-    ];
-    args.extend_from_slice(extra);
-    let out = moe(&args);
-    assert!(
-        out.status.success(),
-        "moe logits failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let ours = f32_tensors(&out_file, |_| true);
+    let ours = moe_logits(&model, &prompts, dir, extra);
     let want = f32_tensors(&model.join("golden/golden_logits.safetensors"), |_| true);
     assert_eq!(ours.len(), want.len());
     want.iter()
