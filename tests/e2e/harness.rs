@@ -209,6 +209,18 @@ pub fn moe_logits(
     f32_tensors(&out_file, |_| true)
 }
 
+/// `log softmax` of a logits row, in float64.
+pub fn log_softmax(row: &[f32]) -> Vec<f64> {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = max
+        + row
+            .iter()
+            .map(|&v| (v as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
+    row.iter().map(|&v| v as f64 - lse).collect()
+}
+
 /// The tensors of a safetensors file whose names `keep` accepts, as f32 values.
 pub fn f32_tensors(path: &Path, keep: impl Fn(&str) -> bool) -> HashMap<String, Vec<f32>> {
     let bytes = std::fs::read(path).expect("safetensors file");

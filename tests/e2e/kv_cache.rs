@@ -225,17 +225,6 @@ async fn a_chat_without_max_tokens_is_served_at_a_163840_token_context() {
     drop(stream); // the client leaves; the sequence is cancelled
 }
 
-fn log_softmax(row: &[f32]) -> Vec<f64> {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = max
-        + row
-            .iter()
-            .map(|&v| (v as f64 - max).exp())
-            .sum::<f64>()
-            .ln();
-    row.iter().map(|&v| v as f64 - lse).collect()
-}
-
 /// The f32 and FP8 golden models (serve_api covers the bf16 one) with the paged cache and
 /// prefix caching on: each golden prompt alone and then 32 concurrent requests over them (which
 /// reuse the cached prompt pages) give the golden ids
