@@ -12,3 +12,18 @@ pub mod tls;
 
 pub use placement::{NodeEntry, Placement, PlacementError, balancedness};
 pub use spec::ExpertSpec;
+
+/// An error and every cause under it, each once ("transport error: connection refused";
+/// transport errors alone say only "transport error").
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text = format!("{text}: {part}");
+        }
+        cur = s.source();
+    }
+    text
+}

@@ -87,21 +87,6 @@ pub fn endpoint(addr: &str, tls: Option<&ClusterTls>) -> Result<Endpoint, Status
         .keep_alive_timeout(Duration::from_secs(5)))
 }
 
-/// The error and every cause under it (tonic's transport error alone says only "transport
-/// error").
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let part = s.to_string();
-        if !text.contains(&part) {
-            text = format!("{text}: {part}");
-        }
-        cur = s.source();
-    }
-    text
-}
-
 /// Whether a TLS failure (rustls's verdict, or the handshake cut short) is in `e`'s chain.
 fn is_tls_failure(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur = Some(e);
@@ -125,7 +110,7 @@ fn is_tls_failure(e: &(dyn std::error::Error + 'static)) -> bool {
 
 /// `Unavailable` for a failed connect to the node at `addr`, naming TLS when TLS is in use.
 fn connect_error(addr: &str, tls: bool, e: &tonic::transport::Error) -> Status {
-    let why = chain(e);
+    let why = moe_meta::error_chain(e);
     match (tls, is_tls_failure(e)) {
         (true, true) => {
             // A misconfiguration (or an impostor), not a node that is merely down: say so at

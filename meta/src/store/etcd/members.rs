@@ -78,25 +78,10 @@ pub fn classify(e: etcd_client::Error) -> Failure {
             Failure::Member(e.to_string())
         }
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => {
-            Failure::Member(chain(&e))
+            Failure::Member(crate::error_chain(&e))
         }
         other => Failure::Answer(other),
     }
-}
-
-/// The error and its causes (a transport error alone says only "transport error"; the cause
-/// says "connection refused" or which certificate was refused).
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let part = s.to_string();
-        if !text.contains(&part) {
-            text = format!("{text}: {part}");
-        }
-        cur = s.source();
-    }
-    text
 }
 
 /// A factor in [0.75, 1.25) from the clock's low bits (enough to keep processes apart).
