@@ -175,28 +175,13 @@ impl Backbone {
 
     fn check_inputs(&self, seqs: &[SeqInput<'_>]) -> Result<()> {
         for (i, s) in seqs.iter().enumerate() {
-            if s.tokens.is_empty() {
-                return Err(ModelError::InvalidInput(format!(
-                    "sequence {i} has no new tokens"
-                )));
-            }
-            if let Some(bad) = s
-                .tokens
-                .iter()
-                .find(|&&t| t as usize >= self.cfg.vocab_size)
-            {
-                return Err(ModelError::InvalidInput(format!(
-                    "token id {bad} is outside the vocabulary (size {})",
-                    self.cfg.vocab_size
-                )));
-            }
-            let total = s.cache.len() + s.tokens.len();
-            if total > self.cfg.max_position_embeddings {
-                return Err(ModelError::InvalidInput(format!(
-                    "sequence {i} would reach {total} tokens, beyond the context length {}",
-                    self.cfg.max_position_embeddings
-                )));
-            }
+            check_sequence(
+                i,
+                s.tokens,
+                s.cache.len(),
+                self.cfg.vocab_size,
+                self.cfg.max_position_embeddings,
+            )?;
         }
         Ok(())
     }
@@ -423,4 +408,32 @@ impl Model {
     ) -> Result<Vec<Matrix>> {
         self.backbone.forward(seqs, &self.experts, mode, trace)
     }
+}
+
+/// The checks every forward pass makes of sequence `i`: new tokens, each inside a vocabulary of
+/// `vocab`, and `cached` + new within the context length `max_positions`.
+pub(crate) fn check_sequence(
+    i: usize,
+    tokens: &[u32],
+    cached: usize,
+    vocab: usize,
+    max_positions: usize,
+) -> Result<()> {
+    if tokens.is_empty() {
+        return Err(ModelError::InvalidInput(format!(
+            "sequence {i} has no new tokens"
+        )));
+    }
+    if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+        return Err(ModelError::InvalidInput(format!(
+            "token id {bad} is outside the vocabulary (size {vocab})"
+        )));
+    }
+    let total = cached + tokens.len();
+    if total > max_positions {
+        return Err(ModelError::InvalidInput(format!(
+            "sequence {i} would reach {total} tokens, beyond the context length {max_positions}"
+        )));
+    }
+    Ok(())
 }

@@ -27,7 +27,7 @@ use crate::error::{ModelError, Result};
 use crate::gate::Routing;
 use crate::kernels::{self, Linear};
 use crate::mlp::Mlp;
-use crate::model::LogitsMode;
+use crate::model::{LogitsMode, check_sequence};
 use crate::moe::{ExpertBackend, LocalExperts};
 use crate::tensor::Matrix;
 
@@ -130,28 +130,13 @@ impl V4Backbone {
 
     fn check(&self, seqs: &[V4SeqInput<'_>]) -> Result<()> {
         for (i, s) in seqs.iter().enumerate() {
-            if s.tokens.is_empty() {
-                return Err(ModelError::InvalidInput(format!(
-                    "sequence {i} has no new tokens"
-                )));
-            }
-            if let Some(bad) = s
-                .tokens
-                .iter()
-                .find(|&&t| t as usize >= self.cfg.vocab_size)
-            {
-                return Err(ModelError::InvalidInput(format!(
-                    "token id {bad} is outside the vocabulary (size {})",
-                    self.cfg.vocab_size
-                )));
-            }
-            let total = s.cache.len() + s.tokens.len();
-            if total > self.cfg.max_position_embeddings {
-                return Err(ModelError::InvalidInput(format!(
-                    "sequence {i} would reach {total} tokens, beyond the context length {}",
-                    self.cfg.max_position_embeddings
-                )));
-            }
+            check_sequence(
+                i,
+                s.tokens,
+                s.cache.len(),
+                self.cfg.vocab_size,
+                self.cfg.max_position_embeddings,
+            )?;
             if s.cache.layers.len() != self.layers.len() {
                 return Err(ModelError::InvalidInput(format!(
                     "sequence {i}'s cache has {} layers, the model {}",
