@@ -279,15 +279,7 @@ pub struct V4Config {
 impl V4Config {
     /// Reads and validates `<dir>/config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
-        let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| ModelError::ConfigRead {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
-        Self::from_json(&text).map_err(|e| match e {
-            ModelError::ConfigRead { reason, .. } => ModelError::ConfigRead { path, reason },
-            other => other,
-        })
+        crate::config::read_config(dir, Self::from_json)
     }
 
     /// Parses and validates a `config.json` text, in any of the published spellings.
