@@ -219,17 +219,20 @@ impl ExpertService for Service {
                             tasks.spawn(async move {
                                 let _held = node.hold();
                                 let id = req.request_id;
-                                let resp = match node_slot {
-                                    Ok(_slot) => handle(node.clone(), req).await,
+                                // The node-wide slot is held until the answer is queued,
+                                // as long as the message is held: an answer waiting on a
+                                // client that does not read still takes memory.
+                                let (resp, node_slot) = match node_slot {
+                                    Ok(slot) => (handle(node.clone(), req).await, Some(slot)),
                                     Err(status) => {
                                         node.stats.record_error(status.code());
-                                        Err(status)
+                                        (Err(status), None)
                                     }
                                 };
                                 let resp = resp.unwrap_or_else(|s| error_response(id, &s));
                                 // A closed receiver means the client left; nothing to answer.
                                 let _ = tx.send(Ok(resp)).await;
-                                drop(stream_slot);
+                                drop((node_slot, stream_slot));
                             });
                         }
                         Ok(None) => break,
