@@ -9,7 +9,6 @@
 //! - [`memory`]: returning unloaded weights to the operating system, and private memory.
 
 pub mod membership;
-pub mod memory;
 pub mod node;
 pub mod server;
 pub mod service;

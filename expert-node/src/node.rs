@@ -169,7 +169,7 @@ impl ExpertNode {
         })?;
         let loaded = self.cfg.load_experts(ckpt, pairs);
         // The load's staging buffers (read, widened, packed) are freed by now, whatever it gave.
-        crate::memory::release_to_os();
+        moe_meta::memory::release_to_os();
         let loaded = loaded?;
         let hosted = {
             let mut st = self.write();
@@ -201,7 +201,7 @@ impl ExpertNode {
         };
         // Outside the lock: computes go on while the pages go back.
         if !self.weightless {
-            crate::memory::release_to_os();
+            moe_meta::memory::release_to_os();
         }
         self.stats.record_unloads(pairs.len());
         tracing::info!(node = %self.id, removed = pairs.len(), hosted, "experts unloaded");

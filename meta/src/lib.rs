@@ -2,6 +2,7 @@
 //! (`1-3:0-127`), the placement table (layer, expert) → replicas on nodes with its JSON file
 //! form, and tracing setup with W3C trace-context propagation. The metadata-store trait and the etcd records join it with the coordinator.
 
+pub mod memory;
 pub mod placement;
 pub mod records;
 pub mod spec;

@@ -131,7 +131,7 @@ impl TextCodec {
     /// Token ids of `text` (`add_special`: the post-processor's BOS).
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>, ApiError> {
         self.tok
-            .encode(text, add_special)
+            .encode_fast(text, add_special)
             .map(|e| e.get_ids().to_vec())
             .map_err(|e| ApiError::bad_request(format!("cannot tokenize the prompt: {e}")))
     }
@@ -184,7 +184,7 @@ impl TextCodec {
         let mut ids = Vec::new();
         let encode_plain = |piece: &str, ids: &mut Vec<u32>| -> Result<(), ApiError> {
             if !piece.is_empty() {
-                let enc = self.plain.encode(piece, false).map_err(|e| {
+                let enc = self.plain.encode_fast(piece, false).map_err(|e| {
                     ApiError::bad_request(format!("cannot tokenize the prompt: {e}"))
                 })?;
                 ids.extend_from_slice(enc.get_ids());

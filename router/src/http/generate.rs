@@ -132,6 +132,9 @@ fn chat_logprobs(
     Some(ChatLogprobs { content })
 }
 
+/// Bodies from this size on give the memory their preparation used back to the system.
+const RELEASE_AFTER_BYTES: usize = 1 << 20;
+
 /// Parses and validates a request body on the blocking pool (tokenizing megabytes takes
 /// seconds of CPU), then submits it under `span` (the scheduler's spans for the request are
 /// its children): the validated request and its events.
@@ -146,12 +149,19 @@ async fn accept<R: serde::de::DeserializeOwned + 'static>(
     super::guard::require_json(headers)?;
     let (codec, limits, max_body) = (s.codec.clone(), s.limits.clone(), s.max_body_bytes);
     let (headers, job_span) = (headers.clone(), span.clone());
+    let large = body.as_ref().is_ok_and(|b| b.len() >= RELEASE_AFTER_BYTES);
     let v = s
         .blocking
         .run(move || {
-            job_span.in_scope(|| {
+            let v = job_span.in_scope(|| {
                 parse::<R>(&headers, body, max_body).and_then(|req| validate(&req, &codec, &limits))
-            })
+            });
+            // Tokenizing megabytes allocates hundreds of megabytes in small pieces, which the
+            // allocator would otherwise keep (a 4.7 MB prompt refused for length left 540 MB).
+            if large {
+                moe_meta::memory::release_to_os();
+            }
+            v
         })
         .await??;
     span.in_scope(|| {

@@ -209,3 +209,69 @@ async fn foreign_hosts_and_non_json_bodies_are_refused_and_the_server_keeps_serv
         .sum();
     assert_eq!(refused, 4.0, "refusals are counted: {m:?}");
 }
+
+/// Private memory of the serving process, from its own `/metrics`.
+async fn private_bytes(c: &reqwest::Client, p: &Proc) -> f64 {
+    metric_values(c, &p.addr).await["moe_process_private_memory_bytes"]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_tokenized_then_refused_for_length_gives_its_memory_back() {
+    // DeepSeek's vocabulary size and context: with a 163,840-token context a few megabytes of
+    // text pass the byte-length precheck, so they are tokenized before they are refused.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = dir.path().join("m");
+    let model_s = model.to_str().expect("utf8");
+    let out = moe(&["gen-model", "--preset", "tiny-129k", "--out", model_s]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cfg_path = model.join("config.json");
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).expect("config")).expect("json");
+    cfg["max_position_embeddings"] = json!(163_840);
+    std::fs::write(&cfg_path, cfg.to_string()).expect("write config");
+    let s = server("serve", &["--model", model_s, "--served-model-name", "m"]);
+    let c = reqwest::Client::new();
+
+    // Words from a fixed generator: ~2 tokens each, so 4.5 MB is far past the context.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut text = String::new();
+    while text.len() < 4_500_000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        for k in 0..(2 + x % 8) {
+            text.push((b'a' + ((x >> (5 * k)) % 26) as u8) as char);
+        }
+        text.push(' ');
+    }
+    let small =
+        json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+    let (status, _) = post(&c, &url(&s, "/v1/chat/completions"), &small).await;
+    assert_eq!(status, StatusCode::OK);
+    let before = private_bytes(&c, &s).await;
+    let big =
+        json!({"model": "m", "messages": [{"role": "user", "content": text}], "max_tokens": 4});
+    for _ in 0..2 {
+        let (status, resp) = post(&c, &url(&s, "/v1/chat/completions"), &big).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{resp}");
+        let msg = resp["error"]["message"].as_str().expect("message");
+        assert!(
+            msg.contains("in the prompt"),
+            "refused after tokenizing: {msg}"
+        );
+    }
+    let after = private_bytes(&c, &s).await;
+    // Kept, each request's tokenization held ~540 MB after its answer.
+    assert!(
+        after - before < 96.0 * 1024.0 * 1024.0,
+        "private memory {:.0} MB before, {:.0} MB after",
+        before / 1e6,
+        after / 1e6
+    );
+    let (status, _) = post(&c, &url(&s, "/v1/chat/completions"), &small).await;
+    assert_eq!(status, StatusCode::OK, "serves on");
+}
