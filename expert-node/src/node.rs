@@ -41,6 +41,8 @@ pub struct ExpertNode {
     held_peak: AtomicU64,
     /// Tokens and compute time per (layer, expert).
     pub stats: crate::stats::NodeStats,
+    /// The listener's TLS, once served with it (for its refusal counts).
+    tls: std::sync::OnceLock<Arc<moe_meta::tls::ServerTls>>,
 }
 
 impl ExpertNode {
@@ -90,6 +92,7 @@ impl ExpertNode {
             in_flight: AtomicU64::new(0),
             held: AtomicU64::new(0),
             held_peak: AtomicU64::new(0),
+            tls: std::sync::OnceLock::new(),
             stats: Default::default(),
         }
     }
@@ -221,6 +224,7 @@ impl ExpertNode {
             hosted,
             expert_bytes,
             placement_version: version,
+            tls_refused: self.tls.get().map(|t| t.refusals().counts()),
         })
     }
 
@@ -258,6 +262,11 @@ impl ExpertNode {
         let now = self.held.fetch_add(1, Ordering::SeqCst) + 1;
         self.held_peak.fetch_max(now, Ordering::SeqCst);
         Held(self.clone())
+    }
+
+    /// Records the TLS the node is served with, so `/metrics` shows its refusals.
+    pub fn set_tls(&self, tls: Arc<moe_meta::tls::ServerTls>) {
+        let _ = self.tls.set(tls);
     }
 
     /// Messages held now: read, answer not yet queued to send.

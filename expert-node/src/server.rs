@@ -56,6 +56,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let (drain_tx, drain_rx) = watch::channel(false);
+    if let Some(tls) = &opts.tls {
+        node.set_tls(tls.clone());
+    }
     let limits = Limits {
         per_stream: opts.max_in_flight_per_stream,
         node: opts.max_in_flight,

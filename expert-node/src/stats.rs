@@ -31,6 +31,7 @@ pub const IN_FLIGHT: &str = "moe_node_in_flight";
 /// Dispatch messages read and not yet answered into the send queue, by `node` (bounded by
 /// `--max-in-flight`).
 pub const HELD: &str = "moe_node_held_messages";
+pub const TLS_REFUSED: &str = "moe_node_tls_connections_refused_total";
 /// (layer, expert) pairs hosted, by `node`.
 pub const HOSTED: &str = "moe_node_hosted_experts";
 /// Bytes of the hosted experts' weights, by `node`.
@@ -61,6 +62,8 @@ pub struct NodeGauges<'a> {
     pub hosted: usize,
     pub expert_bytes: u64,
     pub placement_version: u64,
+    /// Connections the TLS listener refused, by reason (None: plaintext listener).
+    pub tls_refused: Option<[(&'static str, u64); 3]>,
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -165,6 +168,20 @@ impl NodeStats {
                 out,
                 "{DISPATCH_ERRORS}{{node=\"{node}\",code=\"{code}\"}} {n}"
             );
+        }
+        if let Some(refused) = g.tls_refused {
+            family(
+                &mut out,
+                TLS_REFUSED,
+                "counter",
+                "Connections the mTLS listener refused, by reason (plaintext client, handshake timeout, failed handshake: no or untrusted certificate, SAN not allowed).",
+            );
+            for (reason, n) in refused {
+                let _ = writeln!(
+                    out,
+                    "{TLS_REFUSED}{{node=\"{node}\",reason=\"{reason}\"}} {n}"
+                );
+            }
         }
         let gauges = [
             (
@@ -282,6 +299,7 @@ mod tests {
             hosted: 6,
             expert_bytes: 6 << 20,
             placement_version: 4,
+            tls_refused: None,
         }
     }
 

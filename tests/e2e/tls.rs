@@ -9,6 +9,7 @@
 pub mod harness;
 pub mod pki;
 
+use std::collections::HashMap;
 use std::process::Command;
 use std::time::Duration;
 
@@ -46,11 +47,37 @@ fn node(ca: &Pki, leaf: &Leaf, experts: &str, listen: Option<&str>) -> Logged {
             experts,
             "--listen",
             listen.unwrap_or("127.0.0.1:0"),
+            "--metrics-listen",
+            "127.0.0.1:0",
         ])
         .args(tls_flags(ca, leaf))
         .args(["--cluster-tls-allowed-san", ROUTER_SAN])
         .env("MOE_LOG", "warn");
     spawn_logged(cmd)
+}
+
+/// The node's connections refused by its TLS listener, by reason, from its `/metrics`.
+async fn refused(c: &reqwest::Client, node: &Logged) -> HashMap<String, f64> {
+    let line = node
+        .lines
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the node prints its metrics address");
+    let addr = line.rsplit(' ').next().expect("address");
+    metric_values(c, addr)
+        .await
+        .into_iter()
+        .filter_map(|(k, v)| {
+            let reason = k.strip_prefix("moe_node_tls_connections_refused_total{")?;
+            Some((
+                reason
+                    .split("reason=\"")
+                    .nth(1)?
+                    .trim_end_matches("\"}")
+                    .to_string(),
+                v,
+            ))
+        })
+        .collect()
 }
 
 /// `Info` on the node at `addr` as a client with `tls` (or plaintext): the node id, or why not.
@@ -185,6 +212,14 @@ async fn mtls_router_and_nodes_serve_golden_ids_and_refuse_strangers() {
         );
     }
     assert_eq!(n0_addr, n0.addr);
+    // Operators see the refusals without reading logs: the plaintext client (which its HTTP/2
+    // stack may retry) and at least three failed handshakes (no certificate, another CA, a SAN
+    // not allowed); nothing timed out.
+    let by_reason = refused(&c, n0_log).await;
+    let count = |r: &str| by_reason.get(r).copied().unwrap_or(-1.0);
+    assert!(count("plaintext") >= 1.0, "{by_reason:?}");
+    assert!(count("handshake") >= 3.0, "{by_reason:?}");
+    assert_eq!(count("timeout"), 0.0, "{by_reason:?}");
 
     // A node replaced, on the same address, by one whose certificate is not the cluster's: the
     // router's next request fails with 503 and the router says why (TLS).

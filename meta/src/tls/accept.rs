@@ -8,6 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -33,6 +34,42 @@ pub enum HandshakeError {
     Timeout(Duration),
     #[error("TLS handshake failed: {0}")]
     Failed(std::io::Error),
+}
+
+impl HandshakeError {
+    /// The `reason` label of the refusal counters.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            HandshakeError::Plaintext => "plaintext",
+            HandshakeError::Timeout(_) => "timeout",
+            HandshakeError::Failed(_) => "handshake",
+        }
+    }
+}
+
+/// Connections a TLS listener refused, by [`HandshakeError::reason`]: what an operator
+/// watches to see clients that cannot join (a certificate from another CA, an expired one, a
+/// plaintext client) without reading logs.
+#[derive(Debug, Default)]
+pub struct Refusals([AtomicU64; 3]);
+
+impl Refusals {
+    const REASONS: [&'static str; 3] = ["plaintext", "timeout", "handshake"];
+
+    /// Counts one refusal.
+    pub fn count(&self, e: &HandshakeError) {
+        let i = match e {
+            HandshakeError::Plaintext => 0,
+            HandshakeError::Timeout(_) => 1,
+            HandshakeError::Failed(_) => 2,
+        };
+        self.0[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Every reason with its count (zeros included, so the series exist from the start).
+    pub fn counts(&self) -> [(&'static str, u64); 3] {
+        std::array::from_fn(|i| (Self::REASONS[i], self.0[i].load(Ordering::Relaxed)))
+    }
 }
 
 /// Completes the server side of a handshake on `tcp`.
@@ -81,13 +118,16 @@ pub fn incoming(
                 },
             };
             let _ = tcp.set_nodelay(true);
-            let (tx, config) = (tx.clone(), tls.current());
+            let (tx, config, tls) = (tx.clone(), tls.current(), tls.clone());
             tokio::spawn(async move {
                 match handshake(tcp, config, HANDSHAKE_TIMEOUT).await {
                     Ok(stream) => {
                         let _ = tx.send(Ok(stream)).await;
                     }
-                    Err(e) => tracing::warn!(%peer, error = %e, "connection refused"),
+                    Err(e) => {
+                        tls.refusals().count(&e);
+                        tracing::warn!(%peer, error = %e, "connection refused");
+                    }
                 }
             });
         }

@@ -174,6 +174,7 @@ pub struct ServerTls {
     paths: (PathBuf, PathBuf, Option<PathBuf>),
     build: Box<Build>,
     state: RwLock<(Files, Arc<rustls::ServerConfig>)>,
+    refusals: accept::Refusals,
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -205,6 +206,7 @@ impl ServerTls {
             ),
             build,
             state: RwLock::new((files, config)),
+            refusals: accept::Refusals::default(),
         }))
     }
 
@@ -222,6 +224,11 @@ impl ServerTls {
             Ok(c)
         };
         ServerTls::new("https", cert, key, None, Box::new(build))
+    }
+
+    /// Connections [`incoming`] refused, by reason.
+    pub fn refusals(&self) -> &accept::Refusals {
+        &self.refusals
     }
 
     /// The configuration the next handshake uses.
