@@ -1,12 +1,14 @@
 #!/bin/bash
-# A/B: greedy vs T=1 top_p 0.95 logprobs 5, 32 concurrent requests of 48 tokens, tiny-129k preset.
+# A/B: greedy vs T=1 top_p 0.95 logprobs 5, 32 concurrent requests of 48 tokens, on a preset with
+# DeepSeek's 129,280-token vocabulary: PRESET=tiny-129k (default; the LM head and sampling are most
+# of a step) or PRESET=bench-129k (1B parameters: a step costs what a model's does).
 # usage: bench/sampling_ab.sh SERVER_BIN TAG   (from the repository root, after cargo build -p moe)
 # Writes OUT/TAG-{greedy,sampled}-N.json (ROUNDS alternating pairs, default 3), prints each
 # run's duration and the median ratio of sampled to greedy output throughput. Port 18712.
 set -u
-BIN=$1; TAG=$2; NEW=${NEW:-target/debug/moe}; OUT=${OUT:-/tmp/moe-sampling-ab}; M=$OUT/tiny129k; PORT=18712
+BIN=$1; TAG=$2; NEW=${NEW:-target/debug/moe}; OUT=${OUT:-/tmp/moe-sampling-ab}; PRESET=${PRESET:-tiny-129k}; M=$OUT/$PRESET; PORT=18712
 mkdir -p $OUT
-[ -f $M/.done ] || { $NEW gen-model --preset tiny-129k --out $M && touch $M/.done; }
+[ -f $M/.done ] || { $NEW gen-model --preset $PRESET --out $M && touch $M/.done; }
 $BIN serve --model $M --listen 127.0.0.1:$PORT > $OUT/serve-$TAG.log 2>&1 &
 SP=$!
 for i in $(seq 1 120); do curl -sf 127.0.0.1:$PORT/ready >/dev/null && break; sleep 0.5; done

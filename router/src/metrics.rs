@@ -75,6 +75,8 @@ pub const DISPATCH_HEDGES: &str = "moe_dispatch_hedges_total";
 pub const DISPATCH_SLOW: &str = "moe_dispatch_slow_total";
 /// 1 while a node is avoided for being slow, by `node`.
 pub const DISPATCH_AVOIDED: &str = "moe_dispatch_avoided";
+/// 1 while a node does not host every expert the placement gives it, by `node`.
+pub const DISPATCH_MISMATCHED: &str = "moe_dispatch_node_mismatched";
 /// Sequences failed because experts they needed had no reachable replica.
 pub const DISPATCH_FAILED_SEQUENCES: &str = "moe_dispatch_failed_sequences_total";
 /// Placement version this router dispatches by.
@@ -218,6 +220,10 @@ fn describe() {
         DISPATCH_AVOIDED,
         "1 while an expert node is avoided for being slow, by node."
     );
+    g!(
+        DISPATCH_MISMATCHED,
+        "1 while an expert node does not host every expert the placement gives it (checked on each connection), by node."
+    );
     c!(
         DISPATCH_FAILED_SEQUENCES,
         "Sequences failed because experts they needed had no reachable replica."
@@ -265,6 +271,7 @@ pub fn new_node(node: &str) {
     metrics::counter!(DISPATCH_HEDGES, "node" => node.to_string()).absolute(0);
     metrics::counter!(DISPATCH_SLOW, "node" => node.to_string()).absolute(0);
     metrics::gauge!(DISPATCH_AVOIDED, "node" => node.to_string()).set(0.0);
+    metrics::gauge!(DISPATCH_MISMATCHED, "node" => node.to_string()).set(0.0);
 }
 
 /// The whole `/metrics` exposition: the router's families plus the process, build and

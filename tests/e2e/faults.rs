@@ -384,3 +384,88 @@ async fn with_no_replica_left_a_stream_gets_503_before_any_byte() {
         "both failed sequences are counted"
     );
 }
+
+/// Polls the router's `/metrics` until `metric` for `node` is `want` (bounded).
+async fn wait_node_metric(c: &reqwest::Client, router: &str, metric: &str, node: &str, want: f64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = metric_values(c, router).await;
+        if node_metric(&m, metric, node) == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{metric} of {node} never became {want}: {m:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_with_fewer_experts_is_rechecked_and_skipped_until_it_hosts_them() {
+    let model = fixture(MODEL);
+    let a = expert_node(&model, &["--experts", "*:*"]);
+    let b = expert_node(&model, &["--experts", "*:*"]);
+    let b_addr = b.addr.clone();
+    let addrs = format!("{},{}", a.addr, b_addr);
+    let m = model.to_str().expect("utf8");
+    let args = ["--model", m, "--experts-at", &addrs, "--wire", "f32"];
+    let router = tokio::task::block_in_place(|| server("router", &args));
+    let c = reqwest::Client::new();
+    assert_eq!(golden_request(&c, &router.addr).await.0, want());
+
+    // The same address, now hosting only layer 1's experts.
+    drop(b);
+    let b = tokio::task::block_in_place(|| {
+        expert_node(&model, &["--experts", "1:*", "--listen", &b_addr])
+    });
+    wait_node_metric(
+        &c,
+        &router.addr,
+        "moe_dispatch_node_mismatched",
+        &b.addr,
+        1.0,
+    )
+    .await;
+    let pairs =
+        |m: &HashMap<String, f64>| node_metric(m, "moe_dispatch_expert_tokens_total", &b_addr);
+    let before = metric_values(&c, &router.addr).await;
+    for _ in 0..3 {
+        assert_eq!(golden_request(&c, &router.addr).await.0, want());
+    }
+    let after = metric_values(&c, &router.addr).await;
+    // Unchecked, every step's requests for layers 2 and 3 reached it and failed over (one
+    // error per quarantine at best); checked, it gets nothing while the other replica serves.
+    assert_eq!(
+        node_metric(&after, "moe_dispatch_failovers_total", &b_addr),
+        node_metric(&before, "moe_dispatch_failovers_total", &b_addr),
+        "no request failed over from the mismatched node"
+    );
+    assert_eq!(
+        pairs(&after),
+        pairs(&before),
+        "the mismatched node was skipped"
+    );
+
+    // Back with every expert: the re-check passes and it takes work again.
+    drop(b);
+    let _b = tokio::task::block_in_place(|| {
+        expert_node(&model, &["--experts", "*:*", "--listen", &b_addr])
+    });
+    wait_node_metric(
+        &c,
+        &router.addr,
+        "moe_dispatch_node_mismatched",
+        &b_addr,
+        0.0,
+    )
+    .await;
+    for _ in 0..3 {
+        assert_eq!(golden_request(&c, &router.addr).await.0, want());
+    }
+    let again = metric_values(&c, &router.addr).await;
+    assert!(
+        pairs(&again) > pairs(&after),
+        "the node serves again: {again:?}"
+    );
+}

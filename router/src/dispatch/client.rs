@@ -25,6 +25,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 use tonic::transport::{Channel, Endpoint};
 
+use super::hosting::{self, Hosting, Required};
+
 type Reply = oneshot::Sender<Result<DispatchResponse, Status>>;
 
 struct Outgoing {
@@ -42,6 +44,8 @@ struct Shared {
     tx: mpsc::UnboundedSender<Outgoing>,
     /// Set by [`ExpertClient::stop`]: the actor fails what is queued and ends.
     stop: tokio::sync::watch::Sender<bool>,
+    /// What the node must host and whether it does, checked on each connection.
+    hosting: Hosting,
 }
 
 /// A handle to one expert node (cheap to clone).
@@ -141,6 +145,7 @@ impl ExpertClient {
             tls,
             tx,
             stop: tokio::sync::watch::channel(stopped).0,
+            hosting: Hosting::default(),
         });
         let client = ExpertClient {
             shared,
@@ -209,6 +214,24 @@ impl ExpertClient {
         rx
     }
 
+    /// Sets the (layer, expert) pairs the placement gives this node ([`super::hosting`]).
+    pub fn set_required(&self, required: Required) {
+        self.shared.hosting.set_required(required);
+        self.report_mismatch();
+    }
+
+    /// Whether the check on the current connection found the node lacking experts the
+    /// placement gives it.
+    pub fn mismatched(&self) -> bool {
+        self.shared.hosting.mismatched().is_some()
+    }
+
+    fn report_mismatch(&self) {
+        let v = if self.mismatched() { 1.0 } else { 0.0 };
+        metrics::gauge!(crate::metrics::DISPATCH_MISMATCHED, "node" => self.shared.addr.clone())
+            .set(v);
+    }
+
     /// Asks the node what it hosts (a separate unary call).
     pub async fn info(&self) -> Result<InfoResponse, Status> {
         let tls = self.shared.tls.as_deref();
@@ -229,6 +252,7 @@ async fn connect(
     (
         mpsc::Sender<DispatchRequest>,
         tonic::Streaming<DispatchResponse>,
+        Channel,
     ),
     Status,
 > {
@@ -237,7 +261,7 @@ async fn connect(
         .connect()
         .await
         .map_err(|e| connect_error(&shared.addr, tls.is_some(), &e))?;
-    let mut client = ExpertServiceClient::new(channel)
+    let mut client = ExpertServiceClient::new(channel.clone())
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
     let (req_tx, req_rx) = mpsc::channel(1024);
@@ -245,7 +269,47 @@ async fn connect(
         .dispatch(ReceiverStream::new(req_rx))
         .await?
         .into_inner();
-    Ok((req_tx, inbound))
+    Ok((req_tx, inbound, channel))
+}
+
+/// Checks, over the connection `channel`, that the node hosts what it must; while it does not,
+/// asks again every [`hosting::RECHECK`]. Ends when it does or the node stops answering (the
+/// connection is then down and the next one is checked).
+async fn check_hosting(shared: Arc<Shared>, channel: Channel, max: usize) {
+    let mut client = ExpertServiceClient::new(channel).max_decoding_message_size(max);
+    let mut reported = false;
+    loop {
+        let info = tokio::time::timeout(Duration::from_secs(10), client.info(InfoRequest {})).await;
+        let info = match info {
+            Ok(Ok(i)) => i.into_inner(),
+            Ok(Err(status)) => {
+                tracing::debug!(node = %shared.addr, %status, "hosting check failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(node = %shared.addr, "hosting check timed out");
+                return;
+            }
+        };
+        let verdict = shared.hosting.record(hosting::hosted(&info));
+        let v = if verdict.is_some() { 1.0 } else { 0.0 };
+        metrics::gauge!(crate::metrics::DISPATCH_MISMATCHED, "node" => shared.addr.clone()).set(v);
+        match verdict {
+            None => {
+                if reported {
+                    tracing::info!(node = %shared.addr, "node now hosts its experts");
+                }
+                return;
+            }
+            Some(why) => {
+                if !reported {
+                    tracing::warn!(node = %shared.addr, reason = %why, "node skipped while another replica is usable");
+                    reported = true;
+                }
+                tokio::time::sleep(hosting::RECHECK).await;
+            }
+        }
+    }
 }
 
 fn fail_all(pending: &mut HashMap<u64, Reply>, why: &str) {
@@ -278,10 +342,10 @@ async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Outgoing>, max
     }
 }
 
-async fn serve(shared: &Shared, rx: &mut mpsc::UnboundedReceiver<Outgoing>, max: usize) {
+async fn serve(shared: &Arc<Shared>, rx: &mut mpsc::UnboundedReceiver<Outgoing>, max: usize) {
     let mut backoff = Duration::from_millis(50);
     loop {
-        let (req_tx, mut inbound) = match connect(shared, max).await {
+        let (req_tx, mut inbound, channel) = match connect(shared, max).await {
             Ok(c) => c,
             Err(status) => {
                 tracing::debug!(node = %shared.addr, %status, "connect failed");
@@ -302,6 +366,7 @@ async fn serve(shared: &Shared, rx: &mut mpsc::UnboundedReceiver<Outgoing>, max:
             }
         };
         shared.up.store(true, Ordering::SeqCst);
+        let check = tokio::spawn(check_hosting(shared.clone(), channel, max));
         backoff = Duration::from_millis(50);
         tracing::info!(node = %shared.addr, "dispatch stream up");
         let mut pending: HashMap<u64, Reply> = HashMap::new();
@@ -342,6 +407,8 @@ async fn serve(shared: &Shared, rx: &mut mpsc::UnboundedReceiver<Outgoing>, max:
             }
         };
         shared.up.store(false, Ordering::SeqCst);
+        check.abort();
+        shared.hosting.reset();
         if clean && pending.is_empty() {
             // A draining node (a restart, `moe up` stopping) ends its streams once idle.
             tracing::info!(node = %shared.addr, reason = %why, "dispatch stream closed");

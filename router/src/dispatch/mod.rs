@@ -13,6 +13,7 @@
 pub mod client;
 mod error;
 pub mod health;
+pub mod hosting;
 pub mod load;
 pub mod plan;
 mod wait;
@@ -138,7 +139,7 @@ impl RemoteExperts {
         let _guard = self.handle.enter();
         let clients: Vec<ExpertClient> = {
             let mut cache = self.by_addr.lock().unwrap_or_else(|p| p.into_inner());
-            let clients = addrs
+            let clients: Vec<ExpertClient> = addrs
                 .iter()
                 .map(|a| {
                     cache
@@ -175,6 +176,11 @@ impl RemoteExperts {
                     c.stop();
                 }
                 self.health.forget(&a);
+            }
+            if let Some(p) = &placement {
+                for (c, r) in clients.iter().zip(hosting::required(p, clients.len())) {
+                    c.set_required(r);
+                }
             }
             clients
         };
@@ -342,14 +348,16 @@ impl RemoteExperts {
         }
     }
 
-    /// Whether `n` may take work under `tier`: 0 skips quarantined and slow nodes, 1 allows slow
-    /// ones, 2 also quarantined ones (when nothing else is left). Down nodes and nodes that failed
+    /// Whether `n` may take work under `tier`: 0 skips quarantined, mismatched ([`hosting`]) and
+    /// slow nodes, 1 allows slow ones, 2 also quarantined and mismatched ones (when nothing
+    /// else is left). Down nodes and nodes that failed
     /// in this step (`excluded`) are never usable.
     fn usable(&self, routes: &Routes, excluded: &BTreeSet<String>, tier: u8, n: usize) -> bool {
         let c = &routes.clients[n];
         c.is_up()
             && !excluded.contains(c.addr())
             && (tier >= 2 || !self.health.quarantined(c.addr()))
+            && (tier >= 2 || !c.mismatched())
             && (tier >= 1 || !self.health.slow(c.addr()))
     }
 
