@@ -1,7 +1,8 @@
 //! An expert node in a coordinated cluster: register under a lease, follow the placement, load
 //! what the pending and active placements give this node, acknowledge a version once everything
 //! it needs is loaded, serve the versions routers may still use, and unload experts only once
-//! every router routes with a placement that no longer needs them.
+//! every router routes with a placement that no longer needs them. What routers use comes from
+//! the coordinator's one-key summary (`router-versions`), not from every router's record.
 //!
 //! The lease and the lease-loss policy are [`moe_meta::store::register::hold`]'s: the node
 //! keeps its lease while etcd is unreachable; only a lease etcd says is gone makes it register
@@ -19,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use moe_meta::records::wire::Resolved;
-use moe_meta::records::{self, AckRecord, Keys, NodeRecord, RouterRecord};
+use moe_meta::records::{self, AckRecord, Keys, NodeRecord, RouterVersions};
 use moe_meta::store::mirror::{Snapshot, mirror};
 use moe_meta::store::placements::PlacementFeed;
 use moe_meta::store::register::{Term, TermError, claim, hold};
@@ -39,13 +40,13 @@ pub struct MemberConfig {
     pub lease_ttl: Duration,
 }
 
-/// Lowest placement version any router reports (None: no router registered).
+/// Lowest placement version any router reports (None: no router registered), from the
+/// coordinator's `router-versions` summary (the snapshot of that one key).
 fn min_router_version(snap: &Snapshot) -> Option<u64> {
     snap.entries
         .iter()
-        .filter_map(|(k, kv)| records::decode_or_skip::<RouterRecord>(k, &kv.value))
-        .map(|r| r.placement_version)
-        .min()
+        .filter_map(|(k, kv)| records::decode_or_skip::<RouterVersions>(k, &kv.value))
+        .find_map(|r| r.oldest)
 }
 
 /// One pass: load, serve, acknowledge, unload. Returns the version acknowledged.
@@ -156,7 +157,7 @@ pub async fn run_member(
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), String> {
     let placements = mirror(store.clone(), cfg.keys.placement());
-    let routers = mirror(store.clone(), cfg.keys.routers());
+    let routers = mirror(store.clone(), cfg.keys.router_versions());
     let record = NodeRecord {
         id: node.id.clone(),
         addr: cfg.addr.clone(),

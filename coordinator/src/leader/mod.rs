@@ -43,6 +43,7 @@ use crate::plan::{NodeSlot, plan_with};
 use crate::rebalance::{LoadTracker, RebalanceConfig};
 
 mod on_load;
+mod routers;
 mod status;
 
 use on_load::rebalance_round;
@@ -172,6 +173,15 @@ async fn settle(nodes: &mut watch::Receiver<Arc<Snapshot>>, settle: Duration) {
     }
 }
 
+/// Aborts a term's helper task when the term ends, however it ends.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// State a term keeps between rollouts.
 #[derive(Default)]
 struct TermState {
@@ -216,6 +226,13 @@ async fn lead(
     let _ = wait_until(&mut nodes, |s| s.revision > 0).await;
     let _ = wait_until(&mut acks, |s| s.revision > 0).await;
     let loads = mirror(store.clone(), cfg.keys.loads());
+    // Nodes learn what routers use from one key this term keeps (aborted with the term).
+    let publisher = tokio::spawn(routers::publish(
+        store.clone(),
+        cfg.keys.clone(),
+        leadership.fence(),
+    ));
+    let _publisher = AbortOnDrop(publisher);
     let mut tracker = LoadTracker::default();
     let mut tick = tokio::time::interval(cfg.rebalance.interval.max(Duration::from_millis(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
