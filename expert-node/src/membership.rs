@@ -85,7 +85,7 @@ async fn reconcile(
             if let Some(rec) = newest_rec {
                 let ack = AckRecord {
                     error: Some(why),
-                    ..AckRecord::loaded(&rec.record)
+                    ..AckRecord::of(rec.record.version, rec.digest)
                 };
                 write_ack(store, cfg, rec, &node.id, &ack, lease, last_ack).await?;
             }
@@ -103,7 +103,7 @@ async fn reconcile(
     }
     // Acknowledge the newest record (its experts are all here).
     if let Some(rec) = newest_rec {
-        let ack = AckRecord::loaded(&rec.record);
+        let ack = AckRecord::of(rec.record.version, rec.digest);
         write_ack(store, cfg, rec, &node.id, &ack, lease, last_ack).await?;
     }
     let acked = newest;

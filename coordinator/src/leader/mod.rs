@@ -491,6 +491,7 @@ async fn rollout(
         }
     }
     let deadline = tokio::time::Instant::now() + cfg.ack_timeout;
+    let digest = rec.digest();
     loop {
         let snap = acks.borrow_and_update().clone();
         let ack = |id: &str| {
@@ -498,7 +499,7 @@ async fn rollout(
             snap.entries
                 .get(&key)
                 .and_then(|kv| records::decode_or_skip::<AckRecord>(&key, &kv.value))
-                .filter(|a| a.names(rec))
+                .filter(|a| a.names_digest(rec.version, digest))
         };
         let answers: Vec<(String, Option<AckRecord>)> = rec
             .nodes

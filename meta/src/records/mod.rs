@@ -190,9 +190,26 @@ impl AckRecord {
         }
     }
 
+    /// The ack of a record whose version and digest are known (a [`wire::Resolved`] carries
+    /// its digest: no re-encoding of the whole record per ack).
+    pub fn of(version: u64, digest: u64) -> AckRecord {
+        AckRecord {
+            version,
+            digest,
+            error: None,
+        }
+    }
+
     /// Whether this ack names `rec`.
     pub fn names(&self, rec: &PlacementRecord) -> bool {
-        self.version == rec.version && self.digest == rec.digest()
+        self.names_digest(rec.version, rec.digest())
+    }
+
+    /// Whether this ack names the record of `version` and `digest` (the digest computed once,
+    /// not per ack: at 1,000 nodes re-encoding the record for every ack on every ack event was
+    /// half of a rollout's coordinator time).
+    pub fn names_digest(&self, version: u64, digest: u64) -> bool {
+        self.version == version && self.digest == digest
     }
 }
 
