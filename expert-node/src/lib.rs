@@ -4,10 +4,12 @@
 //! - [`node`]: the node's state (hosted experts, served placement versions) and compute.
 //! - [`validate`]: every check a dispatch must pass, each mapped to a precise gRPC status.
 //! - [`service`]: the tonic service (bidirectional data-plane stream, unary compute, info, health).
+//! - [`frames`]: messages handed to tonic only once whole (no reservation of declared sizes).
 //! - [`server`]: listening, HTTP/2 tuning and graceful drain.
 //! - [`membership`]: registration under a lease and following the coordinator's placement.
 //! - [`memory`]: returning unloaded weights to the operating system, and private memory.
 
+pub mod frames;
 pub mod membership;
 pub mod node;
 pub mod server;

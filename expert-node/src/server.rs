@@ -15,16 +15,16 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
 
+use crate::frames::WholeMessagesLayer;
 use crate::node::ExpertNode;
 use crate::service::{Limits, Service};
 
 /// Transport options.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
-    /// Largest gRPC message accepted or sent. tonic reserves a message's declared length
-    /// (up to this) as soon as its 5-byte header arrives, so stalled declarations can hold this
-    /// much address space per stream: at most `max_message_bytes × max_streams_per_connection`
-    /// per connection.
+    /// Largest gRPC message accepted or sent. A message reaches tonic only once all of it has
+    /// arrived ([`crate::frames`]), so a stalled declaration holds the bytes really sent, never
+    /// its declared length.
     pub max_message_bytes: usize,
     /// Messages one Dispatch stream holds before it stops reading (backpressure).
     pub max_in_flight_per_stream: usize,
@@ -78,6 +78,9 @@ pub async fn serve(
         .initial_connection_window_size(32 << 20)
         .max_frame_size(1 << 20)
         .max_concurrent_streams(opts.max_streams_per_connection)
+        .layer(WholeMessagesLayer {
+            max: opts.max_message_bytes,
+        })
         .add_service(svc);
     match opts.tls {
         Some(tls) => {

@@ -47,8 +47,8 @@ pub struct Args {
     /// series per node; per-layer series are always exported).
     #[arg(long, env = "MOE_EXPERT_METRICS")]
     expert_metrics: bool,
-    /// Largest gRPC message, bytes. A message's declared length is reserved when its header
-    /// arrives, so a connection can hold up to this × --max-streams-per-connection.
+    /// Largest gRPC message, bytes; a larger declaration is refused from its header. A message
+    /// is held as its bytes arrive, never reserved at its declared length.
     #[arg(long, env = "MOE_MAX_MESSAGE_BYTES", default_value_t = moe_proto::DEFAULT_MAX_MESSAGE_BYTES)]
     max_message_bytes: usize,
     /// Messages one Dispatch stream holds (read, not yet answered) before it stops reading:
