@@ -2,8 +2,10 @@
 //! message's chunks (zero-copy `Bytes`, as they come off the HTTP/2 stream) and hands the
 //! message to tonic only once all of it is here. tonic reserves a message's *declared* length
 //! as soon as its 5-byte header arrives; behind this wrapper the header arrives together with
-//! the body, so a stalled declaration holds only the bytes its sender really sent (bounded by
-//! the HTTP/2 stream window), never the size it claimed. A declaration over
+//! the body, so a stalled declaration holds only the bytes its sender really sent, never the
+//! size it claimed. (Reading a chunk returns its HTTP/2 flow-control window, so a sender that
+//! keeps sending can bring a held message up to its declared size, which is at most `max`: that
+//! is memory for bytes that really arrived.) A declaration over
 //! `--max-message-bytes` is passed through at once, for tonic to refuse from the header.
 //! Framing: <https://github.com/grpc/grpc/blob/master/doc/PROTOCOL-HTTP2.md> (Length-Prefixed-Message).
 
