@@ -223,13 +223,11 @@ impl ExpertClient {
     /// Whether the check on the current connection found the node lacking experts the
     /// placement gives it.
     pub fn mismatched(&self) -> bool {
-        self.shared.hosting.mismatched().is_some()
+        self.shared.hosting.is_mismatched()
     }
 
     fn report_mismatch(&self) {
-        let v = if self.mismatched() { 1.0 } else { 0.0 };
-        metrics::gauge!(crate::metrics::DISPATCH_MISMATCHED, "node" => self.shared.addr.clone())
-            .set(v);
+        report_mismatch(&self.shared);
     }
 
     /// Asks the node what it hosts (a separate unary call).
@@ -272,6 +270,16 @@ async fn connect(
     Ok((req_tx, inbound, channel))
 }
 
+/// Sets `moe_dispatch_node_mismatched` for the node from its hosting verdict.
+fn report_mismatch(shared: &Shared) {
+    let v = if shared.hosting.is_mismatched() {
+        1.0
+    } else {
+        0.0
+    };
+    metrics::gauge!(crate::metrics::DISPATCH_MISMATCHED, "node" => shared.addr.clone()).set(v);
+}
+
 /// Checks, over the connection `channel`, that the node hosts what it must; while it does not,
 /// asks again every [`hosting::RECHECK`]. Ends when it does or the node stops answering (the
 /// connection is then down and the next one is checked).
@@ -292,8 +300,7 @@ async fn check_hosting(shared: Arc<Shared>, channel: Channel, max: usize) {
             }
         };
         let verdict = shared.hosting.record(hosting::hosted(&info));
-        let v = if verdict.is_some() { 1.0 } else { 0.0 };
-        metrics::gauge!(crate::metrics::DISPATCH_MISMATCHED, "node" => shared.addr.clone()).set(v);
+        report_mismatch(&shared);
         match verdict {
             None => {
                 if reported {

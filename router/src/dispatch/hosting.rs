@@ -113,6 +113,11 @@ impl Hosting {
     pub fn mismatched(&self) -> Option<String> {
         self.lock().mismatch.clone()
     }
+
+    /// Whether the node is mismatched now (planning asks this per node and layer: no clone).
+    pub fn is_mismatched(&self) -> bool {
+        self.lock().mismatch.is_some()
+    }
 }
 
 #[cfg(test)]
