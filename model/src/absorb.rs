@@ -33,6 +33,14 @@ pub(crate) fn absorbed_heads(
         )),
         WeightData::F32(values) => Ok(dense_heads(&values, false, heads, nope, v, lora)),
         WeightData::Fp8RowScaled { .. } => unreachable!("never read from a file"),
+        w @ WeightData::Fp4 { .. } => Ok(dense_heads(
+            &w.into_f32(shape[0], lora),
+            false,
+            heads,
+            nope,
+            v,
+            lora,
+        )),
     }
 }
 

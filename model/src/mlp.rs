@@ -51,6 +51,24 @@ fn concat_rows(a: WeightData, b: WeightData, rows: usize, cols: usize) -> Weight
                 block_k: block[1],
             }
         }
+        (
+            WeightData::Fp4 {
+                values: mut va,
+                scales: mut sa,
+            },
+            WeightData::Fp4 {
+                values: vb,
+                scales: sb,
+            },
+        ) => {
+            // Row-major packing and per-row scales stack as they are.
+            va.extend(vb);
+            sa.extend(sb);
+            WeightData::Fp4 {
+                values: va,
+                scales: sa,
+            }
+        }
         (a, b) => {
             let mut out = to_f32(a, rows, cols);
             out.extend(to_f32(b, rows, cols));
@@ -74,6 +92,7 @@ fn to_f32(w: WeightData, rows: usize, cols: usize) -> Vec<f32> {
             row_scales,
             block_k,
         } => fp8::dequantize_block_fp8(&values, rows, cols, &row_scales, [1, block_k]),
+        w @ WeightData::Fp4 { .. } => w.into_f32(rows, cols),
     }
 }
 

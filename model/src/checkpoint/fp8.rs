@@ -82,6 +82,58 @@ pub fn e4m3_to_f16_bits(byte: u8) -> u16 {
 /// The power of two that [`e4m3_to_f16_bits`] divides by; kernels fold it into the block scales.
 pub const F16_SHIFT_SCALE: f32 = 256.0;
 
+/// The e4m3fn byte nearest `x` (ties to the smaller magnitude; beyond 448 saturates).
+pub fn nearest_e4m3(x: f32) -> u8 {
+    let table = e4m3_table();
+    let mag = x.abs();
+    // Bytes 0..=0x7E are the non-negative finite values in increasing order.
+    let hi = table[..0x7F].partition_point(|&v| v < mag).min(0x7E);
+    let best = if hi > 0 && mag - table[hi - 1] <= table[hi] - mag {
+        hi - 1
+    } else {
+        hi
+    } as u8;
+    if x.is_sign_negative() && best != 0 {
+        best | 0x80
+    } else {
+        best
+    }
+}
+
+/// Quantises `w[rows, cols]` to e4m3fn with one E8M0 scale byte per `block` (edge blocks
+/// partial): the smallest power of two that brings the block's largest magnitude within 448,
+/// then each value to its nearest e4m3. Returns the bytes and the
+/// `[ceil(rows/block[0]), ceil(cols/block[1])]` scale bytes. For test checkpoints and
+/// `gen-model --quantize`.
+pub fn quantize_block(w: &[f32], rows: usize, cols: usize, block: [usize; 2]) -> (Vec<u8>, Vec<u8>) {
+    assert_eq!(w.len(), rows * cols, "FP8 weight size");
+    let grid = [blocks(rows, block[0]), blocks(cols, block[1])];
+    let mut scales = vec![127u8; grid[0] * grid[1]];
+    let mut values = vec![0u8; rows * cols];
+    for bi in 0..grid[0] {
+        for bj in 0..grid[1] {
+            let (r0, r1) = (bi * block[0], ((bi + 1) * block[0]).min(rows));
+            let (c0, c1) = (bj * block[1], ((bj + 1) * block[1]).min(cols));
+            let amax = (r0..r1)
+                .flat_map(|i| w[i * cols + c0..i * cols + c1].iter())
+                .fold(0.0f32, |m, v| m.max(v.abs()));
+            let b = if amax > 0.0 {
+                super::fp4::e8m0_at_least(amax / 448.0)
+            } else {
+                127
+            };
+            scales[bi * grid[1] + bj] = b;
+            let s = super::fp4::e8m0_to_f32(b).expect("finite scale");
+            for i in r0..r1 {
+                for j in c0..c1 {
+                    values[i * cols + j] = nearest_e4m3(w[i * cols + j] / s);
+                }
+            }
+        }
+    }
+    (values, scales)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,5 +188,30 @@ mod tests {
         assert_eq!(out[4 * 7 + 6], -8.5);
         // Element (1, 4): byte 11 % 4 = 3 → 0x3C = 1.5, scale index 0 * 3 + 1 = 1 → 1.5.
         assert_eq!(out[7 + 4], 2.25);
+    }
+
+    #[test]
+    fn quantisation_rounds_to_the_nearest_value() {
+        for b in 0..=0xFEu8 {
+            if is_nan(b) {
+                continue;
+            }
+            let v = e4m3_to_f32(b);
+            let back = nearest_e4m3(v);
+            assert_eq!(e4m3_to_f32(back), v, "byte {b:#x}");
+        }
+        assert_eq!(nearest_e4m3(1.0625), 0x38); // halfway between 1 and 1.125: the smaller
+        assert_eq!(nearest_e4m3(1.07), 0x39);
+        assert_eq!(nearest_e4m3(-1000.0), 0xFE);
+        let w: Vec<f32> = (0..5 * 7).map(|i| (i as f32 * 0.7).sin() * 100.0).collect();
+        let (values, bytes) = quantize_block(&w, 5, 7, [2, 3]);
+        let scales: Vec<f32> = bytes
+            .iter()
+            .map(|&b| super::super::fp4::e8m0_to_f32(b).unwrap())
+            .collect();
+        let back = dequantize_block_fp8(&values, 5, 7, &scales, [2, 3]);
+        for (a, b) in w.iter().zip(&back) {
+            assert!((a - b).abs() <= a.abs() / 16.0 + 1e-3, "{a} vs {b}");
+        }
     }
 }

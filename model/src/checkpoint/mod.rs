@@ -7,8 +7,10 @@
 //! [`Checkpoint::bytes_read`] counts what was actually read, which the tests check.
 //! Reference: <https://huggingface.co/docs/safetensors/index>.
 
+pub mod fp4;
 pub mod fp8;
 mod mmap;
+mod quant;
 pub mod select;
 
 use std::collections::HashMap;
@@ -43,6 +45,31 @@ pub enum WeightData {
         row_scales: Vec<f32>,
         block_k: usize,
     },
+    /// FP4 (e2m1) nibbles packed two per byte, row-major `[rows, cols / 2]` (low nibble = even
+    /// column), with float32 scales per row and 32 columns (`[rows, cols / 32]`; see [`fp4`]).
+    /// Kept packed and widened inside the GEMM kernel.
+    Fp4 { values: Vec<u8>, scales: Vec<f32> },
+}
+
+impl WeightData {
+    /// The values as float32 (`[rows, cols]`), dequantising FP8 and FP4 with their scales.
+    pub fn into_f32(self, rows: usize, cols: usize) -> Vec<f32> {
+        match self {
+            WeightData::F32(v) => v,
+            WeightData::Bf16(v) => v.into_iter().map(bf16_to_f32).collect(),
+            WeightData::Fp8 {
+                values,
+                scales,
+                block,
+            } => fp8::dequantize_block_fp8(&values, rows, cols, &scales, block),
+            WeightData::Fp8RowScaled {
+                values,
+                row_scales,
+                block_k,
+            } => fp8::dequantize_block_fp8(&values, rows, cols, &row_scales, [1, block_k]),
+            WeightData::Fp4 { values, scales } => fp4::dequantize(&values, rows, cols, &scales),
+        }
+    }
 }
 
 /// Progress of a load, reported after every tensor.
@@ -89,7 +116,7 @@ fn dtype_size(dtype: Dtype) -> Option<usize> {
     match dtype {
         Dtype::F32 | Dtype::I32 | Dtype::U32 => Some(4),
         Dtype::BF16 | Dtype::F16 | Dtype::I16 | Dtype::U16 => Some(2),
-        Dtype::F8_E4M3 | Dtype::U8 | Dtype::I8 | Dtype::F8_E5M2 => Some(1),
+        Dtype::F8_E4M3 | Dtype::U8 | Dtype::I8 | Dtype::F8_E5M2 | Dtype::F8_E8M0 => Some(1),
         Dtype::F64 | Dtype::I64 | Dtype::U64 => Some(8),
         _ => None,
     }
@@ -226,15 +253,15 @@ impl Checkpoint {
         self.entries.get(name).map(|e| e.shape.as_slice())
     }
 
-    /// Stored size of `name` in bytes (with its FP8 scale tensor, if any).
+    /// Stored size of `name` in bytes (with its FP8/FP4 scale tensor, if any).
     pub fn stored_bytes(&self, name: &str) -> u64 {
         let own = self
             .entries
             .get(name)
             .map_or(0, |e| (e.end - e.start) as u64);
         let scale = self
-            .entries
-            .get(&format!("{name}_scale_inv"))
+            .scale_name(name)
+            .and_then(|s| self.entries.get(&s))
             .map_or(0, |e| (e.end - e.start) as u64);
         own + scale
     }
@@ -303,32 +330,24 @@ impl Checkpoint {
         }
     }
 
-    /// Reads `name` as float32 (any float dtype; FP8 is dequantised with its block scales).
+    /// Reads `name` as float32 (any float dtype; FP8 and FP4 are dequantised with their scales).
     pub fn read_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        match self.read_weight(name, shape)? {
-            WeightData::F32(v) => Ok(v),
-            WeightData::Bf16(v) => Ok(v.into_iter().map(bf16_to_f32).collect()),
-            WeightData::Fp8 {
-                values,
-                scales,
-                block,
-            } => {
-                let cols = shape.last().copied().unwrap_or(1);
-                Ok(fp8::dequantize_block_fp8(
-                    &values,
-                    values.len() / cols.max(1),
-                    cols,
-                    &scales,
-                    block,
-                ))
-            }
-            WeightData::Fp8RowScaled { .. } => unreachable!("never read from a file"),
-        }
+        let (rows, cols) = match shape {
+            [] => (1, 1),
+            [.., c] => (shape.iter().product::<usize>() / (*c).max(1), *c),
+        };
+        Ok(self.read_weight(name, shape)?.into_f32(rows, cols))
     }
 
     /// Reads `name` in the representation the engine keeps: bf16 stays bf16, f32 stays f32, f16
-    /// becomes f32 and FP8 stays FP8 bytes plus block scales (a NaN byte is an error).
+    /// becomes f32, FP8 stays FP8 bytes plus block scales (a NaN byte is an error) and an
+    /// int8-packed FP4 weight (stored `[rows, cols / 2]` for a `[rows, cols]` shape) stays packed
+    /// with its per-32-column scales. Scales are `{name}_scale_inv` or `{stem}.scale` (see
+    /// [`Checkpoint::scale_name`]), float or E8M0.
     pub fn read_weight(&self, name: &str, shape: &[usize]) -> Result<WeightData> {
+        if let Some(w) = self.read_fp4(name, shape)? {
+            return Ok(w);
+        }
         let (entry, bytes) = self.raw(name, shape)?;
         match entry.dtype {
             Dtype::F32 => Ok(WeightData::F32(
@@ -349,30 +368,7 @@ impl Checkpoint {
                     .map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
                     .collect(),
             )),
-            Dtype::F8_E4M3 => {
-                let block = self.fp8_block.unwrap_or([128, 128]);
-                let (rows, cols) = match shape {
-                    [r, c] => (*r, *c),
-                    _ => return Err(Self::unsupported(name, entry.dtype)),
-                };
-                let scale_name = format!("{name}_scale_inv");
-                let grid = [fp8::blocks(rows, block[0]), fp8::blocks(cols, block[1])];
-                let scales = self.read_f32(&scale_name, &grid)?;
-                if let Some(i) = bytes.iter().position(|&b| fp8::is_nan(b)) {
-                    return Err(ModelError::Checkpoint {
-                        path: self.files[entry.file].0.clone(),
-                        reason: format!(
-                            "tensor `{name}` holds an FP8 NaN (byte {:#04x} at element {i})",
-                            bytes[i]
-                        ),
-                    });
-                }
-                Ok(WeightData::Fp8 {
-                    values: bytes.to_vec(),
-                    scales,
-                    block,
-                })
-            }
+            Dtype::F8_E4M3 => self.fp8_weight(name, entry, bytes, shape),
             other => Err(Self::unsupported(name, other)),
         }
     }

@@ -1,4 +1,4 @@
-//! AVX-512 micro-kernels over packed bf16 or FP8 weight panels (see [`super::pack`]).
+//! AVX-512 micro-kernels over packed bf16, FP8 or FP4 weight panels (see [`super::pack`]).
 //!
 //! Activations stay float32: each 64-byte bf16 panel row is widened to two float32 vectors with
 //! one shift and one mask (bf16 → f32 is exact); each 32-byte FP8 row is widened to 32 halves
@@ -8,11 +8,41 @@
 //! float32 GEMM over the weights' values (FP8's 2^-8 is folded into its block scales). Every
 //! output element is accumulated over k in the same order whatever the tile shape, so a token's
 //! result does not depend on which or how many other tokens share the batch.
+//!
+//! FP4 (e2m1) rows are 16 bytes: the bytes are zero-extended to 16 int32 lanes, the low and high
+//! nibbles (columns 0..16 and 16..32) index a 16-entry float32 table by `vpermps`, and each value
+//! is multiplied by its column's scale for that 32-wide k group before the FMA. The product is the
+//! dequantised weight exactly as `e2m1 · scale` rounds in float32, so FP4 panels give the results
+//! of bf16 (or float32) panels holding the dequantised weights, bit for bit.
 #![allow(unsafe_code)]
 
 use std::arch::x86_64::*;
 
 use super::pack::NR;
+use crate::checkpoint::fp4;
+
+/// The weight format of a tile's panels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Bf16,
+    Fp8,
+    Fp4,
+}
+
+const BF16: u8 = 0;
+const FP8: u8 = 1;
+const FP4: u8 = 2;
+
+/// The per-weight scales of an FP4 tile: NR scales per (panel, 32-wide k group).
+#[derive(Debug, Clone, Copy)]
+pub struct Fp4Scales {
+    /// Scales of the first panel in the k group holding the tile's first column.
+    pub scales: *const f32,
+    /// Floats from one panel's scales to the next's.
+    pub panel_stride: usize,
+    /// The tile's first column's offset inside its k group (`k0 % 32`).
+    pub offset: usize,
+}
 
 /// One tile invocation: `R` activation rows × `P` adjacent panels over `kc` columns of k.
 #[derive(Debug, Clone, Copy)]
@@ -33,6 +63,8 @@ pub struct Tile {
     pub scale: Option<(*const f32, usize)>,
     /// Overwrite `c` (first k chunk) instead of accumulating into it.
     pub first: bool,
+    /// Per-weight scales of FP4 panels (`None` for the other formats).
+    pub fp4: Option<Fp4Scales>,
 }
 
 /// Bytes prefetched ahead in each panel (64 bf16 rows). The hardware prefetcher alone left decode
@@ -45,10 +77,10 @@ const PREFETCH_BYTES: usize = 64 * NR * 2;
 /// # Safety
 /// `row` has `NR` values of the format (64 bytes for bf16, 32 for FP8).
 #[inline(always)]
-unsafe fn widen<const FP8: bool>(row: *const u8) -> [__m512; 2] {
+unsafe fn widen<const F: u8>(row: *const u8) -> [__m512; 2] {
     // SAFETY: forwarded from the caller; AVX-512F/BW are enabled in the calling kernel.
     unsafe {
-        if FP8 {
+        if F == FP8 {
             let v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(row.cast()));
             let magnitude = _mm512_and_si512(_mm512_slli_epi16::<7>(v), _mm512_set1_epi16(0x3F80));
             let sign = _mm512_and_si512(
@@ -73,6 +105,39 @@ unsafe fn widen<const FP8: bool>(row: *const u8) -> [__m512; 2] {
     }
 }
 
+/// One FP4 panel row (16 bytes: column `j` in the low nibble of byte `j`, column `16 + j` in the
+/// high one) as float32 columns `[0..16, 16..32]`, each times its scale.
+///
+/// # Safety
+/// `row` has 16 readable bytes; AVX-512F is enabled in the calling kernel.
+#[inline(always)]
+unsafe fn widen_fp4(row: *const u8, table: __m512, scales: [__m512; 2]) -> [__m512; 2] {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(row.cast()));
+        let lo = _mm512_and_si512(v, _mm512_set1_epi32(0x0F));
+        let hi = _mm512_srli_epi32::<4>(v);
+        [
+            _mm512_mul_ps(_mm512_permutexvar_ps(lo, table), scales[0]),
+            _mm512_mul_ps(_mm512_permutexvar_ps(hi, table), scales[1]),
+        ]
+    }
+}
+
+/// The 32 scales of panel `p` for the k group holding tile column `kk`.
+///
+/// # Safety
+/// `s` covers that group of that panel.
+#[inline(always)]
+unsafe fn fp4_scales(s: &Fp4Scales, p: usize, kk: usize) -> [__m512; 2] {
+    let group = (s.offset + kk) / fp4::GROUP;
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let at = s.scales.add(p * s.panel_stride + group * NR);
+        [_mm512_loadu_ps(at), _mm512_loadu_ps(at.add(16))]
+    }
+}
+
 #[inline(always)]
 fn mask_for(cols: usize) -> __mmask16 {
     if cols >= 16 {
@@ -83,13 +148,30 @@ fn mask_for(cols: usize) -> __mmask16 {
 }
 
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn tile<const R: usize, const P: usize, const FP8: bool>(t: &Tile) {
-    let row_bytes = if FP8 { NR } else { NR * 2 };
+unsafe fn tile<const R: usize, const P: usize, const F: u8>(t: &Tile) {
+    let row_bytes = match F {
+        BF16 => NR * 2,
+        FP8 => NR,
+        _ => NR / 2,
+    };
+    // SAFETY: a 16-float table.
+    let table = unsafe { _mm512_loadu_ps(fp4::E2M1.as_ptr()) };
+    let mut ws = [[_mm512_setzero_ps(); 2]; P];
     let mut acc = [[[_mm512_setzero_ps(); 2]; P]; R];
     for kk in 0..t.kc {
         let mut w = [[_mm512_setzero_ps(); 2]; P];
-        // One prefetch per 64-byte line: every row in bf16, every other row in FP8.
-        if !FP8 || kk.is_multiple_of(2) {
+        if F == FP4
+            && let Some(s) = &t.fp4
+            && (kk == 0 || (s.offset + kk).is_multiple_of(fp4::GROUP))
+        {
+            for (p, wsp) in ws.iter_mut().enumerate() {
+                // SAFETY: the driver passes the scales of every panel and group of the tile.
+                *wsp = unsafe { fp4_scales(s, p, kk) };
+            }
+        }
+        // One prefetch per 64-byte line: every row in bf16, every other row in FP8, every
+        // fourth in FP4.
+        if kk.is_multiple_of(64 / row_bytes) {
             for p in 0..P {
                 // A prefetch never faults, even past the panel; wrapping_add keeps the address
                 // arithmetic defined.
@@ -99,8 +181,15 @@ unsafe fn tile<const R: usize, const P: usize, const FP8: bool>(t: &Tile) {
             }
         }
         for (p, wp) in w.iter_mut().enumerate() {
+            let row = t.b.wrapping_add(p * t.panel_stride + kk * row_bytes);
             // SAFETY: the driver guarantees panel p has kc rows of NR values from `b`.
-            *wp = unsafe { widen::<FP8>(t.b.add(p * t.panel_stride + kk * row_bytes)) };
+            *wp = unsafe {
+                if F == FP4 {
+                    widen_fp4(row, table, ws[p])
+                } else {
+                    widen::<F>(row)
+                }
+            };
         }
         for (r, accr) in acc.iter_mut().enumerate() {
             // SAFETY: rows 0..R of `a` have at least kc readable elements.
@@ -160,7 +249,36 @@ pub unsafe fn widen_fp8_panel(src: *const u8, kc: usize, dst: *mut u16) {
     for kk in 0..kc {
         // SAFETY: row kk of both buffers is in range (see the contract above).
         unsafe {
-            let [lo, hi] = widen::<true>(src.add(kk * NR));
+            let [lo, hi] = widen::<FP8>(src.add(kk * NR));
+            let packed = _mm512_or_si512(
+                _mm512_srli_epi32::<16>(_mm512_castps_si512(lo)),
+                _mm512_and_si512(_mm512_castps_si512(hi), high),
+            );
+            _mm512_storeu_si512(dst.add(kk * NR).cast(), packed);
+        }
+    }
+}
+
+/// Widens `kc` rows of one FP4 panel at `src` (16 bytes a row), each value times its scale, into
+/// the bf16 panel layout at `dst`, like [`widen_fp8_panel`]. Exact only when every
+/// `e2m1 · scale` is a bf16 value ([`super::pack::PanelData::Fp4`]'s `bf16_exact`).
+///
+/// # Safety
+/// The CPU supports AVX-512F and BW; `src` has `kc · 16` bytes, `scales` covers the panel's
+/// groups of these rows and `dst` has room for `kc · NR` u16.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn widen_fp4_panel(src: *const u8, kc: usize, scales: &Fp4Scales, dst: *mut u16) {
+    let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+    // SAFETY: a 16-float table.
+    let table = unsafe { _mm512_loadu_ps(fp4::E2M1.as_ptr()) };
+    let mut ws = [_mm512_setzero_ps(); 2];
+    for kk in 0..kc {
+        // SAFETY: row kk of both buffers and its group's scales are in range (the contract).
+        unsafe {
+            if kk == 0 || (scales.offset + kk).is_multiple_of(fp4::GROUP) {
+                ws = fp4_scales(scales, 0, kk);
+            }
+            let [lo, hi] = widen_fp4(src.add(kk * NR / 2), table, ws);
             let packed = _mm512_or_si512(
                 _mm512_srli_epi32::<16>(_mm512_castps_si512(lo)),
                 _mm512_and_si512(_mm512_castps_si512(hi), high),
@@ -180,40 +298,41 @@ pub fn panels_for(rows: usize) -> usize {
     }
 }
 
-/// Runs one tile of `rows` (1..=8) × `panels` (1, or [`panels_for`]`(rows)`) over FP8 panels when
-/// `fp8`, bf16 ones otherwise.
+/// Runs one tile of `rows` (1..=8) × `panels` (1, or [`panels_for`]`(rows)`) over panels of
+/// `format` (FP4 tiles need `t.fp4`).
 ///
 /// # Safety
 /// The CPU supports AVX-512F and BW, and every pointer in `t` covers the region the tile touches.
-pub unsafe fn run(rows: usize, panels: usize, fp8: bool, t: &Tile) {
+pub unsafe fn run(rows: usize, panels: usize, format: Format, t: &Tile) {
+    debug_assert_eq!(format == Format::Fp4, t.fp4.is_some(), "FP4 tiles carry scales");
     // SAFETY: forwarded from the caller.
     unsafe {
-        if fp8 {
-            run_format::<true>(rows, panels, t)
-        } else {
-            run_format::<false>(rows, panels, t)
+        match format {
+            Format::Bf16 => run_format::<BF16>(rows, panels, t),
+            Format::Fp8 => run_format::<FP8>(rows, panels, t),
+            Format::Fp4 => run_format::<FP4>(rows, panels, t),
         }
     }
 }
 
 /// # Safety
 /// As [`run`].
-unsafe fn run_format<const FP8: bool>(rows: usize, panels: usize, t: &Tile) {
+unsafe fn run_format<const F: u8>(rows: usize, panels: usize, t: &Tile) {
     // SAFETY: forwarded from the caller.
     unsafe {
         match (rows, panels) {
-            (1, 4) => tile::<1, 4, FP8>(t),
-            (2, 4) => tile::<2, 4, FP8>(t),
-            (3, 2) => tile::<3, 2, FP8>(t),
-            (4, 2) => tile::<4, 2, FP8>(t),
-            (1, 1) => tile::<1, 1, FP8>(t),
-            (2, 1) => tile::<2, 1, FP8>(t),
-            (3, 1) => tile::<3, 1, FP8>(t),
-            (4, 1) => tile::<4, 1, FP8>(t),
-            (5, 1) => tile::<5, 1, FP8>(t),
-            (6, 1) => tile::<6, 1, FP8>(t),
-            (7, 1) => tile::<7, 1, FP8>(t),
-            (8, 1) => tile::<8, 1, FP8>(t),
+            (1, 4) => tile::<1, 4, F>(t),
+            (2, 4) => tile::<2, 4, F>(t),
+            (3, 2) => tile::<3, 2, F>(t),
+            (4, 2) => tile::<4, 2, F>(t),
+            (1, 1) => tile::<1, 1, F>(t),
+            (2, 1) => tile::<2, 1, F>(t),
+            (3, 1) => tile::<3, 1, F>(t),
+            (4, 1) => tile::<4, 1, F>(t),
+            (5, 1) => tile::<5, 1, F>(t),
+            (6, 1) => tile::<6, 1, F>(t),
+            (7, 1) => tile::<7, 1, F>(t),
+            (8, 1) => tile::<8, 1, F>(t),
             _ => unreachable!("no tile for {rows}x{panels}"),
         }
     }

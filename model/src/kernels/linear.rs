@@ -1,7 +1,8 @@
 //! `Linear`: a weight matrix `W[out, in]` and `y = x Wᵀ` over a batch of rows.
 //!
-//! float32 weights go through `faer`. bf16 and FP8 (e4m3fn bytes with block scales, one byte per
-//! weight in memory) weights are packed into panels at load and multiplied by the AVX-512
+//! float32 weights go through `faer`. bf16, FP8 (e4m3fn bytes with block scales, one byte per
+//! weight in memory) and FP4 (e2m1 nibbles with per-32-column scales, half a byte per weight)
+//! weights are packed into panels at load and multiplied by the AVX-512
 //! micro-kernels when the CPU has them, otherwise by unpacking panel chunks to float32 and
 //! calling `faer` (the portable path; also selectable with
 //! `MOE_KERNEL=portable` or [`set_kernel_choice`] to test it). Work is split over rayon tasks by
@@ -114,6 +115,9 @@ impl Linear {
                 row_scales,
                 block_k,
             } => Repr::Packed(Packed::fp8(&values, out, inp, &row_scales, block_k)),
+            WeightData::Fp4 { values, scales } => {
+                Repr::Packed(Packed::fp4(&values, out, inp, &scales))
+            }
         };
         Linear { out, inp, repr }
     }

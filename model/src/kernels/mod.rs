@@ -4,6 +4,8 @@
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod dense;
+#[cfg(test)]
+mod fp4_tests;
 mod linear;
 mod pack;
 mod tasks;

@@ -1,4 +1,5 @@
-//! Pre-packed weight panels for the GEMM micro-kernels: bf16, or FP8 (e4m3fn) kept at one byte.
+//! Pre-packed weight panels for the GEMM micro-kernels: bf16, FP8 (e4m3fn) kept at one byte, or
+//! FP4 (e2m1) kept at half a byte.
 //!
 //! A Linear weight `W[n, k]` (`y = x Wᵀ`) is cut into panels of [`NR`] = 32 output rows.
 //! - bf16: panel `p` stores, for every `k`, its 32 values as 16 little-endian u32 lanes: lane `l`
@@ -9,12 +10,17 @@
 //!   [`fp8::e4m3_to_f16_bits`]) and the hardware half → float conversion gives the two float32
 //!   vectors of columns 0..16 and 16..32. Its block scales are stored times 2^8, so the product
 //!   equals the bf16 path's bit for bit (scaling by a power of two is exact).
+//! - FP4: panel `p` stores, for every `k`, 16 bytes: byte `j` holds column `j` in its low nibble
+//!   and column `16 + j` in its high nibble, so the two nibble sets are the two float32 vectors.
+//!   Its scales (one per row and 32 columns of k) multiply each widened weight before the FMA
+//!   (see [`super::avx512`]), so it is not split into k chunks at its scale groups and gives the
+//!   results of a bf16 panel holding `e2m1 · scale`, bit for bit.
 //!
 //! Rows past `n` are zero. Block-quantised weights carry a float32 scale per (panel lane, k block).
 
 use rayon::prelude::*;
 
-use crate::checkpoint::fp8;
+use crate::checkpoint::{fp4, fp8};
 
 /// Output rows per panel.
 pub const NR: usize = 32;
@@ -59,6 +65,14 @@ pub enum PanelData {
     Bf16(Vec<u16>),
     /// `[panels, k, NR]` e4m3fn bytes in column order.
     Fp8(Vec<u8>),
+    /// `[panels, k, NR / 2]` e2m1 nibble pairs (column `j` low, `16 + j` high), with the scale
+    /// of each panel column in each 32-wide k group. `bf16_exact`: every `e2m1 · scale` is a
+    /// bf16 value (true for E8M0 scales), so a panel chunk may be widened once into bf16.
+    Fp4 {
+        nibbles: Vec<u8>,
+        scales: PanelScales,
+        bf16_exact: bool,
+    },
 }
 
 /// A packed weight `[n, k]`.
@@ -149,12 +163,53 @@ impl Packed {
         }
     }
 
+    /// Packs row-major int8-packed e2m1 `w[n, k / 2]` (low nibble = even column; `k` a multiple
+    /// of 32) with its float32 scales `[n, k / 32]`.
+    pub fn fp4(w: &[u8], n: usize, k: usize, scales: &[f32]) -> Packed {
+        assert!(k.is_multiple_of(fp4::GROUP), "FP4 k must be a multiple of 32");
+        assert_eq!(w.len(), n * k / 2, "packed FP4 weight size");
+        let panels = n.div_ceil(NR);
+        let mut nibbles = vec![0u8; panels * k * NR / 2];
+        if k > 0 {
+            nibbles
+                .par_chunks_mut(k * NR / 2)
+                .enumerate()
+                .for_each(|(p, panel)| {
+                    for j in 0..NR.min(n - p * NR) {
+                        let row = &w[(p * NR + j) * k / 2..][..k / 2];
+                        let shift = 4 * (j / 16);
+                        for kk in 0..k {
+                            panel[kk * NR / 2 + j % 16] |= fp4::nibble(row, kk) << shift;
+                        }
+                    }
+                });
+        }
+        let bf16_exact = scales.iter().all(|&s| {
+            fp4::E2M1.iter().all(|&v| {
+                let x = v * s;
+                half::bf16::from_f32(x).to_f32().to_bits() == x.to_bits()
+            })
+        });
+        Packed {
+            n,
+            k,
+            panels,
+            data: PanelData::Fp4 {
+                nibbles,
+                scales: panel_scales(scales, n, k, fp4::GROUP, 1.0),
+                bf16_exact,
+            },
+            scales: None,
+        }
+    }
+
     /// Bytes per panel k-row (`NR` values).
     #[inline]
     pub fn row_bytes(&self) -> usize {
         match self.data {
             PanelData::Bf16(_) => NR * 2,
             PanelData::Fp8(_) => NR,
+            PanelData::Fp4 { .. } => NR / 2,
         }
     }
 
@@ -165,6 +220,7 @@ impl Packed {
         match &self.data {
             PanelData::Bf16(d) => bytemuck::cast_slice(&d[start..end]),
             PanelData::Fp8(d) => &d[start..end],
+            PanelData::Fp4 { nibbles, .. } => &nibbles[start / 2..end / 2],
         }
     }
 
@@ -196,6 +252,16 @@ impl Packed {
                         dst[j] = v * s[j];
                     }
                 }
+                PanelData::Fp4 {
+                    nibbles, scales, ..
+                } => {
+                    let row = &nibbles[(start + kk * NR) / 2..][..NR / 2];
+                    let s = scales.get(p, (k0 + kk) / fp4::GROUP);
+                    for j in 0..NR {
+                        let nib = (row[j % 16] >> (4 * (j / 16))) & 0x0F;
+                        dst[j] = fp4::E2M1[nib as usize] * s[j];
+                    }
+                }
             }
         }
     }
@@ -205,6 +271,9 @@ impl Packed {
         let values = match &self.data {
             PanelData::Bf16(d) => d.len() * 2,
             PanelData::Fp8(d) => d.len(),
+            PanelData::Fp4 {
+                nibbles, scales, ..
+            } => nibbles.len() + scales.data.len() * 4,
         };
         values + self.scales.as_ref().map_or(0, |s| s.data.len() * 4)
     }

@@ -1,6 +1,7 @@
 //! One task of a grouped GEMM over a packed weight: a block of activation rows × a range of
 //! panels, over every k chunk. The AVX-512 drivers cut it into micro-kernel tiles (FP8 inputs
-//! taller than one tile widen each panel chunk once into a bf16 scratch panel); the portable
+//! taller than one tile, and FP4 ones whose dequantised values are bf16, widen each panel chunk
+//! once into a bf16 scratch panel); the portable
 //! driver unpacks panel chunks to float32 and calls `faer`.
 #![allow(unsafe_code)]
 
@@ -10,7 +11,7 @@ use faer::{Accum, MatMut, MatRef, Par};
 #[cfg(target_arch = "x86_64")]
 use super::avx512;
 use super::linear::KC;
-use super::pack::{NR, Packed};
+use super::pack::{NR, PanelData, Packed};
 
 /// Where a tile starts: k chunk `[k0, k1)`, activation row `r0`, first panel `q`, and whether it
 /// overwrites the output (the first k chunk) or accumulates.
@@ -55,6 +56,30 @@ unsafe fn tile(
             .zip(kb)
             .map(|(s, kb)| (s.get(at.q, kb).as_ptr(), s.kblocks * NR)),
         first: at.first,
+        fp4: fp4_scales(p, at.q, at.k0),
+    }
+}
+
+/// The FP4 scales of panel `q` from column `k0` on (`None` for other formats).
+#[cfg(target_arch = "x86_64")]
+fn fp4_scales(p: &Packed, q: usize, k0: usize) -> Option<avx512::Fp4Scales> {
+    let PanelData::Fp4 { scales, .. } = &p.data else {
+        return None;
+    };
+    let group = k0 / crate::checkpoint::fp4::GROUP;
+    Some(avx512::Fp4Scales {
+        scales: scales.get(q, group).as_ptr(),
+        panel_stride: scales.kblocks * NR,
+        offset: k0 % crate::checkpoint::fp4::GROUP,
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+fn format_of(p: &Packed) -> avx512::Format {
+    match p.data {
+        PanelData::Bf16(_) => avx512::Format::Bf16,
+        PanelData::Fp8(_) => avx512::Format::Fp8,
+        PanelData::Fp4 { .. } => avx512::Format::Fp4,
     }
 }
 
@@ -69,8 +94,13 @@ pub(super) unsafe fn task_avx512(
     panels: std::ops::Range<usize>,
     rows: std::ops::Range<usize>,
 ) {
-    let fp8 = matches!(p.data, super::pack::PanelData::Fp8(_));
-    if fp8 && rows.len() > 8 {
+    let format = format_of(p);
+    let widen_once = match &p.data {
+        PanelData::Bf16(_) => false,
+        PanelData::Fp8(_) => true,
+        PanelData::Fp4 { bf16_exact, .. } => *bf16_exact,
+    };
+    if widen_once && rows.len() > 8 {
         // SAFETY: forwarded from the caller.
         unsafe { task_avx512_fp8_tall(p, x, c, chunks, panels, rows) };
         return;
@@ -95,7 +125,7 @@ pub(super) unsafe fn task_avx512(
                 let tile = unsafe { tile(p, x, c, at, weights, q + np - 1) };
                 // SAFETY: AVX-512F was detected; the tile covers rows r0..r0+r, panels q..q+np,
                 // k0..k1, all inside the operands.
-                unsafe { avx512::run(r, np, fp8, &tile) };
+                unsafe { avx512::run(r, np, format, &tile) };
                 q += np;
             }
             r0 += r;
@@ -103,9 +133,10 @@ pub(super) unsafe fn task_avx512(
     }
 }
 
-/// FP8 weights against more than one tile of rows: each panel chunk is widened once into a bf16
-/// scratch panel, which the bf16 tiles then read for every row tile (the same bits as widening
-/// in the tiles, since every output is accumulated in the same order whatever the tile shape).
+/// FP8 (or bf16-exact FP4) weights against more than one tile of rows: each panel chunk is
+/// widened once into a bf16 scratch panel, which the bf16 tiles then read for every row tile (the
+/// same bits as widening in the tiles, since every output is accumulated in the same order
+/// whatever the tile shape).
 ///
 /// # Safety
 /// As [`task_avx512`].
@@ -122,14 +153,14 @@ unsafe fn task_avx512_fp8_tall(
     for (ci, &(k0, k1)) in chunks.iter().enumerate() {
         let kc = k1 - k0;
         for q in panels.clone() {
-            // SAFETY: AVX-512F/BW were detected; panel q has kc rows of NR bytes from k0, and
-            // the scratch holds KC >= kc rows.
+            let src = p.panel_bytes_from(q, k0).as_ptr();
+            // SAFETY: AVX-512F/BW were detected; panel q has kc rows from k0 (with their FP4
+            // scales), and the scratch holds KC >= kc rows.
             unsafe {
-                avx512::widen_fp8_panel(
-                    p.panel_bytes_from(q, k0).as_ptr(),
-                    kc,
-                    scratch.as_mut_ptr(),
-                )
+                match fp4_scales(p, q, k0) {
+                    Some(s) => avx512::widen_fp4_panel(src, kc, &s, scratch.as_mut_ptr()),
+                    None => avx512::widen_fp8_panel(src, kc, scratch.as_mut_ptr()),
+                }
             };
             let mut r0 = rows.start;
             while r0 < rows.end {
@@ -143,10 +174,11 @@ unsafe fn task_avx512_fp8_tall(
                 };
                 let weights = (scratch.as_ptr().cast(), kc * NR * 2);
                 // SAFETY: (r0, q * NR) is inside the output.
-                let tile = unsafe { tile(p, x, c, at, weights, q) };
+                let mut tile = unsafe { tile(p, x, c, at, weights, q) };
+                tile.fp4 = None; // the scratch holds scaled bf16 weights
                 // SAFETY: AVX-512F was detected; the tile covers rows r0..r0+r of one panel
                 // (the scratch) over kc columns, all inside the operands.
-                unsafe { avx512::run(r, 1, false, &tile) };
+                unsafe { avx512::run(r, 1, avx512::Format::Bf16, &tile) };
                 r0 += r;
             }
         }
