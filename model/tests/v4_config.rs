@@ -215,12 +215,34 @@ fn contradictory_and_impossible_fields_are_rejected() {
             }),
         ),
         (
-            "not supported yet",
+            "weight_block_size [64, 64] is not supported",
             edited(|o| {
                 o.insert(
                     "quantization_config".into(),
-                    json!({"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}),
+                    json!({"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [64, 64]}),
                 );
+            }),
+        ),
+        (
+            "scale_fmt \"e4m3\" is not supported",
+            edited(|o| {
+                o.insert(
+                    "quantization_config".into(),
+                    json!({"quant_method": "fp8", "scale_fmt": "e4m3"}),
+                );
+            }),
+        ),
+        (
+            "expert_dtype \"int4\" is not supported",
+            edited(|o| {
+                o.insert("expert_dtype".into(), json!("int4"));
+                o.insert("quantization_config".into(), json!({"quant_method": "fp8"}));
+            }),
+        ),
+        (
+            "quantization method `awq` is not supported",
+            edited(|o| {
+                o.insert("quantization_config".into(), json!({"quant_method": "awq"}));
             }),
         ),
         (
@@ -237,4 +259,29 @@ fn contradictory_and_impossible_fields_are_rejected() {
     // The V3 loader names the V4 one instead of failing on a missing V3 field.
     let err = Config::from_json(&base().to_string()).expect_err("V3 loader refuses V4");
     assert!(err.to_string().contains("v4::V4Config"), "{err}");
+}
+
+#[test]
+fn fp8_fp4_quantization_configs_are_accepted() {
+    // DeepSeek's spelling (expert_dtype at the top level) and transformers' (inside).
+    let official = edited(|o| {
+        o.insert("expert_dtype".into(), json!("fp4"));
+        o.insert(
+            "quantization_config".into(),
+            json!({"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                   "weight_block_size": [128, 128], "scale_fmt": "ue8m0"}),
+        );
+    });
+    let hf = edited(|o| {
+        o.insert(
+            "quantization_config".into(),
+            json!({"quant_method": "fp8", "weight_block_size": [128, 128],
+                   "scale_fmt": "ue8m0", "expert_dtype": "fp4"}),
+        );
+    });
+    for cfg in [official, hf] {
+        let c = parse(&cfg).expect("quantized config");
+        let q = c.quantization_config.expect("kept");
+        assert_eq!(q.weight_block_size, Some([128, 128]));
+    }
 }

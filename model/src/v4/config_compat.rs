@@ -360,6 +360,34 @@ fn fold_rope(obj: &mut Map<String, Value>, factor: f64) -> Result<()> {
     Ok(())
 }
 
+/// Checks the V4-only quantisation keys, which [`crate::config::QuantizationConfig`] does not
+/// carry: `expert_dtype` (top level in DeepSeek's config, inside `quantization_config` in
+/// transformers') must be `fp4` or `fp8` and `quantization_config.scale_fmt` `ue8m0` (or absent).
+/// The loader decides each tensor's format from its dtype, so they are checked, not kept.
+fn fold_quantization(obj: &mut Map<String, Value>) -> Result<()> {
+    let top = obj.remove("expert_dtype").filter(|v| !v.is_null());
+    let q = obj.get("quantization_config").and_then(Value::as_object);
+    let inner = q.and_then(|q| q.get("expert_dtype")).filter(|v| !v.is_null());
+    for ed in top.iter().chain(inner) {
+        if !matches!(ed.as_str(), Some("fp4" | "fp8")) {
+            return bad(format!(
+                "expert_dtype {ed} is not supported (fp4 or fp8 experts)"
+            ));
+        }
+    }
+    if let Some(fmt) = q.and_then(|q| q.get("scale_fmt")).filter(|v| !v.is_null())
+        && fmt.as_str() != Some("ue8m0")
+    {
+        return bad(format!(
+            "quantization_config.scale_fmt {fmt} is not supported (ue8m0 or absent)"
+        ));
+    }
+    if top.is_some() && q.is_none() {
+        return bad("expert_dtype is set but quantization_config is missing".into());
+    }
+    Ok(())
+}
+
 /// Rewrites `cfg` (a parsed V4 `config.json`) into the one shape [`super::V4Config`] parses.
 pub fn normalize(mut cfg: Value) -> Result<Value> {
     let Some(obj) = cfg.as_object_mut() else {
@@ -388,12 +416,7 @@ pub fn normalize(mut cfg: Value) -> Result<Value> {
             }
         }
     }
-    // `expert_dtype` moved into `quantization_config` by transformers.
-    if let Some(ed) = obj.remove("expert_dtype").filter(|v| !v.is_null()) {
-        return bad(format!(
-            "expert_dtype {ed}: FP4/FP8 DeepSeek-V4 checkpoints are not supported yet"
-        ));
-    }
+    fold_quantization(obj)?;
     let n = usize_of(obj, "num_hidden_layers", 43)?;
     fold_layer_types(obj, n)?;
     fold_mlp_types(obj, n)?;

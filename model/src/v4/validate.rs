@@ -5,7 +5,7 @@
 //! `model/tests/v4_config.rs`.
 
 use super::config::{RopeParams, V4Config};
-use crate::config::{HiddenAct, RopeType};
+use crate::config::{Fp8Format, HiddenAct, QuantMethod, RopeType};
 use crate::error::{ModelError, Result};
 
 fn bad<T>(msg: String) -> Result<T> {
@@ -97,11 +97,23 @@ impl V4Config {
         if self.attention_bias || self.mlp_bias {
             return bad("attention_bias / mlp_bias = true is not supported by DeepSeek-V4".into());
         }
-        if self.quantization_config.is_some() {
-            return bad(
-                "quantized DeepSeek-V4 checkpoints (FP8 dense / FP4 experts) are not supported yet"
-                    .into(),
-            );
+        if let Some(q) = &self.quantization_config {
+            if q.quant_method != QuantMethod::Fp8 {
+                return bad(format!(
+                    "quantization method `{}` is not supported (fp8 dense / fp4 experts)",
+                    q.quant_method.as_str()
+                ));
+            }
+            if q.fmt == Some(Fp8Format::E5m2) {
+                return bad("fp8 format `e5m2` is not supported (only e4m3)".into());
+            }
+            if let Some(b) = q.weight_block_size
+                && b != [128, 128]
+            {
+                return bad(format!(
+                    "weight_block_size {b:?} is not supported (DeepSeek-V4 uses [128, 128])"
+                ));
+            }
         }
         if self.layer_types.len() != n || self.mlp_layer_types.len() != n {
             return bad(format!(
