@@ -60,13 +60,20 @@ pub fn dequantize(values: &[u8], rows: usize, cols: usize, scales: &[f32]) -> Ve
 /// within 6, then each value to its nearest e2m1 (ties to the smaller magnitude). For test
 /// checkpoints and `gen-model --quantize`; the weights' precision is what FP4 gives.
 pub fn quantize(w: &[f32], rows: usize, cols: usize) -> (Vec<u8>, Vec<u8>) {
-    assert!(cols.is_multiple_of(GROUP), "FP4 columns must be a multiple of {GROUP}");
+    assert!(
+        cols.is_multiple_of(GROUP),
+        "FP4 columns must be a multiple of {GROUP}"
+    );
     assert_eq!(w.len(), rows * cols, "FP4 weight size");
     let mut values = vec![0u8; rows * cols / 2];
     let mut scales = Vec::with_capacity(rows * cols / GROUP);
     for (g, group) in w.chunks_exact(GROUP).enumerate() {
         let amax = group.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let b = if amax > 0.0 { e8m0_at_least(amax / 6.0) } else { 127 };
+        let b = if amax > 0.0 {
+            e8m0_at_least(amax / 6.0)
+        } else {
+            127
+        };
         let s = e8m0_to_f32(b).expect("finite scale");
         scales.push(b);
         for (t, &v) in group.iter().enumerate() {
@@ -87,7 +94,12 @@ fn nearest(x: f32) -> u8 {
             best = i;
         }
     }
-    best as u8 | if x.is_sign_negative() && best != 0 { 8 } else { 0 }
+    best as u8
+        | if x.is_sign_negative() && best != 0 {
+            8
+        } else {
+            0
+        }
 }
 
 #[cfg(test)]

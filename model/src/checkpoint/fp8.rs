@@ -105,7 +105,12 @@ pub fn nearest_e4m3(x: f32) -> u8 {
 /// then each value to its nearest e4m3. Returns the bytes and the
 /// `[ceil(rows/block[0]), ceil(cols/block[1])]` scale bytes. For test checkpoints and
 /// `gen-model --quantize`.
-pub fn quantize_block(w: &[f32], rows: usize, cols: usize, block: [usize; 2]) -> (Vec<u8>, Vec<u8>) {
+pub fn quantize_block(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    block: [usize; 2],
+) -> (Vec<u8>, Vec<u8>) {
     assert_eq!(w.len(), rows * cols, "FP8 weight size");
     let grid = [blocks(rows, block[0]), blocks(cols, block[1])];
     let mut scales = vec![127u8; grid[0] * grid[1]];

@@ -323,6 +323,17 @@ impl Checkpoint {
         Ok((entry, bytes))
     }
 
+    /// The stored bytes of `name` as they are (any dtype, its own shape).
+    pub fn read_raw(&self, name: &str) -> Result<&[u8]> {
+        let shape = self
+            .shape(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: name.to_string(),
+            })?
+            .to_vec();
+        Ok(self.raw(name, &shape)?.1)
+    }
+
     fn unsupported(name: &str, dtype: Dtype) -> ModelError {
         ModelError::UnsupportedDtype {
             name: name.to_string(),

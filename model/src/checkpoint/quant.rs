@@ -37,9 +37,10 @@ impl Checkpoint {
                 format!("has two scale tensors, `{inv}` and `{stem}.scale`"),
             ));
         }
-        self.scale_name(name).ok_or_else(|| ModelError::MissingTensor {
-            name: format!("{inv} (or the `.scale` of `{name}`)"),
-        })
+        self.scale_name(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: format!("{inv} (or the `.scale` of `{name}`)"),
+            })
     }
 
     fn bad(&self, name: &str, reason: String) -> ModelError {
@@ -70,10 +71,7 @@ impl Checkpoint {
             _ => self.read_f32(name, grid)?,
         };
         if let Some(i) = scales.iter().position(|s| !(s.is_finite() && *s > 0.0)) {
-            return Err(self.bad(
-                name,
-                format!("holds scale {} at element {i}", scales[i]),
-            ));
+            return Err(self.bad(name, format!("holds scale {} at element {i}", scales[i])));
         }
         Ok(scales)
     }

@@ -304,7 +304,11 @@ pub fn panels_for(rows: usize) -> usize {
 /// # Safety
 /// The CPU supports AVX-512F and BW, and every pointer in `t` covers the region the tile touches.
 pub unsafe fn run(rows: usize, panels: usize, format: Format, t: &Tile) {
-    debug_assert_eq!(format == Format::Fp4, t.fp4.is_some(), "FP4 tiles carry scales");
+    debug_assert_eq!(
+        format == Format::Fp4,
+        t.fp4.is_some(),
+        "FP4 tiles carry scales"
+    );
     // SAFETY: forwarded from the caller.
     unsafe {
         match format {

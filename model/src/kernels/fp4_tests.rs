@@ -72,7 +72,9 @@ fn fp4_with_arbitrary_float_scales_matches_the_reference_and_is_batch_independen
     // value, so tall inputs take the in-register path; compare with a float64 GEMM.
     let (n, k) = (64, 320);
     let (values, _) = weights(n, k);
-    let scales: Vec<f32> = (0..n * k / 32).map(|i| 0.013 * (1 + i % 11) as f32).collect();
+    let scales: Vec<f32> = (0..n * k / 32)
+        .map(|i| 0.013 * (1 + i % 11) as f32)
+        .collect();
     let dense = fp4::dequantize(&values, n, k, &scales);
     let lin = Linear::new(WeightData::Fp4 { values, scales }, n, k);
     let m = 19;
@@ -98,7 +100,11 @@ fn fp4_with_arbitrary_float_scales_matches_the_reference_and_is_batch_independen
         for &(m0, rows) in parts {
             let mut part = vec![0.0; rows * n];
             lin.forward_with(&x[m0 * k..(m0 + rows) * k], rows, &mut part, choice);
-            assert_eq!(bits(&part), bits(&y[m0 * n..(m0 + rows) * n]), "{choice:?} rows {m0}");
+            assert_eq!(
+                bits(&part),
+                bits(&y[m0 * n..(m0 + rows) * n]),
+                "{choice:?} rows {m0}"
+            );
         }
     }
 }

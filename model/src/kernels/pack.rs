@@ -166,7 +166,10 @@ impl Packed {
     /// Packs row-major int8-packed e2m1 `w[n, k / 2]` (low nibble = even column; `k` a multiple
     /// of 32) with its float32 scales `[n, k / 32]`.
     pub fn fp4(w: &[u8], n: usize, k: usize, scales: &[f32]) -> Packed {
-        assert!(k.is_multiple_of(fp4::GROUP), "FP4 k must be a multiple of 32");
+        assert!(
+            k.is_multiple_of(fp4::GROUP),
+            "FP4 k must be a multiple of 32"
+        );
         assert_eq!(w.len(), n * k / 2, "packed FP4 weight size");
         let panels = n.div_ceil(NR);
         let mut nibbles = vec![0u8; panels * k * NR / 2];

@@ -11,7 +11,7 @@ use faer::{Accum, MatMut, MatRef, Par};
 #[cfg(target_arch = "x86_64")]
 use super::avx512;
 use super::linear::KC;
-use super::pack::{NR, PanelData, Packed};
+use super::pack::{NR, Packed, PanelData};
 
 /// Where a tile starts: k chunk `[k0, k1)`, activation row `r0`, first panel `q`, and whether it
 /// overwrites the output (the first k chunk) or accumulates.

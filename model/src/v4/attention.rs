@@ -61,6 +61,61 @@ fn linear(ckpt: &Checkpoint, name: &str, out: usize, inp: usize) -> Result<Linea
     Ok(Linear::new(ckpt.read_weight(name, &[out, inp])?, out, inp))
 }
 
+/// Cuts a `[rows, cols]` weight into `parts` stacked `[rows / parts, cols]` ones in the same
+/// precision (FP8 blocks become per-row scales, which stay exact when a part is not a whole
+/// number of blocks).
+fn split_rows(w: WeightData, rows: usize, cols: usize, parts: usize) -> Vec<WeightData> {
+    let r = rows / parts;
+    match w {
+        WeightData::F32(v) => v
+            .chunks_exact(r * cols)
+            .map(|c| WeightData::F32(c.to_vec()))
+            .collect(),
+        WeightData::Bf16(v) => v
+            .chunks_exact(r * cols)
+            .map(|c| WeightData::Bf16(c.to_vec()))
+            .collect(),
+        WeightData::Fp8 {
+            values,
+            scales,
+            block,
+        } => split_rows(
+            WeightData::Fp8RowScaled {
+                values,
+                row_scales: kernels::row_scales(&scales, rows, cols, block),
+                block_k: block[1],
+            },
+            rows,
+            cols,
+            parts,
+        ),
+        WeightData::Fp8RowScaled {
+            values,
+            row_scales,
+            block_k,
+        } => {
+            let kb = row_scales.len() / rows;
+            values
+                .chunks_exact(r * cols)
+                .zip(row_scales.chunks_exact(r * kb))
+                .map(|(v, s)| WeightData::Fp8RowScaled {
+                    values: v.to_vec(),
+                    row_scales: s.to_vec(),
+                    block_k,
+                })
+                .collect()
+        }
+        WeightData::Fp4 { values, scales } => values
+            .chunks_exact(r * cols / 2)
+            .zip(scales.chunks_exact(r * cols / crate::checkpoint::fp4::GROUP))
+            .map(|(v, s)| WeightData::Fp4 {
+                values: v.to_vec(),
+                scales: s.to_vec(),
+            })
+            .collect(),
+    }
+}
+
 impl V4Attention {
     /// Loads `layers.{layer}.attn.*`.
     pub fn load(
@@ -73,10 +128,10 @@ impl V4Attention {
         let (g, r, ql) = (cfg.o_groups, cfg.o_lora_rank, cfg.q_lora_rank);
         let n = |part: &str| names.layer(layer, &format!("attn.{part}"));
         let group_in = h * hd / g;
-        let wo_a = ckpt.read_f32(&n("wo_a.weight"), &[g * r, group_in])?;
-        let wo_a = wo_a
-            .chunks_exact(r * group_in)
-            .map(|w| Linear::new(WeightData::F32(w.to_vec()), r, group_in))
+        let wo_a = ckpt.read_weight(&n("wo_a.weight"), &[g * r, group_in])?;
+        let wo_a = split_rows(wo_a, g * r, group_in, g)
+            .into_iter()
+            .map(|w| Linear::new(w, r, group_in))
             .collect();
         let kind = cfg.layer_types[layer];
         let extra = match kind {

@@ -367,7 +367,9 @@ fn fold_rope(obj: &mut Map<String, Value>, factor: f64) -> Result<()> {
 fn fold_quantization(obj: &mut Map<String, Value>) -> Result<()> {
     let top = obj.remove("expert_dtype").filter(|v| !v.is_null());
     let q = obj.get("quantization_config").and_then(Value::as_object);
-    let inner = q.and_then(|q| q.get("expert_dtype")).filter(|v| !v.is_null());
+    let inner = q
+        .and_then(|q| q.get("expert_dtype"))
+        .filter(|v| !v.is_null());
     for ed in top.iter().chain(inner) {
         if !matches!(ed.as_str(), Some("fp4" | "fp8")) {
             return bad(format!(

@@ -10,6 +10,7 @@
 //!   and compressed entries (CSA with the lightning indexer, HCA).
 //! - [`cache`]: the per-sequence decode cache (window, compressor and indexer state).
 //! - [`preset`]: random-weight `tiny-v4` / `bench-v4` checkpoints.
+//! - [`quantize`]: the FP8 (dense) + FP4 (routed experts) copy of a checkpoint.
 //! - [`model`]: the backbone and the batched forward pass over caches.
 //!
 //! Reference: transformers 5.24 `models/deepseek_v4`; `V4.md` of the golden fixtures.
@@ -25,6 +26,7 @@ pub mod hc;
 pub mod model;
 pub mod names;
 pub mod preset;
+pub mod quantize;
 pub mod rope;
 mod validate;
 
