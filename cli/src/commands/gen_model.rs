@@ -4,6 +4,18 @@ use std::path::PathBuf;
 
 use moe_model::presets::{GenDtype, Preset, write_preset};
 use moe_model::v4::preset::{V4Preset, write_v4_preset};
+use moe_model::v4::quantize::{QuantizeOptions, quantize_dir};
+
+/// `--quantize`: how a V4 preset's weights are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Quantize {
+    /// As `--dtype` says.
+    None,
+    /// DeepSeek-V4's release layout: FP8 (e4m3, 128×128 E8M0 block scales) dense linears and
+    /// FP4 (e2m1, per-32-column E8M0 scales) routed experts.
+    #[value(name = "fp8-fp4")]
+    Fp8Fp4,
+}
 
 /// A DeepSeek-V3-layout or a DeepSeek-V4 preset.
 #[derive(Debug, Clone, Copy)]
@@ -40,13 +52,38 @@ pub struct Args {
     /// Weight dtype.
     #[arg(long, default_value = "bf16")]
     dtype: GenDtype,
+    /// DeepSeek-V4 presets only: `fp8-fp4` quantises the generated weights as the official
+    /// release ships them.
+    #[arg(long, value_enum, default_value = "none")]
+    quantize: Quantize,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let start = std::time::Instant::now();
-    match a.preset {
-        AnyPreset::V3(p) => write_preset(p, &a.out, a.seed, a.dtype)?,
-        AnyPreset::V4(p) => write_v4_preset(p, &a.out, a.seed, a.dtype)?,
+    match (a.preset, a.quantize) {
+        (AnyPreset::V3(_), Quantize::Fp8Fp4) => {
+            anyhow::bail!("--quantize fp8-fp4 is for the DeepSeek-V4 presets (tiny-v4, bench-v4)")
+        }
+        (AnyPreset::V3(p), Quantize::None) => write_preset(p, &a.out, a.seed, a.dtype)?,
+        (AnyPreset::V4(p), Quantize::None) => write_v4_preset(p, &a.out, a.seed, a.dtype)?,
+        (AnyPreset::V4(p), Quantize::Fp8Fp4) => {
+            // Generate next to the output, quantise into it, remove the unquantised copy.
+            let name = a
+                .out
+                .file_name()
+                .map_or_else(|| "model".to_string(), |n| n.to_string_lossy().into_owned());
+            let staging = a.out.with_file_name(format!(".{name}.unquantized"));
+            write_v4_preset(p, &staging, a.seed, a.dtype)?;
+            let report = quantize_dir(&staging, &a.out, QuantizeOptions::default());
+            std::fs::remove_dir_all(&staging)?;
+            let report = report?;
+            tracing::info!(
+                fp8 = report.fp8,
+                fp4 = report.fp4,
+                bytes = report.bytes_written,
+                "quantized"
+            );
+        }
     }
     tracing::info!(out = %a.out.display(), preset = ?a.preset, secs = format!("{:.1}", start.elapsed().as_secs_f64()), "model written");
     Ok(())
