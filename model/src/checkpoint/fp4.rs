@@ -89,8 +89,8 @@ pub fn quantize(w: &[f32], rows: usize, cols: usize) -> (Vec<u8>, Vec<u8>) {
 fn nearest(x: f32) -> u8 {
     let mag = x.abs();
     let mut best = 0usize;
-    for i in 1..8 {
-        if (E2M1[i] - mag).abs() < (E2M1[best] - mag).abs() {
+    for (i, v) in E2M1.iter().enumerate().take(8) {
+        if (v - mag).abs() < (E2M1[best] - mag).abs() {
             best = i;
         }
     }
@@ -139,7 +139,7 @@ mod tests {
     fn quantisation_picks_the_nearest_value() {
         let w: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
         let (values, bytes) = quantize(&w, 2, 32);
-        let scales: Vec<f32> = bytes.iter().map(|&b| e8m0_to_f32(b).unwrap()).collect();
+        let scales: Vec<f32> = bytes.iter().map(|&b| e8m0_to_f32(b).expect("scale")).collect();
         let back = dequantize(&values, 2, 32, &scales);
         for (i, (a, b)) in w.iter().zip(&back).enumerate() {
             let s = scales[i / 32];

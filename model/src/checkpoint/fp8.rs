@@ -212,7 +212,7 @@ mod tests {
         let (values, bytes) = quantize_block(&w, 5, 7, [2, 3]);
         let scales: Vec<f32> = bytes
             .iter()
-            .map(|&b| super::super::fp4::e8m0_to_f32(b).unwrap())
+            .map(|&b| super::super::fp4::e8m0_to_f32(b).expect("scale"))
             .collect();
         let back = dequantize_block_fp8(&values, 5, 7, &scales, [2, 3]);
         for (a, b) in w.iter().zip(&back) {

@@ -70,7 +70,7 @@ pub enum PanelData {
     /// bf16 value (true for E8M0 scales), so a panel chunk may be widened once into bf16.
     Fp4 {
         nibbles: Vec<u8>,
-        scales: PanelScales,
+        scales: Box<PanelScales>,
         bf16_exact: bool,
     },
 }
@@ -199,7 +199,7 @@ impl Packed {
             panels,
             data: PanelData::Fp4 {
                 nibbles,
-                scales: panel_scales(scales, n, k, fp4::GROUP, 1.0),
+                scales: Box::new(panel_scales(scales, n, k, fp4::GROUP, 1.0)),
                 bf16_exact,
             },
             scales: None,
