@@ -4,7 +4,8 @@
 //! 256 experts of width 256 top-8, bf16). Workloads: a decode step at batch 1 and 16 (every
 //! sequence with `CONTEXT` cached tokens) and a 512-token prefill. Each round runs every model
 //! once, alternating, so load from other processes hits all alike; the median over rounds is
-//! reported in tokens/s, with the V4/V3 ratio, the ratio per active parameter, the parameter
+//! reported in tokens/s, with the V4/V3 ratio (median of the per-round ratios), that ratio per
+//! active parameter, the parameter
 //! counts, the active bytes per batch-1 token, and the load average before and after.
 //!
 //! Run: `cargo bench -p moe-model --bench decode_v4 --offline` (`MOE_BENCH_ROUNDS` overrides
@@ -306,7 +307,9 @@ fn main() {
             .iter()
             .map(|t| tokens as f64 / median(t.clone()))
             .collect();
-        let per_active = |i: usize, s: (f64, f64, f64)| tps[i] * s.1 / (tps[0] * s3.1);
+        // Throughput per active parameter, relative to V3's: the median round ratio times the
+        // active-parameter ratio.
+        let per_active = |i: usize, s: (f64, f64, f64)| median(ratios[i - 1].clone()) * s.1 / s3.1;
         println!(
             "{label:16} tok/s: v3 {:9.1} | v4 bf16 {:9.1} (x{:.2} of v3, x{:.2} per active \
              param) | v4 fp8+fp4 {:9.1} (x{:.2}, x{:.2} per active param) [{n} rounds]",

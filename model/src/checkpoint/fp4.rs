@@ -139,7 +139,10 @@ mod tests {
     fn quantisation_picks_the_nearest_value() {
         let w: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
         let (values, bytes) = quantize(&w, 2, 32);
-        let scales: Vec<f32> = bytes.iter().map(|&b| e8m0_to_f32(b).expect("scale")).collect();
+        let scales: Vec<f32> = bytes
+            .iter()
+            .map(|&b| e8m0_to_f32(b).expect("scale"))
+            .collect();
         let back = dequantize(&values, 2, 32, &scales);
         for (i, (a, b)) in w.iter().zip(&back).enumerate() {
             let s = scales[i / 32];
