@@ -1,15 +1,16 @@
 //! One routed expert's SwiGLU FFN (hidden 2048, moe_intermediate 1024, bf16 weights) over
 //! {1, 8, 64, 512} tokens, with the packed AVX-512 kernel and the portable (faer) path, next to
 //! float32 `faer` GEMMs of the same shapes as this machine's reference peak; the same expert with
-//! FP8 weights (e4m3 bytes, 128×128 block scales, kept at one byte); and decode's memory-bound
-//! case, one token through each of 24 experts (300 MB of bf16 weights, 150 MB of FP8, more than
-//! the caches hold), bf16 and FP8 alternated. Throughput is reported in FLOP/s (criterion prints
+//! FP8 weights (e4m3 bytes, 128×128 block scales, kept at one byte) and FP4 weights (e2m1
+//! nibbles, a scale per 32 columns, kept at half a byte); and decode's memory-bound case, one
+//! token through each of 24 experts (300 MB of bf16 weights, 150 MB of FP8, 94 MB of FP4 with its
+//! float32 scales, more than the caches hold), bf16, FP8 and FP4 alternated. Throughput is reported in FLOP/s (criterion prints
 //! it as elem/s: 1 elem = 1 FLOP).
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, Par};
-use moe_model::checkpoint::{WeightData, fp8};
+use moe_model::checkpoint::{WeightData, fp4, fp8};
 use moe_model::kernels::{KernelChoice, set_kernel_choice};
 use moe_model::mlp::Mlp;
 
@@ -41,6 +42,27 @@ fn fp8w(rows: usize, cols: usize, seed: usize) -> WeightData {
         scales,
         block: [128, 128],
     }
+}
+
+/// FP4 weights `[rows, cols]` (every nibble), with power-of-two scales per 32 columns.
+fn fp4w(rows: usize, cols: usize, seed: usize) -> WeightData {
+    let values = (0..rows * cols / 2)
+        .map(|i| ((i * 2654435761 + seed) % 256) as u8)
+        .collect();
+    let scales = (0..rows * cols / fp4::GROUP)
+        .map(|i| fp4::e8m0_to_f32(110 + ((i + seed) % 5) as u8).expect("scale"))
+        .collect();
+    WeightData::Fp4 { values, scales }
+}
+
+fn fp4_expert(seed: usize) -> Mlp {
+    Mlp::from_weights(
+        fp4w(INTER, HIDDEN, seed),
+        fp4w(INTER, HIDDEN, seed + 1),
+        fp4w(HIDDEN, INTER, seed + 2),
+        HIDDEN,
+        INTER,
+    )
 }
 
 fn bf16_expert(seed: usize) -> Mlp {
@@ -75,6 +97,10 @@ fn streaming(c: &mut Criterion) {
             "fp8",
             (0..EXPERTS).map(|e| fp8_expert(3 * e)).collect::<Vec<_>>(),
         ),
+        (
+            "fp4",
+            (0..EXPERTS).map(|e| fp4_expert(3 * e)).collect::<Vec<_>>(),
+        ),
     ];
     let x: Vec<f32> = (0..HIDDEN)
         .map(|i| ((i % 97) as f32 - 48.0) * 0.01)
@@ -100,6 +126,7 @@ fn streaming(c: &mut Criterion) {
 fn expert_ffn(c: &mut Criterion) {
     let mlp = bf16_expert(1);
     let mlp_fp8 = fp8_expert(1);
+    let mlp_fp4 = fp4_expert(1);
     let mut g = c.benchmark_group("expert_ffn_2048x1024_bf16");
     for tokens in [1usize, 8, 64, 512] {
         let x: Vec<f32> = (0..tokens * HIDDEN)
@@ -120,6 +147,9 @@ fn expert_ffn(c: &mut Criterion) {
         set_kernel_choice(KernelChoice::Auto);
         g.bench_with_input(BenchmarkId::new("avx512_fp8", tokens), &tokens, |b, &t| {
             b.iter(|| mlp_fp8.forward(&x, t))
+        });
+        g.bench_with_input(BenchmarkId::new("avx512_fp4", tokens), &tokens, |b, &t| {
+            b.iter(|| mlp_fp4.forward(&x, t))
         });
         // Reference: the same FLOPs as three float32 faer GEMMs (weights 2× the bytes).
         let wgu = Mat::<f32>::from_fn(HIDDEN, 2 * INTER, |i, j| ((i + j) % 7) as f32 * 1e-3);

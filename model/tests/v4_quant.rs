@@ -10,7 +10,9 @@
 //!   to float32 (FP8 blocks are scaled after each block's sum, float32 weights go through faer:
 //!   a different rounding order, so not bitwise).
 //!
-//! The FP4 experts take 0.3125 of their bf16 bytes in memory. Malformed scales are refused.
+//! The FP4 experts take 0.3125 of their bf16 bytes in memory, and an expert slice reads only its
+//! packed bytes and scales. Malformed scale grids, an E8M0 NaN, a weight with both scale suffixes
+//! and a missing scale are refused.
 
 pub mod common;
 
@@ -35,6 +37,8 @@ enum Edit {
     Keep,
     Drop,
     Replace(Dtype, Vec<usize>, Vec<u8>),
+    /// Keep it and add another tensor.
+    Add(String, Dtype, Vec<usize>, Vec<u8>),
 }
 
 /// Copies the checkpoint in `src` to `dst` with `edit` applied to every tensor (config and
@@ -52,6 +56,15 @@ fn rewrite(src: &Path, dst: &Path, edit: impl Fn(&Checkpoint, &str) -> Edit) {
             )),
             Edit::Drop => {}
             Edit::Replace(d, s, b) => out.push((name.to_string(), d, s, b)),
+            Edit::Add(extra, d, s, b) => {
+                out.push((
+                    name.to_string(),
+                    ckpt.dtype(name).expect("dtype"),
+                    ckpt.shape(name).expect("shape").to_vec(),
+                    ckpt.read_raw(name).expect("raw").to_vec(),
+                ));
+                out.push((extra, d, s, b));
+            }
         }
     }
     let views: Vec<(String, TensorView<'_>)> = out
@@ -249,6 +262,24 @@ fn malformed_scales_are_refused() {
             }
         },
         "E8M0 NaN",
+    );
+    // Both suffixes for one weight: which scale is meant is ambiguous.
+    expect_load_error(
+        |ckpt, n| {
+            if n == fp8_scale {
+                let s = ckpt.shape(n).expect("s").to_vec();
+                let b = ckpt.read_raw(n).expect("raw").to_vec();
+                Edit::Add(
+                    "model.layers.2.attn.wq_b.scale".into(),
+                    Dtype::F8_E8M0,
+                    s,
+                    b,
+                )
+            } else {
+                Edit::Keep
+            }
+        },
+        "has two scale tensors",
     );
     expect_load_error(
         |_, n| {
