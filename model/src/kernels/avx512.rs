@@ -36,9 +36,11 @@ const FP4: u8 = 2;
 /// The per-weight scales of an FP4 tile: NR scales per (panel, 32-wide k group).
 #[derive(Debug, Clone, Copy)]
 pub struct Fp4Scales {
-    /// Scales of the first panel in the k group holding the tile's first column.
-    pub scales: *const f32,
-    /// Floats from one panel's scales to the next's.
+    /// Scales of the first panel in the k group holding the tile's first column: float32, or
+    /// E8M0 exponent bytes (`2^(b − 127)`, `b` ≥ 1) when `e8m0`.
+    pub scales: *const u8,
+    pub e8m0: bool,
+    /// Scales from one panel's to the next's.
     pub panel_stride: usize,
     /// The tile's first column's offset inside its k group (`k0 % 32`).
     pub offset: usize,
@@ -130,11 +132,22 @@ unsafe fn widen_fp4(row: *const u8, table: __m512, scales: [__m512; 2]) -> [__m5
 /// `s` covers that group of that panel.
 #[inline(always)]
 unsafe fn fp4_scales(s: &Fp4Scales, p: usize, kk: usize) -> [__m512; 2] {
-    let group = (s.offset + kk) / fp4::GROUP;
+    let i = p * s.panel_stride + (s.offset + kk) / fp4::GROUP * NR;
     // SAFETY: forwarded from the caller.
     unsafe {
-        let at = s.scales.add(p * s.panel_stride + group * NR);
-        [_mm512_loadu_ps(at), _mm512_loadu_ps(at.add(16))]
+        if s.e8m0 {
+            // The exponent byte moved into a float32's exponent field is 2^(b − 127) exactly.
+            let b = _mm256_loadu_si256(s.scales.add(i).cast());
+            let lo = _mm512_cvtepu8_epi32(_mm256_castsi256_si128(b));
+            let hi = _mm512_cvtepu8_epi32(_mm256_extracti128_si256::<1>(b));
+            [
+                _mm512_castsi512_ps(_mm512_slli_epi32::<23>(lo)),
+                _mm512_castsi512_ps(_mm512_slli_epi32::<23>(hi)),
+            ]
+        } else {
+            let at = s.scales.cast::<f32>().add(i);
+            [_mm512_loadu_ps(at), _mm512_loadu_ps(at.add(16))]
+        }
     }
 }
 

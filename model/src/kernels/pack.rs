@@ -14,7 +14,9 @@
 //!   and column `16 + j` in its high nibble, so the two nibble sets are the two float32 vectors.
 //!   Its scales (one per row and 32 columns of k) multiply each widened weight before the FMA
 //!   (see [`super::avx512`]), so it is not split into k chunks at its scale groups and gives the
-//!   results of a bf16 panel holding `e2m1 · scale`, bit for bit.
+//!   results of a bf16 panel holding `e2m1 · scale`, bit for bit. Scales that are all normal
+//!   powers of two (every E8M0 checkpoint) are held as their exponent bytes: 0.53 bytes per
+//!   weight in all, 0.27 of bf16; other float scales as float32 (0.625 bytes per weight).
 //!
 //! Rows past `n` are zero. Block-quantised weights carry a float32 scale per (panel lane, k block).
 
@@ -58,6 +60,81 @@ impl PanelScales {
     }
 }
 
+/// The scales of an FP4 weight, `[panels, kblocks, NR]`.
+#[derive(Debug, Clone)]
+pub enum Fp4ScaleData {
+    /// E8M0 exponent bytes, `2^(b − 127)` with `b` in 1..=254 (one byte a scale): used when every
+    /// scale is a normal power of two, which E8M0 checkpoints always give.
+    Pow2(Vec<u8>),
+    /// float32 scales (any other checkpoint scales).
+    F32(Vec<f32>),
+}
+
+/// Per-panel scales of an FP4 weight: one per panel column and 32-wide k group.
+#[derive(Debug, Clone)]
+pub struct Fp4PanelScales {
+    /// Scale groups along k.
+    pub kblocks: usize,
+    pub data: Fp4ScaleData,
+}
+
+impl Fp4PanelScales {
+    /// From per-row scales `[n, k / 32]`: exponent bytes when they are all normal powers of two.
+    fn new(rows: &[f32], n: usize, k: usize) -> Fp4PanelScales {
+        let f = panel_scales(rows, n, k, fp4::GROUP, 1.0);
+        let pow2 =
+            |s: f32| s.to_bits() & 0x807F_FFFF == 0 && (1..=254).contains(&(s.to_bits() >> 23));
+        let data = if rows.iter().all(|&s| pow2(s)) {
+            // Columns past `n` (zero scales) hold zero nibbles; any scale does for them.
+            Fp4ScaleData::Pow2(
+                f.data
+                    .iter()
+                    .map(|&s| {
+                        if s == 0.0 {
+                            127
+                        } else {
+                            (s.to_bits() >> 23) as u8
+                        }
+                    })
+                    .collect(),
+            )
+        } else {
+            Fp4ScaleData::F32(f.data)
+        };
+        Fp4PanelScales {
+            kblocks: f.kblocks,
+            data,
+        }
+    }
+
+    /// The scale of panel `p`'s column `j` in k group `kb`.
+    #[inline]
+    pub fn get(&self, p: usize, kb: usize, j: usize) -> f32 {
+        let i = (p * self.kblocks + kb) * NR + j;
+        match &self.data {
+            Fp4ScaleData::Pow2(b) => f32::from_bits(u32::from(b[i]) << 23),
+            Fp4ScaleData::F32(v) => v[i],
+        }
+    }
+
+    /// Where panel `p`'s scales of group `kb` start, and whether they are exponent bytes.
+    #[inline]
+    pub fn ptr(&self, p: usize, kb: usize) -> (*const u8, bool) {
+        let i = (p * self.kblocks + kb) * NR;
+        match &self.data {
+            Fp4ScaleData::Pow2(b) => (b[i..].as_ptr(), true),
+            Fp4ScaleData::F32(v) => (v[i..].as_ptr().cast(), false),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match &self.data {
+            Fp4ScaleData::Pow2(b) => b.len(),
+            Fp4ScaleData::F32(v) => v.len() * 4,
+        }
+    }
+}
+
 /// The panel values, in the layout of their format (see the module header).
 #[derive(Debug, Clone)]
 pub enum PanelData {
@@ -70,7 +147,7 @@ pub enum PanelData {
     /// bf16 value (true for E8M0 scales), so a panel chunk may be widened once into bf16.
     Fp4 {
         nibbles: Vec<u8>,
-        scales: Box<PanelScales>,
+        scales: Box<Fp4PanelScales>,
         bf16_exact: bool,
     },
 }
@@ -199,7 +276,7 @@ impl Packed {
             panels,
             data: PanelData::Fp4 {
                 nibbles,
-                scales: Box::new(panel_scales(scales, n, k, fp4::GROUP, 1.0)),
+                scales: Box::new(Fp4PanelScales::new(scales, n, k)),
                 bf16_exact,
             },
             scales: None,
@@ -259,10 +336,10 @@ impl Packed {
                     nibbles, scales, ..
                 } => {
                     let row = &nibbles[(start + kk * NR) / 2..][..NR / 2];
-                    let s = scales.get(p, (k0 + kk) / fp4::GROUP);
+                    let kb = (k0 + kk) / fp4::GROUP;
                     for j in 0..NR {
                         let nib = (row[j % 16] >> (4 * (j / 16))) & 0x0F;
-                        dst[j] = fp4::E2M1[nib as usize] * s[j];
+                        dst[j] = fp4::E2M1[nib as usize] * scales.get(p, kb, j);
                     }
                 }
             }
@@ -276,7 +353,7 @@ impl Packed {
             PanelData::Fp8(d) => d.len(),
             PanelData::Fp4 {
                 nibbles, scales, ..
-            } => nibbles.len() + scales.data.len() * 4,
+            } => nibbles.len() + scales.bytes(),
         };
         values + self.scales.as_ref().map_or(0, |s| s.data.len() * 4)
     }

@@ -67,8 +67,10 @@ fn fp4_scales(p: &Packed, q: usize, k0: usize) -> Option<avx512::Fp4Scales> {
         return None;
     };
     let group = k0 / crate::checkpoint::fp4::GROUP;
+    let (ptr, e8m0) = scales.ptr(q, group);
     Some(avx512::Fp4Scales {
-        scales: scales.get(q, group).as_ptr(),
+        scales: ptr,
+        e8m0,
         panel_stride: scales.kblocks * NR,
         offset: k0 % crate::checkpoint::fp4::GROUP,
     })
