@@ -40,7 +40,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let dir = a.serve.model_dir()?;
     let (moe_layers, n_experts) = model_shape(&dir)?;
     let backbone = crate::progress::load_backbone(&dir)?;
-    let hidden = backbone.config().hidden_size;
+    let hidden = backbone.hidden_size();
     let opts = a.serve.listener_options()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
