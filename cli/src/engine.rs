@@ -84,7 +84,7 @@ impl RemoteArgs {
     }
 }
 
-fn parse_wire(s: &str) -> Result<Dtype, String> {
+pub(crate) fn parse_wire(s: &str) -> Result<Dtype, String> {
     match s {
         "bf16" => Ok(Dtype::Bf16),
         "f32" => Ok(Dtype::F32),

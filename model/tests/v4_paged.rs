@@ -75,7 +75,10 @@ fn a_pass_that_fails_half_way_is_undone_and_decoding_goes_on() {
             .forward(&mut seqs, &experts, LogitsMode::All, None)
             .expect_err("injected failure");
         assert!(matches!(err, ModelError::Experts { .. }), "{err}");
-        assert_eq!(cache, before, "the failed pass of {chunk} tokens at {at} was undone");
+        assert_eq!(
+            cache, before,
+            "the failed pass of {chunk} tokens at {at} was undone"
+        );
         let mut seqs = [V4SeqInput {
             tokens: &ids[at..at + chunk],
             cache: &mut cache,

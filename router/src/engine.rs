@@ -5,7 +5,9 @@
 
 use moe_model::model::{Backbone, LogitsMode, Model, SeqInput};
 use moe_model::v4::{PagedV4Cache, V4Backbone, V4Model, V4SeqInput};
-use moe_model::{Config, ExpertBackend, KvCacheDtype, KvLayout, KvPool, Matrix, ModelError, SeqCache};
+use moe_model::{
+    Config, ExpertBackend, KvCacheDtype, KvLayout, KvPool, Matrix, ModelError, SeqCache,
+};
 
 use crate::dispatch::RemoteExperts;
 use crate::scheduler::KvConfig;

@@ -237,7 +237,12 @@ fn moe_serve_and_a_router_over_expert_nodes_serve_v4_to_the_openai_client() {
     let file = placement_file(dir.path(), 1, &["0-4:0-191", "0-4:192-383"]);
     let f = file.to_str().expect("utf8");
     let nodes: Vec<Proc> = (0..2)
-        .map(|i| expert_node(&model, &["--placement", f, "--node-id", &format!("node-{i}")]))
+        .map(|i| {
+            expert_node(
+                &model,
+                &["--placement", f, "--node-id", &format!("node-{i}")],
+            )
+        })
         .collect();
     let addrs = nodes
         .iter()
@@ -246,7 +251,16 @@ fn moe_serve_and_a_router_over_expert_nodes_serve_v4_to_the_openai_client() {
         .join(",");
     let router = server(
         "router",
-        &["--model", m, "--experts-at", &addrs, "--wire", "f32", "--placement", f],
+        &[
+            "--model",
+            m,
+            "--experts-at",
+            &addrs,
+            "--wire",
+            "f32",
+            "--placement",
+            f,
+        ],
     );
     openai_client_passes(&router, "moe router over two expert nodes");
 }
@@ -266,4 +280,32 @@ fn a_bf16_cache_for_v4_is_refused_with_a_clear_error() {
     assert!(!out.status.success(), "a bf16 V4 cache was accepted");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("kept in f32"), "{err}");
+}
+
+#[test]
+fn moe_up_places_v4_experts_through_its_coordinator_and_serves_them() {
+    let model = fixture(MODEL);
+    let mut cmd = std::process::Command::new(moe_bin());
+    cmd.args(["up", "--model", model.to_str().expect("utf8")])
+        .args(["--listen", "127.0.0.1:0", "--nodes", "3", "--wire", "f32"]);
+    let (child, lines) = spawn_lines(cmd);
+    let mut up = Proc {
+        child,
+        addr: String::new(),
+    };
+    // `listening on ADDR`, then `ready` once a placement is active and every expert has a
+    // live replica (the coordinator placed 5 layers × 384 experts over the 3 nodes).
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = lines.recv_timeout(left).expect("moe up announces itself");
+        if let Some(addr) = line.split("listening on ").nth(1) {
+            up.addr = addr.trim().to_string();
+        }
+        if line.starts_with("ready") {
+            break;
+        }
+    }
+    std::thread::spawn(move || while lines.recv().is_ok() {});
+    openai_client_passes(&up, "moe up (f32 wire)");
 }

@@ -305,8 +305,9 @@ pub fn app_state(
         prefix_caching: !a.no_prefix_caching,
     };
     let layout = engine.kv_layout(&kv).map_err(anyhow::Error::msg)?;
-    let context = moe_router::scheduler::max_model_len(shape.context, &kv, &layout, a.max_model_len)
-        .map_err(anyhow::Error::msg)?;
+    let context =
+        moe_router::scheduler::max_model_len(shape.context, &kv, &layout, a.max_model_len)
+            .map_err(anyhow::Error::msg)?;
     let sched_cfg = SchedulerConfig {
         max_batch_tokens: a.max_batch_tokens,
         max_running: a.max_running,

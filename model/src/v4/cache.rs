@@ -55,7 +55,8 @@ impl CompState {
         }
         if keep > 0 {
             self.prev_kv.clear();
-            self.prev_kv.extend_from_slice(&self.buf_kv[used - keep..used]);
+            self.prev_kv
+                .extend_from_slice(&self.buf_kv[used - keep..used]);
             self.prev_gate.clear();
             self.prev_gate
                 .extend_from_slice(&self.buf_gate[used - keep..used]);

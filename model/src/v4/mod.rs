@@ -31,8 +31,8 @@ pub mod rope;
 mod validate;
 
 pub use cache::V4Cache;
-pub use paged::PagedV4Cache;
 pub use config::{
     AttnLayerType, CompressRates, MlpLayerType, RopeParams, RopeSets, V4Config, V4ScoringFunc,
 };
 pub use model::{V4Backbone, V4Model, V4SeqInput, V4Trace};
+pub use paged::PagedV4Cache;

@@ -233,8 +233,7 @@ impl Loop {
         let layout = engine.kv_layout(&cfg.kv)?;
         let pool = cfg.kv.pool(layout, engine.shares_prefixes());
         let shape = engine.shape();
-        metrics::gauge!(m::KV_CAPACITY_TOKENS)
-            .set(layout.tokens_in(pool.stats().capacity) as f64);
+        metrics::gauge!(m::KV_CAPACITY_TOKENS).set(layout.tokens_in(pool.stats().capacity) as f64);
         tracing::info!(
             family = shape.family,
             pages = pool.stats().capacity,

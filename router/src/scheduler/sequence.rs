@@ -259,7 +259,13 @@ mod tests {
             logprobs: None,
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let mut seq = Seq::new(0, req, SeqKv::V3(moe_model::SeqCache::new(&cfg)), tx, tracing::Span::none());
+        let mut seq = Seq::new(
+            0,
+            req,
+            SeqKv::V3(moe_model::SeqCache::new(&cfg)),
+            tx,
+            tracing::Span::none(),
+        );
         let mut finish = None;
         for id in ids {
             finish = seq.push(id, None, &codec, &[]);

@@ -161,14 +161,20 @@ fn sampled_tokens_and_logprobs_do_not_depend_on_the_batch() {
     let together = run(dir.path(), KvConfig::default(), reqs());
     let alone: Vec<Vec<Event>> = reqs()
         .into_iter()
-        .map(|r| run(dir.path(), KvConfig::default(), vec![r]).events.remove(0))
+        .map(|r| {
+            run(dir.path(), KvConfig::default(), vec![r])
+                .events
+                .remove(0)
+        })
         .collect();
     for (i, (t, a)) in together.events.iter().zip(&alone).enumerate() {
         assert!(finished(t), "request {i}: {t:?}");
         if kernel_choice() == KernelChoice::Avx512 {
             assert_eq!(t, a, "request {i}: batched vs alone");
         } else {
-            eprintln!("portable kernels: bitwise batch independence not checked (faer's rounding depends on the row count)");
+            eprintln!(
+                "portable kernels: bitwise batch independence not checked (faer's rounding depends on the row count)"
+            );
             assert_eq!(t.len(), a.len());
         }
     }
