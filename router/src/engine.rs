@@ -15,19 +15,19 @@ use crate::scheduler::KvConfig;
 /// Everything but the routed experts, of either family.
 #[derive(Debug)]
 pub enum AnyBackbone {
-    V3(Backbone),
-    V4(V4Backbone),
+    V3(Box<Backbone>),
+    V4(Box<V4Backbone>),
 }
 
 impl From<Backbone> for AnyBackbone {
     fn from(b: Backbone) -> Self {
-        AnyBackbone::V3(b)
+        AnyBackbone::V3(Box::new(b))
     }
 }
 
 impl From<V4Backbone> for AnyBackbone {
     fn from(b: V4Backbone) -> Self {
-        AnyBackbone::V4(b)
+        AnyBackbone::V4(Box::new(b))
     }
 }
 
