@@ -287,7 +287,8 @@ fn moe_up_places_v4_experts_through_its_coordinator_and_serves_them() {
     let model = fixture(MODEL);
     let mut cmd = std::process::Command::new(moe_bin());
     cmd.args(["up", "--model", model.to_str().expect("utf8")])
-        .args(["--listen", "127.0.0.1:0", "--nodes", "3", "--wire", "f32"]);
+        .args(["--listen", "127.0.0.1:0", "--nodes", "3", "--wire", "f32"])
+        .args(["--load-publish-ms", "200"]);
     let (child, lines) = spawn_lines(cmd);
     let mut up = Proc {
         child,
@@ -308,4 +309,22 @@ fn moe_up_places_v4_experts_through_its_coordinator_and_serves_them() {
     }
     std::thread::spawn(move || while lines.recv().is_ok() {});
     openai_client_passes(&up, "moe up (f32 wire)");
+    // The load statistics the balancer reads cover V4's hash layers (0-2) and score layers.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let c = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let want: Vec<String> = (0..5)
+        .map(|l| format!("moe_expert_load_balancedness{{layer=\"{l}\"}}"))
+        .collect();
+    loop {
+        let m = rt.block_on(metrics_text(&c, &up.addr));
+        if want.iter().all(|w| m.contains(w.as_str())) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no load statistics for every V4 layer:\n{m}"
+        );
+        std::thread::sleep(Duration::from_millis(100)); // polling a condition, bounded above
+    }
 }
