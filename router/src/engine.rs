@@ -2,7 +2,7 @@
 //! (`moe router`).
 
 use moe_model::model::{Backbone, LogitsMode, Model, SeqInput};
-use moe_model::{Config, ExpertBackend, Matrix};
+use moe_model::{Config, ExpertBackend, Matrix, Overlap};
 
 use crate::dispatch::RemoteExperts;
 
@@ -10,6 +10,8 @@ use crate::dispatch::RemoteExperts;
 pub struct Engine {
     backbone: Backbone,
     experts: Box<dyn ExpertBackend>,
+    /// Two-batch overlap of each step ([`moe_model::overlap`]).
+    overlap: Overlap,
 }
 
 impl std::fmt::Debug for Engine {
@@ -24,12 +26,17 @@ impl Engine {
         Engine {
             backbone: model.backbone,
             experts: Box::new(model.experts),
+            overlap: Overlap::default(),
         }
     }
 
     /// The backbone with any expert backend (tests inject failing ones).
     pub fn with_backend(backbone: Backbone, experts: Box<dyn ExpertBackend>) -> Engine {
-        Engine { backbone, experts }
+        Engine {
+            backbone,
+            experts,
+            overlap: Overlap::default(),
+        }
     }
 
     /// The backbone here, routed experts on expert nodes.
@@ -37,7 +44,14 @@ impl Engine {
         Engine {
             backbone,
             experts: Box::new(experts),
+            overlap: Overlap::default(),
         }
+    }
+
+    /// Sets two-batch overlap (`auto` by default: on for remote experts and batches big enough).
+    pub fn with_overlap(mut self, overlap: Overlap) -> Engine {
+        self.overlap = overlap;
+        self
     }
 
     /// The model configuration.
@@ -52,6 +66,6 @@ impl Engine {
         mode: LogitsMode,
     ) -> moe_model::Result<Vec<Matrix>> {
         self.backbone
-            .forward(seqs, self.experts.as_ref(), mode, None)
+            .forward_with(seqs, self.experts.as_ref(), mode, None, self.overlap)
     }
 }
