@@ -243,7 +243,14 @@ impl Backbone {
         };
         let result = match split {
             None => self
-                .layers(seqs, &mut h, (&cos, &sin), experts, trace.as_deref_mut(), &mut Turn::serial())
+                .layers(
+                    seqs,
+                    &mut h,
+                    (&cos, &sin),
+                    experts,
+                    trace.as_deref_mut(),
+                    &mut Turn::serial(),
+                )
                 .map(|_| ()),
             Some(k) => crate::overlap::run(self, seqs, &mut h, (&cos, &sin), experts, k),
         };

@@ -150,8 +150,7 @@ impl<'a> Turn<'a> {
 
     /// Whether the other group failed (this one should stop).
     pub(crate) fn stopped(&self) -> bool {
-        self.turns
-            .is_some_and(|t| t.failed.load(Ordering::Relaxed))
+        self.turns.is_some_and(|t| t.failed.load(Ordering::Relaxed))
     }
 
     /// Runs `wait` with the lock released (when the wait is I/O), then takes it back.
@@ -222,11 +221,7 @@ pub(crate) fn run(
 
 /// Rows of the full batch named by a group's error: a dispatch error's rows (empty: all of the
 /// group's) shifted by the group's first row; any other error as it is.
-pub(crate) fn to_batch_rows(
-    e: ModelError,
-    first_row: usize,
-    rows: usize,
-) -> ModelError {
+pub(crate) fn to_batch_rows(e: ModelError, first_row: usize, rows: usize) -> ModelError {
     match e {
         ModelError::Dispatch {
             layer,
@@ -268,7 +263,11 @@ mod tests {
         assert_eq!(Overlap::Auto.split(true, &eight), Some(4));
         assert_eq!(Overlap::Auto.split(false, &eight), None);
         assert_eq!(Overlap::Auto.split(true, &[1; 4]), None);
-        assert_eq!(Overlap::Auto.split(true, &[64]), None, "one sequence never splits");
+        assert_eq!(
+            Overlap::Auto.split(true, &[64]),
+            None,
+            "one sequence never splits"
+        );
         assert_eq!(Overlap::On.split(false, &[1, 1]), Some(1));
         assert_eq!(Overlap::On.split(true, &[5]), None);
         assert_eq!(Overlap::Off.split(true, &eight), None);

@@ -25,7 +25,11 @@ fn prompts() -> Vec<Vec<u32>> {
     [5usize, 1, 7, 3, 2, 9]
         .iter()
         .enumerate()
-        .map(|(s, &n)| (0..n).map(|i| ((s * 131 + i * 37) % 500 + 3) as u32).collect())
+        .map(|(s, &n)| {
+            (0..n)
+                .map(|i| ((s * 131 + i * 37) % 500 + 3) as u32)
+                .collect()
+        })
         .collect()
 }
 
@@ -57,14 +61,30 @@ fn run(model: &Model, backend: &dyn ExpertBackend, overlap: Overlap) -> Vec<Vec<
     let prompts = prompts();
     let mut caches: Vec<SeqCache> = prompts.iter().map(|_| model.new_cache()).collect();
     let mut out = vec![
-        pass(model, backend, &mut caches, &prompts, LogitsMode::All, overlap).expect("prefill"),
+        pass(
+            model,
+            backend,
+            &mut caches,
+            &prompts,
+            LogitsMode::All,
+            overlap,
+        )
+        .expect("prefill"),
     ];
     for step in 0..3u32 {
         let next: Vec<Vec<u32>> = (0..prompts.len() as u32)
             .map(|s| vec![(s * 7 + step * 11) % 500 + 3])
             .collect();
         out.push(
-            pass(model, backend, &mut caches, &next, LogitsMode::Last, overlap).expect("decode"),
+            pass(
+                model,
+                backend,
+                &mut caches,
+                &next,
+                LogitsMode::Last,
+                overlap,
+            )
+            .expect("decode"),
         );
     }
     out
@@ -169,7 +189,10 @@ fn overlapped_groups_give_the_serial_logits_bit_for_bit_bf16_and_fp8() {
         // Experts that say they are remote: the lock is released in every wait, and each wait
         // returns only after the other group has dispatched the same layer.
         let remote = run(&model, &rendezvous(&model.experts.store), Overlap::Auto);
-        assert!(serial == remote, "{name}: overlapped groups differ from serial");
+        assert!(
+            serial == remote,
+            "{name}: overlapped groups differ from serial"
+        );
     }
 }
 

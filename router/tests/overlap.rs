@@ -46,8 +46,13 @@ fn cluster() -> Cluster {
             .flat_map(|l| half.clone().map(move |e| (l, e)))
             .collect();
         let node = Arc::new(
-            ExpertNode::load(format!("n{}", addrs.len()), &dir, &pairs, Default::default())
-                .expect("node loads"),
+            ExpertNode::load(
+                format!("n{}", addrs.len()),
+                &dir,
+                &pairs,
+                Default::default(),
+            )
+            .expect("node loads"),
         );
         let listener = rt
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
@@ -124,7 +129,11 @@ fn a_step_against_expert_nodes_gives_the_serial_logits_bit_for_bit() {
     let prompts: Vec<Vec<u32>> = [6usize, 1, 9, 4, 3, 8]
         .iter()
         .enumerate()
-        .map(|(s, &n)| (0..n).map(|i| ((s * 97 + i * 41) % 500 + 3) as u32).collect())
+        .map(|(s, &n)| {
+            (0..n)
+                .map(|i| ((s * 97 + i * 41) % 500 + 3) as u32)
+                .collect()
+        })
         .collect();
     let mut runs = Vec::new();
     for overlap in [Overlap::Off, Overlap::Auto] {
@@ -201,12 +210,20 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
 }
 
 /// Every request's generated ids (or its failure), each request on its own sequence.
-fn generate(engine: Engine, prompts: &[Vec<u32>], max_tokens: usize) -> Vec<Result<Vec<u32>, String>> {
+fn generate(
+    engine: Engine,
+    prompts: &[Vec<u32>],
+    max_tokens: usize,
+) -> Vec<Result<Vec<u32>, String>> {
     let codec = Arc::new(TextCodec::from_dir(&fixture()).expect("tokenizer"));
     let scheduler = Scheduler::start(engine, codec, SchedulerConfig::default());
     let rxs: Vec<_> = prompts
         .iter()
-        .map(|p| scheduler.submit(request(p.clone(), max_tokens)).expect("submitted"))
+        .map(|p| {
+            scheduler
+                .submit(request(p.clone(), max_tokens))
+                .expect("submitted")
+        })
         .collect();
     rxs.into_iter().map(collect).collect()
 }
@@ -252,7 +269,11 @@ fn greedy_ids_through_the_scheduler_are_the_serial_ones_and_the_golden_ones() {
         for (step, w) in want.iter().enumerate() {
             let margin = margins[step].as_f64().expect("margin");
             if got[step] != *w {
-                assert!(margin <= 0.05, "prompt {i} step {step}: {} != {w}", got[step]);
+                assert!(
+                    margin <= 0.05,
+                    "prompt {i} step {step}: {} != {w}",
+                    got[step]
+                );
                 break;
             }
             if margin <= 0.05 {

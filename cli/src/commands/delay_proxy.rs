@@ -35,7 +35,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let listener = TcpListener::bind(a.listen)
             .await
             .with_context(|| format!("binding {}", a.listen))?;
-        println!("delay proxy {} -> {} (+{} us each way)", a.listen, a.to, a.delay_us);
+        println!(
+            "delay proxy {} -> {} (+{} us each way)",
+            a.listen, a.to, a.delay_us
+        );
         let delay = Duration::from_micros(a.delay_us);
         loop {
             let (inbound, _) = listener.accept().await?;
