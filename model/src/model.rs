@@ -5,7 +5,8 @@
 //! come from an [`ExpertBackend`]. [`Model`] pairs a backbone with local experts for the
 //! single-process engine. Decoder layer: `h += attn(input_layernorm(h))`;
 //! `h += mlp(post_attention_layernorm(h))`; logits = `lm_head(norm(h))`.
-//! Reference: transformers `modeling_deepseek_v3.py`.
+//! `Backbone::forward_with` can run the layer loop as two interleaved micro-batches
+//! ([`crate::overlap`]). Reference: transformers `modeling_deepseek_v3.py`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
