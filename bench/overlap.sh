@@ -7,7 +7,8 @@
 #   delayed: every router-node connection through `moe delay-proxy` (+1 ms each way), unpinned.
 # usage: bench/overlap.sh [BIN]   (from the repository root; without BIN it builds
 #        target/release/moe). MODEL=DIR reuses a generated bench preset (default: generated once
-#        into target/moe-bench-model-overlap). ROUNDS (3), CONC (32), LEN (64), DELAY_US (1000),
+#        into target/moe-bench-model-overlap). ROUNDS (3), CONC (32), LEN (64), PROMPT (32),
+#        DELAY_US (1000),
 #        SETTINGS ("pinned delayed"). Ports 18801-18830 on loopback.
 set -u
 BIN=${1:-}
@@ -16,7 +17,7 @@ if [ -z "$BIN" ]; then
   BIN=target/release/moe
 fi
 MODEL=${MODEL:-target/moe-bench-model-overlap}
-ROUNDS=${ROUNDS:-3}; CONC=${CONC:-32}; LEN=${LEN:-64}; DELAY_US=${DELAY_US:-1000}
+ROUNDS=${ROUNDS:-3}; CONC=${CONC:-32}; LEN=${LEN:-64}; PROMPT=${PROMPT:-32}; DELAY_US=${DELAY_US:-1000}
 SETTINGS=${SETTINGS:-"pinned delayed"}
 OUT=${OUT:-/tmp/moe-overlap}; mkdir -p "$OUT"; rm -f "$OUT"/*.json
 [ -f "$MODEL/config.json" ] || "$BIN" gen-model --preset bench --out "$MODEL" >/dev/null || exit 1
@@ -69,7 +70,7 @@ round() { # setting overlap round
   "$BIN" bench --url http://127.0.0.1:18820 --requests "$CONC" --concurrency "$CONC" \
     --prompt-len 32 --output-len 8 >/dev/null 2>&1 # warm-up
   "$BIN" bench --url http://127.0.0.1:18820 --requests $((2 * CONC)) --concurrency "$CONC" \
-    --prompt-len 32 --output-len "$LEN" --json "$OUT/$1-$2-$3.json" >/dev/null 2>&1
+    --prompt-len "$PROMPT" --output-len "$LEN" --json "$OUT/$1-$2-$3.json" >/dev/null 2>&1
   kill $rp; wait $rp 2>/dev/null
 }
 
