@@ -128,11 +128,9 @@ pub fn node_id(flag: Option<&str>) -> String {
 
 /// MoE layers and routed-expert count of the model in `dir`.
 pub fn model_shape(dir: &Path) -> anyhow::Result<(Vec<usize>, usize)> {
-    let cfg =
-        moe_model::Config::from_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
-    let n = cfg
-        .moe()
-        .map(|m| m.n_routed_experts)
-        .context("the model has no routed experts")?;
+    let cfg = moe_model::ModelConfig::from_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?;
+    let n = cfg.n_routed_experts();
+    anyhow::ensure!(n > 0, "the model has no routed experts");
     Ok((cfg.moe_layers(), n))
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use moe_meta::Placement;
 use moe_model::model::{Backbone, LogitsMode, SeqInput};
-use moe_model::{Config, Matrix, SeqCache};
+use moe_model::{Config, ExpertBackend, Matrix, SeqCache};
 use moe_proto::pb::Dtype;
 use moe_router::{DispatchOptions, RemoteExperts};
 
@@ -84,7 +84,7 @@ impl RemoteArgs {
     }
 }
 
-fn parse_wire(s: &str) -> Result<Dtype, String> {
+pub(crate) fn parse_wire(s: &str) -> Result<Dtype, String> {
     match s {
         "bf16" => Ok(Dtype::Bf16),
         "f32" => Ok(Dtype::F32),
@@ -93,11 +93,12 @@ fn parse_wire(s: &str) -> Result<Dtype, String> {
     }
 }
 
-/// A loaded engine (the router crate's, as `moe serve` runs it), with the runtime its
+/// A loaded V3-family engine for `moe logits` / `moe generate`, with the runtime its
 /// expert-node clients run on when the experts are remote. Fields drop in order: the clients
 /// before their runtime.
 pub struct Engine {
-    inner: moe_router::Engine,
+    backbone: Backbone,
+    experts: Box<dyn ExpertBackend>,
     _rt: Option<tokio::runtime::Runtime>,
 }
 
@@ -107,7 +108,8 @@ impl Engine {
         if remote.experts_at.is_none() {
             let model = crate::progress::load_model(dir)?;
             return Ok(Engine {
-                inner: moe_router::Engine::local(model),
+                backbone: model.backbone,
+                experts: Box::new(model.experts),
                 _rt: None,
             });
         }
@@ -117,14 +119,15 @@ impl Engine {
             .build()?;
         let (backbone, experts) = load_remote(dir, remote, rt.handle())?;
         Ok(Engine {
-            inner: moe_router::Engine::remote(backbone, std::sync::Arc::new(experts)),
+            backbone,
+            experts: Box::new(experts),
             _rt: Some(rt),
         })
     }
 
     /// The model configuration.
     pub fn config(&self) -> &Config {
-        self.inner.config()
+        self.backbone.config()
     }
 
     /// A fresh cache.
@@ -138,7 +141,8 @@ impl Engine {
         seqs: &mut [SeqInput<'_>],
         mode: LogitsMode,
     ) -> moe_model::Result<Vec<Matrix>> {
-        self.inner.forward(seqs, mode)
+        self.backbone
+            .forward(seqs, self.experts.as_ref(), mode, None)
     }
 }
 
@@ -150,7 +154,7 @@ pub fn load_remote(
     handle: &tokio::runtime::Handle,
 ) -> anyhow::Result<(Backbone, RemoteExperts)> {
     let addrs = remote.experts_at.clone().unwrap_or_default();
-    let backbone = crate::progress::load_backbone(dir)?;
+    let backbone = crate::progress::load_v3_backbone(dir)?;
     let cfg = backbone.config().clone();
     let n_experts = cfg
         .moe()
@@ -162,6 +166,38 @@ pub fn load_remote(
     };
     let experts = handle.block_on(moe_router::cluster::remote::connect_static(
         &cfg.clone().into(),
+        placement,
+        addrs,
+        remote.dispatch_options()?,
+        handle.clone(),
+    ))?;
+    Ok((backbone, experts))
+}
+
+/// Loads the backbone of `dir`, of either family, and connects to the expert nodes of
+/// `remote` on `handle`'s runtime (`moe router --experts-at`).
+pub fn load_remote_any(
+    dir: &Path,
+    remote: &RemoteArgs,
+    handle: &tokio::runtime::Handle,
+) -> anyhow::Result<(moe_router::AnyBackbone, RemoteExperts)> {
+    if !is_v4(dir)? {
+        let (backbone, experts) = load_remote(dir, remote, handle)?;
+        return Ok((backbone.into(), experts));
+    }
+    let addrs = remote.experts_at.clone().unwrap_or_default();
+    let backbone = crate::progress::load_backbone(dir)?;
+    let cfg = moe_model::ModelConfig::from_dir(dir)?;
+    let placement = match &remote.placement {
+        Some(file) => Some(Placement::from_file(
+            file,
+            &cfg.moe_layers(),
+            cfg.n_routed_experts(),
+        )?),
+        None => None,
+    };
+    let experts = handle.block_on(moe_router::cluster::remote::connect_static(
+        &cfg,
         placement,
         addrs,
         remote.dispatch_options()?,

@@ -10,6 +10,8 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use moe_model::checkpoint::TensorFilter;
 use moe_model::model::{Backbone, LoadOptions, Model, open};
+use moe_model::v4::{V4Backbone, V4Model};
+use moe_router::AnyBackbone;
 
 /// A bar on stderr for `total` bytes when stderr is a terminal, and load options feeding it.
 fn bar(total: u64) -> (Option<ProgressBar>, LoadOptions) {
@@ -45,9 +47,9 @@ fn done(bar: Option<ProgressBar>, dir: &Path, total: u64, start: Instant, what: 
     );
 }
 
-/// Loads the single-process model from `dir`.
+/// Loads the single-process V3-family model from `dir`.
 pub fn load_model(dir: &Path) -> anyhow::Result<Model> {
-    refuse_v4(dir)?;
+    ensure_v3(dir)?;
     let start = Instant::now();
     let total =
         Model::load_bytes(dir).with_context(|| format!("opening model {}", dir.display()))?;
@@ -58,22 +60,30 @@ pub fn load_model(dir: &Path) -> anyhow::Result<Model> {
     Ok(model)
 }
 
-/// The scheduler (`moe serve`, `moe router`, `moe up`) runs V3-family models only so far.
-fn refuse_v4(dir: &Path) -> anyhow::Result<()> {
-    if crate::engine::is_v4(dir).unwrap_or(false) {
-        anyhow::bail!(
-            "{}: DeepSeek-V4 models run in `moe logits`, `moe generate` and `moe expert-node` so \
-             far; the batching scheduler of `moe serve`, `moe router` and `moe up` does not \
-             serve them yet",
-            dir.display()
-        );
-    }
+/// The V3-family loaders are not for V4 models (their callers pick the family first).
+fn ensure_v3(dir: &Path) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !crate::engine::is_v4(dir).unwrap_or(false),
+        "{}: a DeepSeek-V4 model where a V3-family one was expected",
+        dir.display()
+    );
     Ok(())
 }
 
-/// Loads everything but the routed experts (the router's part).
-pub fn load_backbone(dir: &Path) -> anyhow::Result<Backbone> {
-    refuse_v4(dir)?;
+/// Loads the single-process engine of either family (`moe serve`).
+pub fn load_engine(dir: &Path) -> anyhow::Result<moe_router::Engine> {
+    if !crate::engine::is_v4(dir)? {
+        return Ok(moe_router::Engine::local(load_model(dir)?));
+    }
+    let start = Instant::now();
+    let model = V4Model::load(dir).with_context(|| format!("loading model {}", dir.display()))?;
+    done(None, dir, 0, start, "DeepSeek-V4 model");
+    Ok(moe_router::Engine::local_v4(model))
+}
+
+/// Loads everything but the routed experts of a V3-family model (the router's part).
+pub fn load_v3_backbone(dir: &Path) -> anyhow::Result<Backbone> {
+    ensure_v3(dir)?;
     let start = Instant::now();
     let (cfg, mut ckpt) = open(dir).with_context(|| format!("opening model {}", dir.display()))?;
     let total = ckpt.selected_bytes(&TensorFilter::Backbone {
@@ -87,4 +97,18 @@ pub fn load_backbone(dir: &Path) -> anyhow::Result<Backbone> {
         Backbone::load(&cfg, &ckpt).with_context(|| format!("loading model {}", dir.display()))?;
     done(bar, dir, total, start, "backbone");
     Ok(backbone)
+}
+
+/// Loads everything but the routed experts, of either family (`moe router`, `moe up`).
+pub fn load_backbone(dir: &Path) -> anyhow::Result<AnyBackbone> {
+    if !crate::engine::is_v4(dir)? {
+        return Ok(load_v3_backbone(dir)?.into());
+    }
+    let start = Instant::now();
+    let (cfg, ckpt) = moe_model::v4::model::open(dir)
+        .with_context(|| format!("opening model {}", dir.display()))?;
+    let backbone = V4Backbone::load(&cfg, &ckpt)
+        .with_context(|| format!("loading model {}", dir.display()))?;
+    done(None, dir, 0, start, "DeepSeek-V4 backbone");
+    Ok(backbone.into())
 }

@@ -2,62 +2,20 @@
 //! reading, messages that do not parse, more messages than the node holds, and inputs whose
 //! outputs overflow. Each answer is a meaningful status and the node keeps serving.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes};
-use moe_expert_node::{ExpertNode, ServerOptions, serve};
+pub mod common;
+
+use common::{request, start};
+use moe_expert_node::ServerOptions;
+use moe_proto::ExpertServiceClient;
 use moe_proto::codec::{StrictCodec, StrictDecoder};
-use moe_proto::pb::{DispatchRequest, DispatchResponse, Dtype};
-use moe_proto::{ExpertServiceClient, tensor};
+use moe_proto::pb::{DispatchRequest, DispatchResponse};
 use prost::Message;
 use tonic::Code;
 use tonic::codec::{BufferSettings, Codec, EncodeBuf, Encoder};
 use tonic::transport::Channel;
-
-const HIDDEN: usize = 64;
-
-struct Node {
-    node: Arc<ExpertNode>,
-    addr: std::net::SocketAddr,
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
-
-async fn start(opts: ServerOptions) -> Node {
-    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures/models/tiny-dsv3-bf16");
-    let node = Arc::new(
-        ExpertNode::load("n".into(), &dir, &[(1, 3), (1, 5)], Default::default()).expect("load"),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(serve(node.clone(), listener, opts, async {
-        let _ = stopped.await;
-    }));
-    Node {
-        node,
-        addr,
-        _stop: stop,
-    }
-}
-
-fn request(id: u64, tokens: usize, value: f32) -> DispatchRequest {
-    DispatchRequest {
-        request_id: id,
-        layer: 1,
-        placement_version: 0,
-        num_tokens: tokens as u32,
-        dtype: Dtype::F32 as i32,
-        hidden: tensor::encode(&vec![value; tokens * HIDDEN], Dtype::F32),
-        offsets: (0..=tokens as u32).map(|t| t * 2).collect(),
-        expert_ids: [3, 5].repeat(tokens),
-        weights: tensor::encode(&vec![0.5; tokens * 2], Dtype::F32),
-        traceparent: String::new(),
-    }
-}
 
 async fn channel(addr: std::net::SocketAddr) -> Channel {
     Channel::from_shared(format!("http://{addr}"))

@@ -5,13 +5,14 @@
 #![allow(unsafe_code)] // the counting allocator only
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
-use moe_expert_node::{ExpertNode, ServerOptions, serve};
-use moe_proto::pb::{DispatchRequest, Dtype};
-use moe_proto::{ExpertServiceClient, tensor};
+pub mod common;
+
+use common::{request, start};
+use moe_expert_node::ServerOptions;
+use moe_proto::ExpertServiceClient;
 
 /// Counts live bytes and their high-water mark.
 struct Counting;
@@ -40,25 +41,9 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOC: Counting = Counting;
 
-const HIDDEN: usize = 64;
 const STREAMS: usize = 20;
 const DECLARED: u32 = 150 << 20;
 const SENT: usize = 64 << 10;
-
-fn request(tokens: usize) -> DispatchRequest {
-    DispatchRequest {
-        request_id: 1,
-        layer: 1,
-        placement_version: 0,
-        num_tokens: tokens as u32,
-        dtype: Dtype::F32 as i32,
-        hidden: tensor::encode(&vec![0.25; tokens * HIDDEN], Dtype::F32),
-        offsets: (0..=tokens as u32).map(|t| t * 2).collect(),
-        expert_ids: [3, 5].repeat(tokens),
-        weights: tensor::encode(&vec![0.5; tokens * 2], Dtype::F32),
-        traceparent: String::new(),
-    }
-}
 
 /// Opens a Dispatch stream on `client`, sends a header declaring `DECLARED` bytes and `SENT`
 /// bytes of it, and returns once the node has answered with response headers (the stream is
@@ -89,29 +74,18 @@ async fn stall(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_huge_declarations_reserve_only_what_arrived() {
-    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures/models/tiny-dsv3-bf16");
-    let node = Arc::new(
-        ExpertNode::load("n".into(), &dir, &[(1, 3), (1, 5)], Default::default()).expect("load"),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let opts = ServerOptions {
         max_message_bytes: 200 << 20,
         ..Default::default()
     };
-    tokio::spawn(serve(node, listener, opts, async {
-        let _ = stopped.await;
-    }));
+    let node = start(opts).await;
+    let addr = node.addr;
 
     let good = || async {
         let mut c = ExpertServiceClient::connect(format!("http://{addr}"))
             .await
             .expect("connect");
-        c.compute(request(4))
+        c.compute(request(1, 4, 0.25))
             .await
             .expect("answered")
             .into_inner()

@@ -21,5 +21,5 @@ pub mod tokenize;
 pub mod validation;
 
 pub use dispatch::{DispatchError, DispatchOptions, RemoteExperts};
-pub use engine::Engine;
+pub use engine::{AnyBackbone, Engine, ModelShape, SeqKv};
 pub use error::ApiError;

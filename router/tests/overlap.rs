@@ -216,7 +216,7 @@ fn generate(
     max_tokens: usize,
 ) -> Vec<Result<Vec<u32>, String>> {
     let codec = Arc::new(TextCodec::from_dir(&fixture()).expect("tokenizer"));
-    let scheduler = Scheduler::start(engine, codec, SchedulerConfig::default());
+    let scheduler = Scheduler::start(engine, codec, SchedulerConfig::default()).expect("scheduler");
     let rxs: Vec<_> = prompts
         .iter()
         .map(|p| {
@@ -395,7 +395,7 @@ fn a_dispatch_failure_in_one_group_fails_only_that_groups_sequence() {
     };
     let engine = Engine::with_backend(backbone(), Box::new(backend)).with_overlap(Overlap::On);
     let codec = Arc::new(TextCodec::from_dir(&fixture()).expect("tokenizer"));
-    let scheduler = Scheduler::start(engine, codec, SchedulerConfig::default());
+    let scheduler = Scheduler::start(engine, codec, SchedulerConfig::default()).expect("scheduler");
     let first_rx = scheduler.submit(request(first, 6)).expect("submitted");
     gate.wait_for_caller();
     let rxs: Vec<_> = prompts

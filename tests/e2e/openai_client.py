@@ -1,10 +1,13 @@
 """The official `openai` Python package against a moe server (run by serve_api.rs).
 
-usage: openai_client.py BASE_URL GOLDEN_JSON
-Exits non-zero (with a traceback) on any mismatch.
+usage: openai_client.py BASE_URL GOLDEN_JSON [CONCURRENT]
+With CONCURRENT, also sends that many greedy completions of the golden prompts at once (from as
+many threads) and checks each against its golden continuation. Exits non-zero (with a traceback)
+on any mismatch.
 """
 import json
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 
@@ -60,5 +63,33 @@ try:
     raise AssertionError("unknown model accepted")
 except openai.BadRequestError as e:
     assert "does not exist" in e.body["message"], e.body
+
+
+
+def check_golden(i, got):
+    """The golden rule: ids match step by step; a mismatch at step t is acceptable only where the
+    reference margin there is at most the threshold, and ends the comparison."""
+    res = golden["results"][i]
+    threshold = golden["tolerances"]["greedy_margin_threshold"]
+    for t, (a, b) in enumerate(zip(got, res["generated_ids"])):
+        if a != b:
+            assert res["greedy_margins"][t] <= threshold, (i, t, got, res["generated_ids"])
+            return
+    assert len(got) == len(res["generated_ids"]), (i, got)
+
+
+concurrent = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+if concurrent:
+    def one(k):
+        i = k % len(golden["prompts"])
+        r = client.completions.create(model=model, prompt=golden["prompts"][i]["ids"], max_tokens=24,
+                                      temperature=0, logprobs=0, extra_body=ext)
+        check_golden(i, ids(r.choices[0].logprobs.tokens))
+        return r.usage.completion_tokens
+
+    with ThreadPoolExecutor(max_workers=concurrent) as pool:
+        done = list(pool.map(one, range(concurrent)))
+    assert done == [24] * concurrent, done
+    print(concurrent, "concurrent golden completions ok")
 
 print("openai", openai.__version__, "ok")

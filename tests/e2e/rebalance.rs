@@ -294,9 +294,15 @@ async fn rebalance_under_skew(min_replicas: &str, capacity: &str) {
         "{m}"
     );
     let m = harness::metrics_text(&c, &coordinator_metrics).await;
+    // Round 1 re-placed some layers; a layer it left may be re-placed by a later round as the
+    // load goes on, but the cooldown (10 min) keeps every layer to one move: at most 3 rounds.
+    let rounds: f64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("moe_rebalance_rounds_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
     assert!(
-        m.contains("moe_rebalance_rounds_total 1")
-            && m.contains("moe_layer_balancedness{layer=\"3\"}"),
+        (1.0..=3.0).contains(&rounds) && m.contains("moe_layer_balancedness{layer=\"3\"}"),
         "{m}"
     );
     drop(nodes);

@@ -3,7 +3,9 @@
 //! V4 spelling), and the V4 backbone in this process dispatches to them over the unchanged wire
 //! (f32). The logits of every golden prompt match the reference within 1e-3 and the 24-token
 //! greedy continuation of the chat prompt is the golden one; `moe logits` and `moe generate`
-//! give the golden logits and greedy ids in-process and against the nodes.
+//! give the golden logits and greedy ids in-process and against the nodes; `moe serve` and a
+//! `moe router` over expert-node processes (f32 wire) serve the golden continuations to the
+//! official `openai` client, alone and to 16 concurrent requests.
 
 pub mod harness;
 
@@ -202,19 +204,127 @@ fn moe_logits_and_generate_run_v4_locally_and_against_expert_nodes() {
     eprintln!("moe logits on tiny-dsv4: local {local}");
 }
 
+/// The official `openai` client against `server` (the golden script, then 16 concurrent golden
+/// completions).
+fn openai_client_passes(server: &Proc, what: &str) {
+    let script =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/e2e/openai_client.py");
+    let out = std::process::Command::new(python_with_openai())
+        .arg(script)
+        .arg(format!("http://{}", server.addr))
+        .arg(fixture(MODEL).join("golden/golden.json"))
+        .arg("16")
+        .output()
+        .expect("runs python");
+    assert!(
+        out.status.success(),
+        "{what}:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{what}: {}", String::from_utf8_lossy(&out.stdout).trim());
+}
+
 #[test]
-fn the_scheduler_commands_refuse_v4_with_a_clear_error() {
+fn moe_serve_and_a_router_over_expert_nodes_serve_v4_to_the_openai_client() {
     let model = fixture(MODEL);
     let m = model.to_str().expect("utf8");
-    // The router is pointed at a port nobody listens on: it must refuse before dialling.
-    for args in [
-        vec!["serve", "--model", m],
-        vec!["router", "--model", m, "--experts-at", "127.0.0.1:9"],
-    ] {
-        let cmd = args[0];
-        let out = moe(&args);
-        assert!(!out.status.success(), "{cmd} accepted a V4 model");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("DeepSeek-V4 models run in"), "{cmd}: {err}");
+    let serve = server("serve", &["--model", m]);
+    openai_client_passes(&serve, "moe serve");
+    drop(serve);
+
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = placement_file(dir.path(), 1, &["0-4:0-191", "0-4:192-383"]);
+    let f = file.to_str().expect("utf8");
+    let nodes: Vec<Proc> = (0..2)
+        .map(|i| {
+            expert_node(
+                &model,
+                &["--placement", f, "--node-id", &format!("node-{i}")],
+            )
+        })
+        .collect();
+    let addrs = nodes
+        .iter()
+        .map(|n| n.addr.clone())
+        .collect::<Vec<_>>()
+        .join(",");
+    let router = server(
+        "router",
+        &[
+            "--model",
+            m,
+            "--experts-at",
+            &addrs,
+            "--wire",
+            "f32",
+            "--placement",
+            f,
+        ],
+    );
+    openai_client_passes(&router, "moe router over two expert nodes");
+}
+
+#[test]
+fn a_bf16_cache_for_v4_is_refused_with_a_clear_error() {
+    let model = fixture(MODEL);
+    let out = moe(&[
+        "serve",
+        "--model",
+        model.to_str().expect("utf8"),
+        "--kv-cache-dtype",
+        "bf16",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(!out.status.success(), "a bf16 V4 cache was accepted");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("kept in f32"), "{err}");
+}
+
+#[test]
+fn moe_up_places_v4_experts_through_its_coordinator_and_serves_them() {
+    let model = fixture(MODEL);
+    let mut cmd = std::process::Command::new(moe_bin());
+    cmd.args(["up", "--model", model.to_str().expect("utf8")])
+        .args(["--listen", "127.0.0.1:0", "--nodes", "3", "--wire", "f32"])
+        .args(["--load-publish-ms", "200"]);
+    let (child, lines) = spawn_lines(cmd);
+    let mut up = Proc {
+        child,
+        addr: String::new(),
+    };
+    // `listening on ADDR`, then `ready` once a placement is active and every expert has a
+    // live replica (the coordinator placed 5 layers × 384 experts over the 3 nodes).
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = lines.recv_timeout(left).expect("moe up announces itself");
+        if let Some(addr) = line.split("listening on ").nth(1) {
+            up.addr = addr.trim().to_string();
+        }
+        if line.starts_with("ready") {
+            break;
+        }
+    }
+    std::thread::spawn(move || while lines.recv().is_ok() {});
+    openai_client_passes(&up, "moe up (f32 wire)");
+    // The load statistics the balancer reads cover V4's hash layers (0-2) and score layers.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let c = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let want: Vec<String> = (0..5)
+        .map(|l| format!("moe_expert_load_balancedness{{layer=\"{l}\"}}"))
+        .collect();
+    loop {
+        let m = rt.block_on(metrics_text(&c, &up.addr));
+        if want.iter().all(|w| m.contains(w.as_str())) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no load statistics for every V4 layer:\n{m}"
+        );
+        std::thread::sleep(Duration::from_millis(100)); // polling a condition, bounded above
     }
 }

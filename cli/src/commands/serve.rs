@@ -172,9 +172,9 @@ impl ServeArgs {
 /// `moe serve`.
 pub fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
     let listener = bind(&a)?;
-    let model = crate::progress::load_model(&a.model_dir()?)?;
+    let engine = crate::progress::load_engine(&a.model_dir()?)?;
     let rt = runtime()?;
-    run(a, listener, Engine::local(model), Arc::new(|| Ok(())), rt)
+    run(a, listener, engine, Arc::new(|| Ok(())), rt)
 }
 
 /// `moe router`.
@@ -189,7 +189,7 @@ pub fn run_router(a: RouterArgs) -> anyhow::Result<()> {
     );
     let rt = runtime()?;
     let (backbone, experts) =
-        crate::engine::load_remote(&a.serve.model_dir()?, &a.remote, rt.handle())?;
+        crate::engine::load_remote_any(&a.serve.model_dir()?, &a.remote, rt.handle())?;
     let experts = Arc::new(experts);
     run_remote(a.serve, listener, backbone, experts, rt)
 }
@@ -205,7 +205,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn run_remote(
     serve: ServeArgs,
     listener: std::net::TcpListener,
-    backbone: moe_model::Backbone,
+    backbone: moe_router::AnyBackbone,
     experts: Arc<RemoteExperts>,
     rt: tokio::runtime::Runtime,
 ) -> anyhow::Result<()> {
@@ -298,7 +298,7 @@ pub fn app_state(
 ) -> anyhow::Result<AppState> {
     let dir = a.model_dir()?;
     let codec = Arc::new(TextCodec::from_dir(&dir).map_err(anyhow::Error::msg)?);
-    let cfg = engine.config().clone();
+    let shape = engine.shape();
     anyhow::ensure!(
         (1..=4096).contains(&a.kv_page_tokens),
         "--kv-page-tokens must be in 1..=4096, got {}",
@@ -310,8 +310,10 @@ pub fn app_state(
         dtype: a.kv_cache_dtype,
         prefix_caching: !a.no_prefix_caching,
     };
-    let context = moe_router::scheduler::max_model_len(&cfg, &kv, a.max_model_len)
-        .map_err(anyhow::Error::msg)?;
+    let layout = engine.kv_layout(&kv).map_err(anyhow::Error::msg)?;
+    let context =
+        moe_router::scheduler::max_model_len(shape.context, &kv, &layout, a.max_model_len)
+            .map_err(anyhow::Error::msg)?;
     let sched_cfg = SchedulerConfig {
         max_batch_tokens: a.max_batch_tokens,
         max_running: a.max_running,
@@ -325,11 +327,11 @@ pub fn app_state(
     });
     let limits = Limits {
         model_name: name,
-        vocab: cfg.vocab_size,
+        vocab: shape.vocab_size,
         context,
     };
     tracing::info!(
-        kv_cache_tokens = sched_cfg.kv.tokens(&cfg),
+        kv_cache_tokens = sched_cfg.kv.tokens(&layout),
         max_model_len = context,
         "scheduler limits"
     );
@@ -343,7 +345,8 @@ pub fn app_state(
     // The recorder first: the scheduler publishes gauges as it starts.
     let metrics = moe_router::metrics::install();
     tracing::info!(overlap = %a.overlap, "two-batch overlap");
-    let scheduler = Scheduler::start(engine.with_overlap(a.overlap), codec.clone(), sched_cfg);
+    let scheduler = Scheduler::start(engine.with_overlap(a.overlap), codec.clone(), sched_cfg)
+        .map_err(anyhow::Error::msg)?;
     Ok(AppState {
         scheduler,
         codec,
@@ -366,7 +369,7 @@ fn run_coordinated_router(a: RouterArgs, listener: std::net::TcpListener) -> any
     let (moe_layers, n_experts) = crate::cluster::model_shape(&dir)?;
     let opts = a.remote.dispatch_options()?;
     let experts = Arc::new(RemoteExperts::empty(
-        backbone.config().hidden_size,
+        backbone.hidden_size(),
         opts,
         rt.handle().clone(),
     ));

@@ -27,6 +27,10 @@ pub struct Args {
     /// Replicas of every expert (at least; hot experts get more when load rebalancing is on).
     #[arg(long, env = "MOE_REPLICAS", default_value_t = moe_coordinator::leader::DEFAULT_MIN_REPLICAS)]
     replicas: usize,
+    /// Wire dtype of hidden states between the router and the nodes: bf16, f32 (exact), or fp8
+    /// (e4m3 with one scale per 128 values; nodes answer in bf16).
+    #[arg(long, env = "MOE_WIRE", default_value = "bf16", value_parser = crate::engine::parse_wire)]
+    wire: moe_proto::pb::Dtype,
     #[command(flatten)]
     rebalance: super::coordinator::RebalanceArgs,
     #[command(flatten)]
@@ -40,7 +44,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let dir = a.serve.model_dir()?;
     let (moe_layers, n_experts) = model_shape(&dir)?;
     let backbone = crate::progress::load_backbone(&dir)?;
-    let hidden = backbone.config().hidden_size;
+    let hidden = backbone.hidden_size();
     let opts = a.serve.listener_options()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -92,7 +96,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             println!("expert node node-{i} on {addr}");
         }
 
-        let experts = Arc::new(RemoteExperts::empty(hidden, DispatchOptions::default(), tokio::runtime::Handle::current()));
+        let experts = Arc::new(RemoteExperts::empty(hidden, DispatchOptions { wire: a.wire, ..DispatchOptions::default() }, tokio::runtime::Handle::current()));
         let listener = tokio::net::TcpListener::bind(a.serve.listen).await.with_context(|| format!("binding {}", a.serve.listen))?;
         let http = listener.local_addr()?;
         let fcfg = FollowConfig {

@@ -105,6 +105,10 @@ pub struct KvLayout {
     pub width: usize,
     pub page_tokens: usize,
     pub dtype: KvDtype,
+    /// Pages every sequence holds whatever its length: 0 for the MLA cache; a DeepSeek-V4
+    /// cache's bounded state (sliding window, compressor buffers) in pages of its growing part
+    /// (`crate::v4::paged`).
+    pub fixed_pages: usize,
 }
 
 impl KvLayout {
@@ -115,6 +119,7 @@ impl KvLayout {
             width: cfg.kv_lora_rank + cfg.qk_rope_head_dim,
             page_tokens: page_tokens.max(1),
             dtype,
+            fixed_pages: 0,
         }
     }
 
@@ -133,8 +138,13 @@ impl KvLayout {
         self.layers * self.page_tokens * self.width
     }
 
-    /// Pages that hold `tokens` tokens.
+    /// Pages a sequence of `tokens` tokens holds (its fixed pages included).
     pub fn pages_for(&self, tokens: usize) -> usize {
-        tokens.div_ceil(self.page_tokens)
+        self.fixed_pages + tokens.div_ceil(self.page_tokens)
+    }
+
+    /// Tokens one sequence can have in `pages` pages.
+    pub fn tokens_in(&self, pages: usize) -> usize {
+        pages.saturating_sub(self.fixed_pages) * self.page_tokens
     }
 }

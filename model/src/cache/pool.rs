@@ -12,6 +12,9 @@ use super::{KvDtype, KvLayout};
 enum PageData {
     F32(Vec<f32>),
     Bf16(Vec<u16>),
+    /// A page of budget only, no values: the DeepSeek-V4 cache keeps its state in its own
+    /// buffers and holds pages to count what that state may take ([`KvPool::reserve`]).
+    Reserved,
 }
 
 /// One page: `[layers, page_tokens, width]` values. Dropping it returns it to the pool's count.
@@ -50,6 +53,7 @@ impl Page {
         match &self.data {
             PageData::F32(v) => PageRows::F32(&v[layer * n..][..n]),
             PageData::Bf16(v) => PageRows::Bf16(&v[layer * n..][..n]),
+            PageData::Reserved => PageRows::F32(&[]),
         }
     }
 
@@ -86,6 +90,7 @@ impl Page {
                     *d = to_bf16(s);
                 }
             }
+            PageData::Reserved => {}
         }
     }
 
@@ -94,6 +99,7 @@ impl Page {
         match (&mut self.data, &other.data) {
             (PageData::F32(d), PageData::F32(s)) => d.copy_from_slice(s),
             (PageData::Bf16(d), PageData::Bf16(s)) => d.copy_from_slice(s),
+            (PageData::Reserved, PageData::Reserved) => {}
             _ => unreachable!("pages of one pool share a dtype"),
         }
     }
@@ -226,6 +232,16 @@ impl KvPool {
     /// A zeroed page, evicting the least recently used unreferenced cached page when the budget
     /// is spent; `None` when every page is in use.
     pub(crate) fn alloc(&self) -> Option<Page> {
+        self.take(true)
+    }
+
+    /// A page of budget without values (for caches that keep their state elsewhere and count
+    /// it in pages); `None` when every page is in use.
+    pub fn reserve(&self) -> Option<Page> {
+        self.take(false)
+    }
+
+    fn take(&self, with_values: bool) -> Option<Page> {
         let mut idx = self.index();
         if self.shared.live.load(Ordering::SeqCst) >= self.shared.capacity {
             let victim = idx
@@ -240,6 +256,7 @@ impl KvPool {
         drop(idx);
         let n = self.shared.layout.page_elems();
         let data = match self.shared.layout.dtype {
+            _ if !with_values => PageData::Reserved,
             KvDtype::F32 => PageData::F32(vec![0.0; n]),
             KvDtype::Bf16 => PageData::Bf16(vec![0; n]),
         };

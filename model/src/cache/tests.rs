@@ -10,6 +10,7 @@ fn layout(dtype: KvDtype) -> KvLayout {
         width: 3,
         page_tokens: 4,
         dtype,
+        fixed_pages: 0,
     }
 }
 
@@ -174,6 +175,7 @@ fn the_v3_shape_is_70272_bytes_per_token_in_bf16() {
         width: 512 + 64,
         page_tokens: DEFAULT_PAGE_TOKENS,
         dtype: KvDtype::Bf16,
+        fixed_pages: 0,
     };
     assert_eq!(l.bytes_per_token(), 61 * 576 * 2);
     assert_eq!(l.pages_for(4096), 256);

@@ -220,8 +220,7 @@ impl V4Attention {
             tr.compressed = (rate > 0).then(|| entries.to_vec());
             tr.picks = picks;
         }
-        let keep = keys.len() / hd - (keys.len() / hd).min(self.window - 1);
-        keys.drain(..keep * hd);
+        // The rows that fall out of the window are dropped when the pass commits.
         cache.window = keys;
         self.project_out(&out, t)
     }

@@ -73,13 +73,15 @@ impl Compressor {
 
     /// Projects `x [t, hidden]` and appends to `st` the entry of every window the new tokens
     /// complete (rotated at its window's first position with the "compress" `rope`); the rest
-    /// waits in the buffer.
+    /// waits in the buffer. Nothing is removed: the windows turned into entries are dropped
+    /// from the buffer when the pass commits ([`super::V4Cache::commit`]).
     pub fn extend(&self, st: &mut CompState, x: &[f32], t: usize, rope: &V4Rope) {
         let (m, d) = (self.rate, self.dim);
         let w = if self.overlap { 2 * d } else { d };
         st.buf_kv.extend(self.wkv.forward(x, t));
         st.buf_gate.extend(self.wgate.forward(x, t));
-        let windows = st.buf_kv.len() / w / m;
+        let from = st.consumed;
+        let windows = (st.buf_kv.len() - from) / w / m;
         if windows == 0 {
             return;
         }
@@ -87,13 +89,14 @@ impl Compressor {
         let mut values = Vec::with_capacity(2 * m);
         for win in 0..windows {
             let index = st.entries.len() / d;
-            let cur_kv = &st.buf_kv[win * m * w..][..m * w];
-            let cur_gate = &st.buf_gate[win * m * w..][..m * w];
-            let (prev_kv, prev_gate) = match win {
+            let at = from + win * m * w;
+            let cur_kv = &st.buf_kv[at..][..m * w];
+            let cur_gate = &st.buf_gate[at..][..m * w];
+            let (prev_kv, prev_gate) = match at {
                 0 => (&st.prev_kv[..], &st.prev_gate[..]),
                 _ => (
-                    &st.buf_kv[(win - 1) * m * w..][..m * w],
-                    &st.buf_gate[(win - 1) * m * w..][..m * w],
+                    &st.buf_kv[at - m * w..][..m * w],
+                    &st.buf_gate[at - m * w..][..m * w],
                 ),
             };
             let mut entry = vec![0.0f32; d];
@@ -118,13 +121,8 @@ impl Compressor {
             rope.table([index * m]).rotate(&mut entry, 0, false);
             st.entries.extend(entry);
         }
-        let used = windows * m * w;
-        if self.overlap {
-            st.prev_kv = st.buf_kv[used - m * w..used].to_vec();
-            st.prev_gate = st.buf_gate[used - m * w..used].to_vec();
-        }
-        st.buf_kv.drain(..used);
-        st.buf_gate.drain(..used);
+        st.consumed = from + windows * m * w;
+        st.keep_prev = if self.overlap { m * w } else { 0 };
     }
 }
 

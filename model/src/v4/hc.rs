@@ -46,6 +46,16 @@ fn unweighted_rms(x: &[f32], w: usize, eps: f32) -> Vec<f32> {
 }
 
 /// `Σ_j pre_j X_j` for every token: `x [t, n·d]`, `pre [t, n]` → `[t, d]`.
+/// `x [t, in] · Wᵀ` one row at a time: these weights are float32, whose GEMM (faer) rounds
+/// differently with the row count, and a row's mixing weights must not depend on the batch.
+fn by_rows(w: &Linear, x: &[f32], t: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    let cols = x.len() / t.max(1);
+    x.par_chunks_exact(cols.max(1))
+        .flat_map_iter(|row| w.forward(row, 1))
+        .collect()
+}
+
 fn collapse(x: &[f32], pre: &[f32], n: usize, d: usize) -> Vec<f32> {
     let t = pre.len() / n;
     let mut out = vec![0.0f32; t * d];
@@ -91,7 +101,7 @@ impl HyperConn {
     pub fn pre(&self, x: &[f32], t: usize) -> (Vec<f32>, HcMix) {
         let n = self.n;
         let d = x.len() / (t * n).max(1);
-        let mix = self.fn_w.forward(&unweighted_rms(x, n * d, self.eps), t);
+        let mix = by_rows(&self.fn_w, &unweighted_rms(x, n * d, self.eps), t);
         let w = (2 + n) * n;
         let mut pre = Vec::with_capacity(t * n);
         let mut post = Vec::with_capacity(t * n);
@@ -188,7 +198,7 @@ impl HcHead {
     pub fn forward(&self, x: &[f32], t: usize) -> Vec<f32> {
         let n = self.n;
         let d = x.len() / (t * n).max(1);
-        let mix = self.fn_w.forward(&unweighted_rms(x, n * d, self.eps), t);
+        let mix = by_rows(&self.fn_w, &unweighted_rms(x, n * d, self.eps), t);
         let pre: Vec<f32> = mix
             .iter()
             .enumerate()

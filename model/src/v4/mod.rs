@@ -8,7 +8,8 @@
 //! - [`hc`]: manifold-constrained hyper-connections and the final HC head.
 //! - [`rope`], [`attention`], [`compressor`]: shared-KV attention with sinks over a sliding window
 //!   and compressed entries (CSA with the lightning indexer, HCA).
-//! - [`cache`]: the per-sequence decode cache (window, compressor and indexer state).
+//! - [`cache`]: the per-sequence decode cache (window, compressor and indexer state);
+//!   [`paged`]: that cache counted in the scheduler's page pool.
 //! - [`preset`]: random-weight `tiny-v4` / `bench-v4` checkpoints.
 //! - [`model`]: the backbone and the batched forward pass over caches.
 //!
@@ -24,6 +25,7 @@ pub mod gate;
 pub mod hc;
 pub mod model;
 pub mod names;
+pub mod paged;
 pub mod preset;
 pub mod rope;
 mod validate;
@@ -33,3 +35,4 @@ pub use config::{
     AttnLayerType, CompressRates, MlpLayerType, RopeParams, RopeSets, V4Config, V4ScoringFunc,
 };
 pub use model::{V4Backbone, V4Model, V4SeqInput, V4Trace};
+pub use paged::PagedV4Cache;

@@ -16,7 +16,7 @@ use std::path::Path;
 use rayon::prelude::*;
 
 use super::attention::{AttnTrace, V4Attention};
-use super::cache::V4Cache;
+use super::cache::{V4Cache, V4Mark};
 use super::gate::V4Gate;
 use super::hc::{self, HcHead, HyperConn};
 use super::names::Names;
@@ -165,18 +165,19 @@ impl V4Backbone {
         trace: Option<&mut V4Trace>,
     ) -> Result<Vec<Matrix>> {
         self.check(seqs)?;
-        let snapshot: Vec<V4Cache> = seqs.iter().map(|s| s.cache.clone()).collect();
+        let marks: Vec<V4Mark> = seqs.iter().map(|s| s.cache.mark()).collect();
         let result = self.run(seqs, experts, mode, trace);
         match result {
             Ok(out) => {
+                let (window, row) = (self.cfg.sliding_window.saturating_sub(1), self.cfg.head_dim);
                 for s in seqs.iter_mut() {
-                    s.cache.advance(s.tokens.len());
+                    s.cache.commit(s.tokens.len(), window, row);
                 }
                 Ok(out)
             }
             Err(e) => {
-                for (s, snap) in seqs.iter_mut().zip(snapshot) {
-                    *s.cache = snap;
+                for (s, mark) in seqs.iter_mut().zip(&marks) {
+                    s.cache.rollback(mark);
                 }
                 Err(e)
             }

@@ -16,7 +16,7 @@ impl Loop {
         let l = self.pool.layout();
         let headroom = seq.remaining().min(l.page_tokens);
         l.pages_for(seq.context_len() + headroom)
-            .max(seq.cache.pages().len())
+            .max(seq.cache.pages_held())
     }
 
     pub(super) fn admit(&mut self) {

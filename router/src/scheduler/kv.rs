@@ -3,7 +3,7 @@
 //! are free (youngest sequence first; it goes back to the front of the waiting queue and is
 //! resumed, never failed).
 
-use moe_model::{Config, KvCacheDtype, KvLayout, KvPool};
+use moe_model::{KvCacheDtype, KvLayout, KvPool};
 
 use super::Loop;
 use crate::metrics as m;
@@ -33,43 +33,43 @@ impl Default for KvConfig {
 }
 
 impl KvConfig {
-    /// The page shape for `cfg`.
-    pub fn layout(&self, cfg: &Config) -> KvLayout {
-        KvLayout::new(cfg, self.page_tokens, self.dtype.resolve(cfg))
+    /// Pages the budget holds for `layout`.
+    pub fn pages(&self, layout: &KvLayout) -> usize {
+        self.budget_bytes / layout.page_bytes().max(1)
     }
 
-    /// Pages the budget holds.
-    pub fn pages(&self, cfg: &Config) -> usize {
-        self.budget_bytes / self.layout(cfg).page_bytes().max(1)
+    /// Tokens the budget holds for one sequence.
+    pub fn tokens(&self, layout: &KvLayout) -> usize {
+        layout.tokens_in(self.pages(layout))
     }
 
-    /// Tokens the budget holds.
-    pub fn tokens(&self, cfg: &Config) -> usize {
-        self.pages(cfg) * self.layout(cfg).page_tokens
-    }
-
-    /// The pool for `cfg`.
-    pub fn pool(&self, cfg: &Config) -> KvPool {
-        KvPool::new(self.layout(cfg), Some(self.pages(cfg)), self.prefix_caching)
+    /// The pool for `layout` (prefix sharing only where `shares_prefixes`).
+    pub fn pool(&self, layout: KvLayout, shares_prefixes: bool) -> KvPool {
+        KvPool::new(
+            layout,
+            Some(self.pages(&layout)),
+            self.prefix_caching && shares_prefixes,
+        )
     }
 }
 
 /// The longest context a request may have: `requested` (`--max-model-len`) when it fits both
-/// the model and the KV budget, by default the model's context capped by what the budget holds
-/// for one sequence.
+/// the model (`model` tokens) and the KV budget, by default the model's context capped by what
+/// the budget holds for one sequence.
 pub fn max_model_len(
-    cfg: &Config,
+    model: usize,
     kv: &KvConfig,
+    layout: &KvLayout,
     requested: Option<usize>,
 ) -> Result<usize, String> {
-    let model = cfg.max_position_embeddings;
-    let holds = kv.tokens(cfg);
+    let holds = kv.tokens(layout);
     if holds == 0 {
         return Err(format!(
-            "the KV-cache budget of {} bytes holds no page of {} tokens ({} bytes)",
+            "the KV-cache budget of {} bytes holds no sequence: a page of {} tokens takes {} bytes and every sequence {} pages besides",
             kv.budget_bytes,
             kv.page_tokens,
-            kv.layout(cfg).page_bytes()
+            layout.page_bytes(),
+            layout.fixed_pages
         ));
     }
     match requested {
@@ -80,7 +80,7 @@ pub fn max_model_len(
         )),
         Some(n) if n > holds => Err(format!(
             "--max-model-len {n} exceeds what the KV-cache budget holds for one sequence ({holds} tokens of {} bytes)",
-            kv.layout(cfg).bytes_per_token()
+            layout.bytes_per_token()
         )),
         Some(n) => Ok(n),
     }

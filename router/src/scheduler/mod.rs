@@ -22,8 +22,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
-use moe_model::model::{LogitsMode, SeqInput};
-use moe_model::{KvPool, Matrix, ModelError, SeqCache};
+use moe_model::model::LogitsMode;
+use moe_model::{KvPool, Matrix, ModelError};
 use rayon::prelude::*;
 use tokio::sync::mpsc;
 
@@ -31,7 +31,7 @@ pub use kv::{KvConfig, max_model_len};
 use sequence::Seq;
 pub use sequence::{Event, FinishReason, GenerationRequest, TokenLogprob};
 
-use crate::engine::Engine;
+use crate::engine::{Engine, SeqKv};
 use crate::error::ApiError;
 use crate::metrics as m;
 use crate::tokenize::TextCodec;
@@ -124,35 +124,17 @@ impl std::fmt::Debug for Scheduler {
 }
 
 impl Scheduler {
-    /// Starts the engine thread.
-    pub fn start(engine: Engine, codec: Arc<TextCodec>, cfg: SchedulerConfig) -> Scheduler {
+    /// Starts the engine thread; an error when the KV settings do not suit the model.
+    pub fn start(
+        engine: Engine,
+        codec: Arc<TextCodec>,
+        cfg: SchedulerConfig,
+    ) -> Result<Scheduler, String> {
         let (tx, rx) = std::sync::mpsc::channel();
         let stats = Arc::new(Stats::default());
+        let loop_ = Loop::new(engine, codec, cfg.clone(), stats.clone())?;
+        let pool = loop_.pool.clone();
         stats.alive.store(true, Ordering::SeqCst);
-        let pool = cfg.kv.pool(engine.config());
-        let layout = *pool.layout();
-        metrics::gauge!(m::KV_CAPACITY_TOKENS)
-            .set((pool.stats().capacity * layout.page_tokens) as f64);
-        tracing::info!(
-            pages = pool.stats().capacity,
-            page_tokens = layout.page_tokens,
-            dtype = layout.dtype.as_str(),
-            bytes_per_token = layout.bytes_per_token(),
-            prefix_caching = pool.prefix_caching(),
-            "KV cache"
-        );
-        let loop_ = Loop {
-            _alive: AliveGuard(stats.clone()),
-            pool: pool.clone(),
-            engine,
-            codec,
-            cfg: cfg.clone(),
-            stats: stats.clone(),
-            waiting: VecDeque::new(),
-            running: Vec::new(),
-            next_id: 0,
-            steps: 0,
-        };
         let spawned = std::thread::Builder::new()
             .name("moe-scheduler".into())
             .spawn(move || loop_.run(rx));
@@ -160,12 +142,12 @@ impl Scheduler {
             tracing::error!(error = %e, "cannot start the scheduler thread");
             stats.alive.store(false, Ordering::SeqCst);
         }
-        Scheduler {
+        Ok(Scheduler {
             tx,
             stats,
             cfg,
             pool,
-        }
+        })
     }
 
     /// The KV-cache pool.
@@ -197,8 +179,7 @@ impl Scheduler {
         &self,
         req: GenerationRequest,
     ) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
-        let l = self.pool.layout();
-        let holds = self.pool.stats().capacity * l.page_tokens;
+        let holds = self.pool.layout().tokens_in(self.pool.stats().capacity);
         if req.prompt.len() + 1 > holds {
             return Err(ApiError::bad_request(format!(
                 "the prompt ({} tokens) does not fit the KV cache ({holds} tokens)",
@@ -230,6 +211,8 @@ struct Loop {
     _alive: AliveGuard,
     pool: KvPool,
     engine: Engine,
+    /// The model's end-of-sequence ids.
+    eos: Vec<u32>,
     codec: Arc<TextCodec>,
     cfg: SchedulerConfig,
     stats: Arc<Stats>,
@@ -240,6 +223,42 @@ struct Loop {
 }
 
 impl Loop {
+    /// The loop over `engine` with a pool built from `cfg.kv` for its model.
+    fn new(
+        engine: Engine,
+        codec: Arc<TextCodec>,
+        cfg: SchedulerConfig,
+        stats: Arc<Stats>,
+    ) -> Result<Loop, String> {
+        let layout = engine.kv_layout(&cfg.kv)?;
+        let pool = cfg.kv.pool(layout, engine.shares_prefixes());
+        let shape = engine.shape();
+        metrics::gauge!(m::KV_CAPACITY_TOKENS).set(layout.tokens_in(pool.stats().capacity) as f64);
+        tracing::info!(
+            family = shape.family,
+            pages = pool.stats().capacity,
+            page_tokens = layout.page_tokens,
+            fixed_pages_per_sequence = layout.fixed_pages,
+            dtype = layout.dtype.as_str(),
+            bytes_per_token = layout.bytes_per_token(),
+            prefix_caching = pool.prefix_caching(),
+            "KV cache"
+        );
+        Ok(Loop {
+            _alive: AliveGuard(stats.clone()),
+            pool,
+            engine,
+            eos: shape.eos_token_ids,
+            codec,
+            cfg,
+            stats,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            next_id: 0,
+            steps: 0,
+        })
+    }
+
     fn run(mut self, rx: std::sync::mpsc::Receiver<Command>) {
         loop {
             if self.running.is_empty() && self.waiting.is_empty() {
@@ -263,7 +282,7 @@ impl Loop {
 
     fn enqueue(&mut self, cmd: Command) {
         self.next_id += 1;
-        let cache = SeqCache::in_pool(&self.pool);
+        let cache = self.engine.new_cache(&self.pool);
         self.waiting
             .push_back(Seq::new(self.next_id, cmd.req, cache, cmd.events, cmd.span));
     }
@@ -285,7 +304,9 @@ impl Loop {
 
     fn publish(&self) {
         let st = self.pool.stats();
-        let used = st.used() * self.pool.layout().page_tokens;
+        // Pages held beyond every running sequence's fixed ones (none for the MLA cache).
+        let l = self.pool.layout();
+        let used = st.used().saturating_sub(l.fixed_pages * self.running.len()) * l.page_tokens;
         self.stats
             .running
             .store(self.running.len(), Ordering::SeqCst);
@@ -404,18 +425,15 @@ impl Loop {
 
     /// One forward pass over `inputs` (running index, tokens).
     fn forward(&mut self, inputs: &[(usize, Vec<u32>)]) -> moe_model::Result<Vec<Matrix>> {
-        let mut seqs: Vec<SeqInput<'_>> = Vec::with_capacity(inputs.len());
-        let mut caches: Vec<Option<&mut SeqCache>> = self
+        let mut seqs: Vec<(&[u32], &mut SeqKv)> = Vec::with_capacity(inputs.len());
+        let mut caches: Vec<Option<&mut SeqKv>> = self
             .running
             .iter_mut()
             .map(|s| Some(&mut s.cache))
             .collect();
         for (i, toks) in inputs {
             if let Some(cache) = caches[*i].take() {
-                seqs.push(SeqInput {
-                    tokens: toks,
-                    cache,
-                });
+                seqs.push((toks, cache));
             }
         }
         self.engine.forward(&mut seqs, LogitsMode::Last)
@@ -425,7 +443,7 @@ impl Loop {
     /// Sequences are independent (each has its own RNG stream and detokenizer), so this runs
     /// on the rayon pool, which the model is not using between steps.
     fn after_step(&mut self, inputs: &[(usize, Vec<u32>)], logits: &[Matrix]) {
-        let eos = self.engine.config().eos_token_ids();
+        let eos = &self.eos;
         let mut rows: Vec<Option<&Matrix>> = vec![None; self.running.len()];
         for ((i, _), row) in inputs.iter().zip(logits) {
             rows[*i] = Some(row);
@@ -457,7 +475,7 @@ impl Loop {
                     metrics::histogram!(m::TTFT).record((now - s.arrived).as_secs_f64());
                 }
                 metrics::counter!(m::GENERATED_TOKENS).increment(1);
-                s.push(id, lp, codec, &eos)
+                s.push(id, lp, codec, eos)
             })
             .collect();
         let now = Instant::now();
@@ -511,3 +529,5 @@ fn hit_inputs(inputs: &[(usize, Vec<u32>)], e: &moe_model::ModelError) -> Vec<us
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod v4_tests;

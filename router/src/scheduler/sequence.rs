@@ -5,11 +5,11 @@
 
 use std::time::Instant;
 
-use moe_model::SeqCache;
 use moe_model::sampling::Sampler;
 use tokio::sync::mpsc;
 
 use super::stops::StopMatcher;
+use crate::engine::SeqKv;
 use crate::error::ApiError;
 use crate::tokenize::{Detokenizer, TextCodec};
 
@@ -76,7 +76,7 @@ pub(crate) struct Seq {
     pub id: u64,
     pub req: GenerationRequest,
     pub output: Vec<u32>,
-    pub cache: SeqCache,
+    pub cache: SeqKv,
     pub events: mpsc::UnboundedSender<Event>,
     pub arrived: Instant,
     pub first_token_at: Option<Instant>,
@@ -96,7 +96,7 @@ impl Seq {
     pub fn new(
         id: u64,
         req: GenerationRequest,
-        cache: SeqCache,
+        cache: SeqKv,
         events: mpsc::UnboundedSender<Event>,
         span: tracing::Span,
     ) -> Seq {
@@ -259,7 +259,13 @@ mod tests {
             logprobs: None,
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let mut seq = Seq::new(0, req, SeqCache::new(&cfg), tx, tracing::Span::none());
+        let mut seq = Seq::new(
+            0,
+            req,
+            SeqKv::V3(moe_model::SeqCache::new(&cfg)),
+            tx,
+            tracing::Span::none(),
+        );
         let mut finish = None;
         for id in ids {
             finish = seq.push(id, None, &codec, &[]);

@@ -111,18 +111,7 @@ fn a_dispatch_failure_fails_only_the_sequences_that_needed_the_missing_experts()
     let engine = Engine::with_backend(model.backbone, Box::new(backend));
     let codec = Arc::new(TextCodec::from_dir(&dir).expect("tokenizer"));
     let cfg = SchedulerConfig::default();
-    let mut l = Loop {
-        _alive: AliveGuard(Arc::new(Stats::default())),
-        pool: cfg.kv.pool(engine.config()),
-        engine,
-        codec,
-        cfg,
-        stats: Arc::new(Stats::default()),
-        waiting: VecDeque::new(),
-        running: Vec::new(),
-        next_id: 0,
-        steps: 0,
-    };
+    let mut l = Loop::new(engine, codec, cfg, Arc::new(Stats::default())).expect("loop");
     let mut rx = Vec::new();
     for prompt in [a_prompt, b_prompt] {
         let (events, r) = mpsc::unbounded_channel();
