@@ -58,6 +58,9 @@ enum Command {
     Placement(commands::cluster_cmd::PlacementCommand),
     /// Simulate a fleet's control plane (store traffic, convergence) for capacity planning.
     Simulate(commands::simulate::Args),
+    /// A TCP proxy adding a fixed delay each way (benchmarks: bench/overlap.sh).
+    #[command(hide = true)]
+    DelayProxy(commands::delay_proxy::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -115,5 +118,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cluster(c) => commands::cluster_cmd::run_cluster(c),
         Command::Placement(c) => commands::cluster_cmd::run_placement(c),
         Command::Simulate(a) => commands::simulate::run(a),
+        Command::DelayProxy(a) => commands::delay_proxy::run(a),
     }
 }

@@ -7,7 +7,8 @@
 //! - [`rope`], [`attention`], [`cache`]: YaRN RoPE and MLA attention over the paged latent cache.
 //! - [`gate`], [`mlp`], [`moe`]: the router gate, dense/expert FFNs and the expert-backend seam
 //!   that the distributed router plugs into.
-//! - [`model`]: the backbone (everything but routed experts) and the full forward pass.
+//! - [`model`]: the backbone (everything but routed experts) and the full forward pass;
+//!   [`overlap`]: the same pass as two interleaved micro-batches (two-batch overlap).
 //! - [`family`]: V3-family or V4 config, as the expert side and control plane see it.
 //! - [`v4`]: the DeepSeek-V4 sibling (config, checkpoint names, hyper-connections, compressed
 //!   attention, hash / sqrt-softplus gate) over the same kernels and expert seam.
@@ -25,6 +26,7 @@ pub mod kernels;
 pub mod mlp;
 pub mod model;
 pub mod moe;
+pub mod overlap;
 pub mod presets;
 pub mod rope;
 pub mod sampling;
@@ -37,4 +39,5 @@ pub use error::{DispatchClass, ModelError, Result};
 pub use family::ModelConfig;
 pub use model::{Backbone, LoadOptions, LogitsMode, Model, SeqInput, Trace};
 pub use moe::{Assignments, ExpertBackend, ExpertStore, LocalExperts, PendingExperts};
+pub use overlap::Overlap;
 pub use tensor::Matrix;

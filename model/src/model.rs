@@ -5,7 +5,8 @@
 //! come from an [`ExpertBackend`]. [`Model`] pairs a backbone with local experts for the
 //! single-process engine. Decoder layer: `h += attn(input_layernorm(h))`;
 //! `h += mlp(post_attention_layernorm(h))`; logits = `lm_head(norm(h))`.
-//! Reference: transformers `modeling_deepseek_v3.py`.
+//! `Backbone::forward_with` can run the layer loop as two interleaved micro-batches
+//! ([`crate::overlap`]). Reference: transformers `modeling_deepseek_v3.py`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -21,6 +22,7 @@ use crate::gate::{Gate, Routing};
 use crate::kernels::{self, Linear};
 use crate::mlp::Mlp;
 use crate::moe::{ExpertBackend, ExpertStore, LocalExperts};
+use crate::overlap::{Overlap, Turn};
 use crate::rope::{self, Rope};
 use crate::tensor::Matrix;
 
@@ -188,12 +190,27 @@ impl Backbone {
 
     /// Runs the new tokens of every sequence through the model, extending each cache, and returns
     /// each sequence's logits (`[positions, vocab]`). On error every cache is left as it was.
+    /// The serial layer loop; [`Backbone::forward_with`] can overlap two micro-batches.
     pub fn forward(
         &self,
         seqs: &mut [SeqInput<'_>],
         experts: &dyn ExpertBackend,
         mode: LogitsMode,
+        trace: Option<&mut Trace>,
+    ) -> Result<Vec<Matrix>> {
+        self.forward_with(seqs, experts, mode, trace, Overlap::Off)
+    }
+
+    /// [`Backbone::forward`], with the batch split into two interleaved micro-batches where
+    /// `overlap` says so ([`crate::overlap`]; never with a `trace`). A dispatch error names rows
+    /// of the whole batch either way.
+    pub fn forward_with(
+        &self,
+        seqs: &mut [SeqInput<'_>],
+        experts: &dyn ExpertBackend,
+        mode: LogitsMode,
         mut trace: Option<&mut Trace>,
+        overlap: Overlap,
     ) -> Result<Vec<Matrix>> {
         self.check_inputs(seqs)?;
         experts.begin_step();
@@ -220,73 +237,25 @@ impl Backbone {
             }
         }
         let (cos, sin) = self.rope.tables(&positions);
-        let eps = self.cfg.rms_norm_eps as f32;
-
-        let result = (|| -> Result<Vec<f32>> {
-            for (l, layer) in self.layers.iter().enumerate() {
-                let mut x = h.clone();
-                kernels::rms_norm_rows(&mut x, &layer.input_norm, eps);
-                let mut start = 0;
-                let mut slots: Vec<SeqSlot<'_>> = seqs
-                    .iter_mut()
-                    .map(|s| {
-                        let slot = SeqSlot {
-                            start,
-                            count: s.tokens.len(),
-                            cache: &mut *s.cache,
-                        };
-                        start += s.tokens.len();
-                        slot
-                    })
-                    .collect();
-                let a = layer
-                    .attn
-                    .forward(l, &x, t, &mut slots, &self.rope, (&cos, &sin));
-                for (hv, av) in h.iter_mut().zip(&a) {
-                    *hv += av;
-                }
-                let mut x = h.clone();
-                kernels::rms_norm_rows(&mut x, &layer.post_norm, eps);
-                let m = match &layer.ffn {
-                    Ffn::Dense(mlp) => mlp.forward(&x, t),
-                    Ffn::Moe { gate, shared } => {
-                        let routing = gate.route(&x, t);
-                        let xm = Matrix::from_vec(t, hid, x);
-                        let pending = experts.dispatch(l, &xm, &routing)?;
-                        // The shared expert runs while the routed ones are in flight; the wait
-                        // comes after it, on this thread and never inside a rayon job: see
-                        // `PendingExperts::wait`.
-                        let shared_out = shared.as_ref().map(|s| s.forward(&xm.data, t));
-                        let mut routed = pending.wait()?;
-                        if (routed.rows, routed.cols) != (t, hid) {
-                            return Err(ModelError::Experts {
-                                layer: l,
-                                reason: format!(
-                                    "backend returned [{}, {}], expected [{t}, {hid}]",
-                                    routed.rows, routed.cols
-                                ),
-                            });
-                        }
-                        if let Some(s) = shared_out {
-                            for (r, sv) in routed.data.iter_mut().zip(&s) {
-                                *r += sv;
-                            }
-                        }
-                        if let Some(tr) = trace.as_deref_mut() {
-                            tr.routing.insert(l, routing);
-                        }
-                        routed.data
-                    }
-                };
-                for (hv, mv) in h.iter_mut().zip(&m) {
-                    *hv += mv;
-                }
-                if let Some(tr) = trace.as_deref_mut() {
-                    tr.layers.push(Matrix::from_vec(t, hid, h.clone()));
-                }
-            }
-            Ok(h)
-        })();
+        let tokens: Vec<usize> = seqs.iter().map(|s| s.tokens.len()).collect();
+        let split = match trace {
+            Some(_) => None,
+            None => overlap.split(experts.is_remote(), &tokens),
+        };
+        let result = match split {
+            None => self
+                .layers(
+                    seqs,
+                    &mut h,
+                    (&cos, &sin),
+                    experts,
+                    trace.as_deref_mut(),
+                    &mut Turn::serial(),
+                )
+                .map(|_| ()),
+            Some(k) => crate::overlap::run(self, seqs, &mut h, (&cos, &sin), experts, k),
+        };
+        let result = result.map(|()| h);
         let mut h = match result {
             Ok(h) => h,
             Err(e) => {
@@ -311,7 +280,7 @@ impl Backbone {
             }
             start += n;
         }
-        kernels::rms_norm_rows(&mut h, &self.norm, eps);
+        kernels::rms_norm_rows(&mut h, &self.norm, self.cfg.rms_norm_eps as f32);
         if let Some(tr) = trace {
             tr.final_norm = Matrix::from_vec(t, hid, h.clone());
         }
@@ -334,6 +303,90 @@ impl Backbone {
             offset += n;
         }
         Ok(out)
+    }
+    /// The decoder layers over `seqs` (rows `h`, `[tokens, hidden]`, updated in place; `rope`:
+    /// their cos/sin rows), under `turn` (the compute lock of an overlapped group, released while
+    /// its remote experts are waited for). `Ok(false)`: stopped early because the other group
+    /// failed.
+    pub(crate) fn layers(
+        &self,
+        seqs: &mut [SeqInput<'_>],
+        h: &mut [f32],
+        (cos, sin): (&[f32], &[f32]),
+        experts: &dyn ExpertBackend,
+        mut trace: Option<&mut Trace>,
+        turn: &mut Turn<'_>,
+    ) -> Result<bool> {
+        let hid = self.cfg.hidden_size;
+        let t = h.len() / hid;
+        let eps = self.cfg.rms_norm_eps as f32;
+        for (l, layer) in self.layers.iter().enumerate() {
+            if turn.stopped() {
+                return Ok(false);
+            }
+            let mut x = h.to_vec();
+            kernels::rms_norm_rows(&mut x, &layer.input_norm, eps);
+            let mut start = 0;
+            let mut slots: Vec<SeqSlot<'_>> = seqs
+                .iter_mut()
+                .map(|s| {
+                    let slot = SeqSlot {
+                        start,
+                        count: s.tokens.len(),
+                        cache: &mut *s.cache,
+                    };
+                    start += s.tokens.len();
+                    slot
+                })
+                .collect();
+            let a = layer
+                .attn
+                .forward(l, &x, t, &mut slots, &self.rope, (cos, sin));
+            for (hv, av) in h.iter_mut().zip(&a) {
+                *hv += av;
+            }
+            let mut x = h.to_vec();
+            kernels::rms_norm_rows(&mut x, &layer.post_norm, eps);
+            let m = match &layer.ffn {
+                Ffn::Dense(mlp) => mlp.forward(&x, t),
+                Ffn::Moe { gate, shared } => {
+                    let routing = gate.route(&x, t);
+                    let xm = Matrix::from_vec(t, hid, x);
+                    let pending = experts.dispatch(l, &xm, &routing)?;
+                    // The shared expert runs while the routed ones are in flight; the wait
+                    // comes after it, on this thread and never inside a rayon job: see
+                    // `PendingExperts::wait`. An overlapped group lets the other compute
+                    // meanwhile.
+                    let shared_out = shared.as_ref().map(|s| s.forward(&xm.data, t));
+                    let mut routed = turn.waiting(|| pending.wait())?;
+                    if (routed.rows, routed.cols) != (t, hid) {
+                        return Err(ModelError::Experts {
+                            layer: l,
+                            reason: format!(
+                                "backend returned [{}, {}], expected [{t}, {hid}]",
+                                routed.rows, routed.cols
+                            ),
+                        });
+                    }
+                    if let Some(s) = shared_out {
+                        for (r, sv) in routed.data.iter_mut().zip(&s) {
+                            *r += sv;
+                        }
+                    }
+                    if let Some(tr) = trace.as_deref_mut() {
+                        tr.routing.insert(l, routing);
+                    }
+                    routed.data
+                }
+            };
+            for (hv, mv) in h.iter_mut().zip(&m) {
+                *hv += mv;
+            }
+            if let Some(tr) = trace.as_deref_mut() {
+                tr.layers.push(Matrix::from_vec(t, hid, h.to_vec()));
+            }
+        }
+        Ok(true)
     }
 }
 

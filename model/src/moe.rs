@@ -66,6 +66,13 @@ pub trait ExpertBackend: Send + Sync {
     /// Called once at the start of every forward pass, before its first layer: a backend with
     /// a time budget per pass (the router's remote experts) starts its clock here.
     fn begin_step(&self) {}
+
+    /// Whether [`PendingExperts::wait`] waits for other processes (I/O) rather than computing
+    /// here: two-batch overlap ([`crate::overlap`]) lets the other micro-batch compute during
+    /// such waits, and `auto` turns it on only then.
+    fn is_remote(&self) -> bool {
+        false
+    }
 }
 
 /// A shared backend (the router's remote experts, also read by its readiness checks).
@@ -81,6 +88,10 @@ impl<T: ExpertBackend + ?Sized> ExpertBackend for std::sync::Arc<T> {
 
     fn begin_step(&self) {
         (**self).begin_step()
+    }
+
+    fn is_remote(&self) -> bool {
+        (**self).is_remote()
     }
 }
 

@@ -6,7 +6,7 @@
 use moe_model::model::{Backbone, LogitsMode, Model, SeqInput};
 use moe_model::v4::{PagedV4Cache, V4Backbone, V4Model, V4SeqInput};
 use moe_model::{
-    Config, ExpertBackend, KvCacheDtype, KvLayout, KvPool, Matrix, ModelError, SeqCache,
+    Config, ExpertBackend, KvCacheDtype, KvLayout, KvPool, Matrix, ModelError, Overlap, SeqCache,
 };
 
 use crate::dispatch::RemoteExperts;
@@ -111,6 +111,8 @@ impl SeqKv {
 pub struct Engine {
     backbone: AnyBackbone,
     experts: Box<dyn ExpertBackend>,
+    /// Two-batch overlap of each step ([`moe_model::overlap`]).
+    overlap: Overlap,
 }
 
 impl std::fmt::Debug for Engine {
@@ -125,6 +127,7 @@ impl Engine {
         Engine {
             backbone: model.backbone.into(),
             experts: Box::new(model.experts),
+            overlap: Overlap::default(),
         }
     }
 
@@ -133,6 +136,7 @@ impl Engine {
         Engine {
             backbone: model.backbone.into(),
             experts: Box::new(model.experts),
+            overlap: Overlap::default(),
         }
     }
 
@@ -144,6 +148,7 @@ impl Engine {
         Engine {
             backbone: backbone.into(),
             experts,
+            overlap: Overlap::default(),
         }
     }
 
@@ -155,7 +160,15 @@ impl Engine {
         Engine {
             backbone: backbone.into(),
             experts: Box::new(experts),
+            overlap: Overlap::default(),
         }
+    }
+
+    /// Sets two-batch overlap (`auto` by default: on for remote experts and batches big enough;
+    /// V3-family backbones only, V4 runs serially).
+    pub fn with_overlap(mut self, overlap: Overlap) -> Engine {
+        self.overlap = overlap;
+        self
     }
 
     /// The V3-family configuration, if this engine runs one.
@@ -239,7 +252,7 @@ impl Engine {
                     };
                     inputs.push(SeqInput { tokens, cache });
                 }
-                b.forward(&mut inputs, self.experts.as_ref(), mode, None)
+                b.forward_with(&mut inputs, self.experts.as_ref(), mode, None, self.overlap)
             }
             AnyBackbone::V4(b) => {
                 let mut inputs = Vec::with_capacity(seqs.len());

@@ -106,6 +106,12 @@ pub struct ServeArgs {
     /// proxy every client has the proxy's IP: raise it there.
     #[arg(long, env = "MOE_MAX_CONNECTIONS_PER_IP", default_value_t = 256)]
     max_connections_per_ip: usize,
+    /// Two-batch overlap: split each step's batch into two micro-batches whose layers
+    /// interleave, so one computes attention while the other's routed experts are on the
+    /// expert nodes (on, off, or auto: on when the experts are remote and a step has at least
+    /// 8 tokens in two sequences or more).
+    #[arg(long, env = "MOE_OVERLAP", default_value = "auto")]
+    overlap: moe_model::Overlap,
     /// Test hook: the engine thread panics at this step.
     #[arg(long, hide = true)]
     debug_panic_engine_at_step: Option<u64>,
@@ -338,8 +344,9 @@ pub fn app_state(
     }
     // The recorder first: the scheduler publishes gauges as it starts.
     let metrics = moe_router::metrics::install();
-    let scheduler =
-        Scheduler::start(engine, codec.clone(), sched_cfg).map_err(anyhow::Error::msg)?;
+    tracing::info!(overlap = %a.overlap, "two-batch overlap");
+    let scheduler = Scheduler::start(engine.with_overlap(a.overlap), codec.clone(), sched_cfg)
+        .map_err(anyhow::Error::msg)?;
     Ok(AppState {
         scheduler,
         codec,

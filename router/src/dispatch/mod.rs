@@ -479,6 +479,10 @@ impl ExpertBackend for RemoteExperts {
         *self.step_started.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
     }
 
+    fn is_remote(&self) -> bool {
+        true
+    }
+
     fn dispatch<'a>(
         &'a self,
         layer: usize,
