@@ -109,7 +109,7 @@ pub struct ServeArgs {
     /// Two-batch overlap: split each step's batch into two micro-batches whose layers
     /// interleave, so one computes attention while the other's routed experts are on the
     /// expert nodes (on, off, or auto: on when the experts are remote and a step has at least
-    /// 8 tokens in two sequences or more).
+    /// 256 tokens in two sequences or more).
     #[arg(long, env = "MOE_OVERLAP", default_value = "auto")]
     overlap: moe_model::Overlap,
     /// Test hook: the engine thread panics at this step.
