@@ -126,7 +126,8 @@ fn a_step_against_expert_nodes_gives_the_serial_logits_bit_for_bit() {
     }
     let c = cluster();
     let backbone = backbone();
-    let prompts: Vec<Vec<u32>> = [6usize, 1, 9, 4, 3, 8]
+    // 279 prompt tokens: over auto's minimum (256), which decode steps are not.
+    let prompts: Vec<Vec<u32>> = [54usize, 9, 81, 36, 27, 72]
         .iter()
         .enumerate()
         .map(|(s, &n)| {
@@ -168,12 +169,12 @@ fn a_step_against_expert_nodes_gives_the_serial_logits_bit_for_bit() {
         let rows = backend.rows.into_inner().expect("lock");
         let moe_layers = c.cfg.moe_layers().len();
         match overlap {
-            // 31 prefill rows, then 6 decode rows, per MoE layer.
-            Overlap::Off => assert!(rows.iter().all(|&r| r == 31 || r == 6), "{rows:?}"),
-            // The prefill splits 16 + 15, a decode step (6 tokens, under auto's minimum) not.
+            // 279 prefill rows, then 6 decode rows, per MoE layer.
+            Overlap::Off => assert!(rows.iter().all(|&r| r == 279 || r == 6), "{rows:?}"),
+            // The prefill splits 144 + 135, a decode step (6 tokens, under auto's minimum) not.
             _ => {
-                assert_eq!(rows.iter().filter(|&&r| r == 16).count(), moe_layers);
-                assert_eq!(rows.iter().filter(|&&r| r == 15).count(), moe_layers);
+                assert_eq!(rows.iter().filter(|&&r| r == 144).count(), moe_layers);
+                assert_eq!(rows.iter().filter(|&&r| r == 135).count(), moe_layers);
                 assert_eq!(rows.iter().filter(|&&r| r == 6).count(), 3 * moe_layers);
             }
         }
