@@ -153,25 +153,38 @@ pub fn load_remote(
     remote: &RemoteArgs,
     handle: &tokio::runtime::Handle,
 ) -> anyhow::Result<(Backbone, RemoteExperts)> {
-    let addrs = remote.experts_at.clone().unwrap_or_default();
     let backbone = crate::progress::load_v3_backbone(dir)?;
-    let cfg = backbone.config().clone();
-    let n_experts = cfg
-        .moe()
-        .map(|m| m.n_routed_experts)
-        .context("the model has no routed experts")?;
+    anyhow::ensure!(
+        backbone.config().moe().is_some(),
+        "the model has no routed experts"
+    );
+    let experts = connect_remote(&backbone.config().clone().into(), remote, handle)?;
+    Ok((backbone, experts))
+}
+
+/// Connects to the expert nodes of `remote` (`--experts-at`) for a model shaped `cfg`, with the
+/// placement from `--placement` or the nodes' Info, on `handle`'s runtime.
+fn connect_remote(
+    cfg: &moe_model::ModelConfig,
+    remote: &RemoteArgs,
+    handle: &tokio::runtime::Handle,
+) -> anyhow::Result<RemoteExperts> {
+    let addrs = remote.experts_at.clone().unwrap_or_default();
     let placement = match &remote.placement {
-        Some(file) => Some(Placement::from_file(file, &cfg.moe_layers(), n_experts)?),
+        Some(file) => Some(Placement::from_file(
+            file,
+            &cfg.moe_layers(),
+            cfg.n_routed_experts(),
+        )?),
         None => None,
     };
-    let experts = handle.block_on(moe_router::cluster::remote::connect_static(
-        &cfg.clone().into(),
+    Ok(handle.block_on(moe_router::cluster::remote::connect_static(
+        cfg,
         placement,
         addrs,
         remote.dispatch_options()?,
         handle.clone(),
-    ))?;
-    Ok((backbone, experts))
+    ))?)
 }
 
 /// Loads the backbone of `dir`, of either family, and connects to the expert nodes of
@@ -185,24 +198,8 @@ pub fn load_remote_any(
         let (backbone, experts) = load_remote(dir, remote, handle)?;
         return Ok((backbone.into(), experts));
     }
-    let addrs = remote.experts_at.clone().unwrap_or_default();
     let backbone = crate::progress::load_backbone(dir)?;
-    let cfg = moe_model::ModelConfig::from_dir(dir)?;
-    let placement = match &remote.placement {
-        Some(file) => Some(Placement::from_file(
-            file,
-            &cfg.moe_layers(),
-            cfg.n_routed_experts(),
-        )?),
-        None => None,
-    };
-    let experts = handle.block_on(moe_router::cluster::remote::connect_static(
-        &cfg,
-        placement,
-        addrs,
-        remote.dispatch_options()?,
-        handle.clone(),
-    ))?;
+    let experts = connect_remote(&moe_model::ModelConfig::from_dir(dir)?, remote, handle)?;
     Ok((backbone, experts))
 }
 
@@ -219,35 +216,21 @@ impl V4Engine {
     /// Loads the V4 model in `dir`, locally or against expert nodes.
     pub fn load(dir: &Path, remote: &RemoteArgs) -> anyhow::Result<V4Engine> {
         use moe_model::v4::{V4Backbone, V4Model, model::open};
-        let Some(addrs) = remote.experts_at.clone() else {
+        if remote.experts_at.is_none() {
             let model = V4Model::load(dir).with_context(|| format!("loading {}", dir.display()))?;
             return Ok(V4Engine {
                 backbone: model.backbone,
                 experts: Box::new(model.experts),
                 _rt: None,
             });
-        };
+        }
         let (cfg, ckpt) = open(dir)?;
         let backbone = V4Backbone::load(&cfg, &ckpt)?;
-        let placement = match &remote.placement {
-            Some(file) => Some(Placement::from_file(
-                file,
-                &cfg.moe_layers(),
-                cfg.n_routed_experts,
-            )?),
-            None => None,
-        };
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()?;
-        let experts = rt.block_on(moe_router::cluster::remote::connect_static(
-            &cfg.clone().into(),
-            placement,
-            addrs,
-            remote.dispatch_options()?,
-            rt.handle().clone(),
-        ))?;
+        let experts = connect_remote(&cfg.clone().into(), remote, rt.handle())?;
         Ok(V4Engine {
             backbone,
             experts: Box::new(experts),
