@@ -297,6 +297,26 @@ pub fn python_with_openai() -> PathBuf {
     candidate
 }
 
+/// Runs `tests/e2e/openai_client.py` (the official `openai` package) against the server at
+/// `addr` with `golden` (a golden.json), and with `concurrent` golden completions at once when
+/// given; fails the test unless the script passes, and returns what it printed.
+pub fn openai_client(addr: &str, golden: &Path, concurrent: Option<usize>) -> String {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/e2e/openai_client.py");
+    let mut cmd = Command::new(python_with_openai());
+    cmd.arg(script).arg(format!("http://{addr}")).arg(golden);
+    if let Some(n) = concurrent {
+        cmd.arg(n.to_string());
+    }
+    let out = cmd.output().expect("runs python");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// A process whose stdout lines go to a channel and whose whole stderr is kept (tests that
 /// check what a process logged).
 pub struct Logged {

@@ -378,21 +378,7 @@ async fn router_answers_503_when_experts_are_unavailable() {
 
 #[test]
 fn the_official_openai_python_package_drives_the_api() {
-    let python = python_with_openai();
     let s = serve(&[]);
-    let script =
-        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/e2e/openai_client.py");
-    let out = std::process::Command::new(python)
-        .arg(script)
-        .arg(format!("http://{}", s.addr))
-        .arg(fixture(MODEL).join("golden/golden.json"))
-        .output()
-        .expect("runs python");
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("{}", String::from_utf8_lossy(&out.stdout).trim());
+    let out = openai_client(&s.addr, &fixture(MODEL).join("golden/golden.json"), None);
+    eprintln!("{out}");
 }

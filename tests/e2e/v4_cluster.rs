@@ -27,16 +27,7 @@ fn v4_experts_on_separate_nodes_reproduce_the_golden_logits() {
     let model = fixture(MODEL);
     let dir = tempfile::tempdir().expect("tmp");
     let file = placement_file(dir.path(), 3, &["0-4:0-191", "0-4:192-383"]);
-    let f = file.to_str().expect("utf8");
-    let nodes: Vec<Proc> = (0..2)
-        .map(|i| {
-            expert_node(
-                &model,
-                &["--placement", f, "--node-id", &format!("node-{i}")],
-            )
-        })
-        .collect();
-    let addrs: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
+    let (_nodes, addrs) = two_nodes(&file);
 
     let (cfg, ckpt) = open(&model).expect("open");
     let backbone = V4Backbone::load(&cfg, &ckpt).expect("backbone");
@@ -146,19 +137,8 @@ fn moe_logits_and_generate_run_v4_locally_and_against_expert_nodes() {
     let file = placement_file(dir.path(), 1, &["0-4:0-99", "0-4:100-383"]);
     let f = file.to_str().expect("utf8");
     let model = fixture(MODEL);
-    let nodes: Vec<Proc> = (0..2)
-        .map(|i| {
-            expert_node(
-                &model,
-                &["--placement", f, "--node-id", &format!("node-{i}")],
-            )
-        })
-        .collect();
-    let addrs = nodes
-        .iter()
-        .map(|n| n.addr.clone())
-        .collect::<Vec<_>>()
-        .join(",");
+    let (_nodes, addrs) = two_nodes(&file);
+    let addrs = addrs.join(",");
     // With the placement file, and discovered from the nodes (Info).
     for extra in [
         vec!["--experts-at", &addrs, "--wire", "f32", "--placement", f],
@@ -207,22 +187,28 @@ fn moe_logits_and_generate_run_v4_locally_and_against_expert_nodes() {
 /// The official `openai` client against `server` (the golden script, then 16 concurrent golden
 /// completions).
 fn openai_client_passes(server: &Proc, what: &str) {
-    let script =
-        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/e2e/openai_client.py");
-    let out = std::process::Command::new(python_with_openai())
-        .arg(script)
-        .arg(format!("http://{}", server.addr))
-        .arg(fixture(MODEL).join("golden/golden.json"))
-        .arg("16")
-        .output()
-        .expect("runs python");
-    assert!(
-        out.status.success(),
-        "{what}:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let out = openai_client(
+        &server.addr,
+        &fixture(MODEL).join("golden/golden.json"),
+        Some(16),
     );
-    eprintln!("{what}: {}", String::from_utf8_lossy(&out.stdout).trim());
+    eprintln!("{what}: {out}");
+}
+
+/// Two `moe expert-node` processes serving the placement `file` as node-0 and node-1, and
+/// their addresses.
+fn two_nodes(file: &std::path::Path) -> (Vec<Proc>, Vec<String>) {
+    let f = file.to_str().expect("utf8");
+    let nodes: Vec<Proc> = (0..2)
+        .map(|i| {
+            expert_node(
+                &fixture(MODEL),
+                &["--placement", f, "--node-id", &format!("node-{i}")],
+            )
+        })
+        .collect();
+    let addrs = nodes.iter().map(|n| n.addr.clone()).collect();
+    (nodes, addrs)
 }
 
 #[test]
@@ -236,19 +222,8 @@ fn moe_serve_and_a_router_over_expert_nodes_serve_v4_to_the_openai_client() {
     let dir = tempfile::tempdir().expect("tmp");
     let file = placement_file(dir.path(), 1, &["0-4:0-191", "0-4:192-383"]);
     let f = file.to_str().expect("utf8");
-    let nodes: Vec<Proc> = (0..2)
-        .map(|i| {
-            expert_node(
-                &model,
-                &["--placement", f, "--node-id", &format!("node-{i}")],
-            )
-        })
-        .collect();
-    let addrs = nodes
-        .iter()
-        .map(|n| n.addr.clone())
-        .collect::<Vec<_>>()
-        .join(",");
+    let (_nodes, addrs) = two_nodes(&file);
+    let addrs = addrs.join(",");
     let router = server(
         "router",
         &[

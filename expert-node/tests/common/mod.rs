@@ -1,6 +1,5 @@
 //! What the expert node's integration tests share: a real node on loopback hosting experts 3
 //! and 5 of layer 1 of the bf16 tiny model, and dispatch requests for it.
-#![allow(dead_code)] // each test binary uses its own part
 
 use std::sync::Arc;
 
