@@ -3,7 +3,7 @@
 //! batch needs two GEMMs, not three. DeepSeek-V4 blocks carry a `swiglu_limit` L and compute
 //! `down(silu(min(gate, L)) * clamp(up, -L, L))` instead (routed and shared experts alike).
 
-use crate::checkpoint::{Checkpoint, WeightData, fp8};
+use crate::checkpoint::{Checkpoint, WeightData};
 use crate::error::Result;
 use crate::kernels::{self, Linear};
 use crate::tensor::Matrix;
@@ -70,29 +70,10 @@ fn concat_rows(a: WeightData, b: WeightData, rows: usize, cols: usize) -> Weight
             }
         }
         (a, b) => {
-            let mut out = to_f32(a, rows, cols);
-            out.extend(to_f32(b, rows, cols));
+            let mut out = a.into_f32(rows, cols);
+            out.extend(b.into_f32(rows, cols));
             WeightData::F32(out)
         }
-    }
-}
-
-fn to_f32(w: WeightData, rows: usize, cols: usize) -> Vec<f32> {
-    let bf = |b: u16| f32::from_bits(u32::from(b) << 16);
-    match w {
-        WeightData::F32(v) => v,
-        WeightData::Bf16(v) => v.into_iter().map(bf).collect(),
-        WeightData::Fp8 {
-            values,
-            scales,
-            block,
-        } => fp8::dequantize_block_fp8(&values, rows, cols, &scales, block),
-        WeightData::Fp8RowScaled {
-            values,
-            row_scales,
-            block_k,
-        } => fp8::dequantize_block_fp8(&values, rows, cols, &row_scales, [1, block_k]),
-        w @ WeightData::Fp4 { .. } => w.into_f32(rows, cols),
     }
 }
 
