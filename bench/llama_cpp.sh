@@ -11,14 +11,17 @@
 #   tg_b1_d512   the same after a 512-token context  llama-bench -p 0 -n 128 -d 512
 #   tg_b1_d3968  the same after 3,968 (up to 4,096)  llama-bench -p 0 -n 128 -d 3968
 #   tg_b16/32    16/32 sequences (32-token prompts)  llama-batched-bench -npp 32 -ntg 128 -npl B (S_TG)
-# plus the machine's read bandwidth and our bf16 GEMM figure (peer's `limits`) each round.
+# plus the machine's read bandwidth and our bf16 GEMM figure (peer's `limits`) each round, and
+# (FRONTENDS=1, the default) batch-1 decode through our front ends after a 512-token prompt, next
+# to the engine's tg_b1_d512: `moe generate` (its decode_tok_s) and `moe serve` with
+# `moe bench --concurrency 1` (1 / mean time per output token).
 # Each round runs every case for both, the order flipping every round; the report is the
 # per-round ratio ours/llama.cpp and its median, with the load average of each round.
 # usage: bench/llama_cpp.sh   (from the repository root). ROUNDS (3), THREADS (2), REPS (2, per
 #        run), CASES (all above), WORK (target/llama-cpp: venv, sdist, build, GGUF, model),
 #        LLAMA_CPP_PYTHON (0.3.36), OUT (WORK/results.json).
 set -euo pipefail
-ROUNDS=${ROUNDS:-3}; THREADS=${THREADS:-2}; REPS=${REPS:-2}
+ROUNDS=${ROUNDS:-3}; THREADS=${THREADS:-2}; REPS=${REPS:-2}; FRONTENDS=${FRONTENDS:-1}
 CASES=${CASES:-"pp512 tg_b1_d0 tg_b1_d512 tg_b1_d3968 tg_b16 tg_b32"}
 WORK=${WORK:-target/llama-cpp}; VER=${LLAMA_CPP_PYTHON:-0.3.36}
 mkdir -p "$WORK"; WORK=$(cd "$WORK" && pwd); OUT=${OUT:-$WORK/results.json}
@@ -58,9 +61,11 @@ say "building the engine's bench (release)"
 peer=$(cargo bench -p moe-model --bench peer --no-run --offline 2>&1 \
   | sed -n 's/.*Executable benches\/peer.rs (\(.*\))/\1/p')
 [ -x "$peer" ] || { echo "could not build the peer bench" >&2; exit 1; }
+cargo build --release --offline -p moe >/dev/null 2>&1
+moe=target/release/moe
 model=$WORK/bench-model
 if ! [ -f "$model/.complete" ]; then
-  cargo run --release --offline -p moe -- gen-model --preset bench --out "$model" >/dev/null
+  "$moe" gen-model --preset bench --out "$model" >/dev/null
   touch "$model/.complete"
 fi
 
@@ -101,7 +106,28 @@ ours() { # case -> tok/s
   MOE_BENCH_MODEL=$model RAYON_NUM_THREADS=$THREADS "$peer" "$1" "$REPS" \
     | sed -n 's/^RESULT case=[^ ]* value=\([^ ]*\).*/\1/p'
 }
-rows=$WORK/rows.tsv; : >"$rows"
+serve_pid=
+trap '[ -n "$serve_pid" ] && kill "$serve_pid" 2>/dev/null; true' EXIT
+front() { # generate|serve -> tok/s at batch 1 after a 512-token prompt
+  if [ "$1" = generate ]; then
+    local ids; ids=$(python3 -c "print(','.join(str((t * 37) % 500 + 4) for t in range(512)))")
+    "$moe" --threads "$THREADS" --log info generate --model "$model" --prompt-ids "$ids" \
+      --max-tokens 128 --ignore-eos --json 2>&1 >/dev/null \
+      | sed -n 's/.*decode_tok_s="\([^"]*\)".*/\1/p'
+  else
+    "$moe" bench --url http://127.0.0.1:18840 --requests 3 --concurrency 1 --prompt-len 512 \
+      --output-len 128 --json "$WORK/serve-bench.json" >/dev/null 2>&1
+    python3 -c 'import json,sys; print(1e3 / json.load(open(sys.argv[1]))["tpot"]["mean_ms"])' \
+      "$WORK/serve-bench.json"
+  fi
+}
+if [ "$FRONTENDS" = 1 ]; then
+  "$moe" --threads "$THREADS" serve --model "$model" --listen 127.0.0.1:18840 \
+    >"$WORK/serve.log" 2>&1 & serve_pid=$!
+  for _ in $(seq 1 1200); do curl -sf http://127.0.0.1:18840/ready >/dev/null && break; sleep 0.25; done
+  curl -sf http://127.0.0.1:18840/ready >/dev/null || { echo "moe serve not ready" >&2; exit 1; }
+fi
+rows=$WORK/rows.tsv; : >"$rows"; : >"$WORK/front.tsv"
 for r in $(seq 1 "$ROUNDS"); do
   load=$(cut -d' ' -f1 /proc/loadavg)
   lim=$(RAYON_NUM_THREADS=$THREADS "$peer" limits 3)
@@ -113,8 +139,13 @@ for r in $(seq 1 "$ROUNDS"); do
     say "round $r (load $load): $c ours $a llama.cpp $l tok/s"
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$r" "$load" "$c" "$a" "$l" "$bw" "$gemm" >>"$rows"
   done
+  if [ "$FRONTENDS" = 1 ]; then
+    e=$(ours tg_b1_d512); g=$(front generate); s=$(front serve)
+    say "round $r: batch-1 decode after 512 tokens: engine $e, moe generate $g, moe serve $s tok/s"
+    printf '%s\t%s\t%s\t%s\n' "$r" "$e" "$g" "$s" >>"$WORK/front.tsv"
+  fi
 done
-python3 - "$rows" "$OUT" "$THREADS" <<'PY'
+python3 - "$rows" "$OUT" "$THREADS" "$WORK/front.tsv" <<'PY'
 import json, statistics, sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 cases = list(dict.fromkeys(r[2] for r in rows))
@@ -133,6 +164,15 @@ for r in sorted({(r[0], r[1], r[5], r[6]) for r in rows}):
     out["rounds"].append({"round": int(r[0]), "load": float(r[1]),
                           "read_gb_s": float(r[2]), "bf16_gemm_gflop_s": float(r[3])})
     print(f"round {r[0]}: load {r[1]}, read bandwidth {r[2]} GB/s, our bf16 GEMM {r[3]} GFLOP/s")
+front = [l.split() for l in open(sys.argv[4]) if l.strip()]
+if front:
+    g = [float(f[2]) / float(f[1]) for f in front]
+    s = [float(f[3]) / float(f[1]) for f in front]
+    out["front_ends"] = {"engine": [float(f[1]) for f in front], "generate_over_engine": g,
+                         "serve_over_engine": s}
+    print("batch-1 decode after 512 tokens, over the engine's: moe generate "
+          f"{', '.join(f'{x:.2f}' for x in g)} (median {statistics.median(g):.2f}), moe serve "
+          f"{', '.join(f'{x:.2f}' for x in s)} (median {statistics.median(s):.2f})")
 json.dump(out, open(sys.argv[2], "w"), indent=1)
 print(f"wrote {sys.argv[2]}")
 PY
