@@ -36,7 +36,10 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
         let ptx = compile(Some(arch)).unwrap_or_else(|e| panic!("{arch}: {e}"));
         let text = ptx.to_src();
         let target = arch.replace("compute_", "sm_");
-        assert!(text.contains(&format!(".target {target}")), "{arch}: {text:.400}");
+        assert!(
+            text.contains(&format!(".target {target}")),
+            "{arch}: {text:.400}"
+        );
         for name in ENTRIES {
             assert!(
                 text.contains(&format!(".entry {name}(")),

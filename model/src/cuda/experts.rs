@@ -11,196 +11,20 @@
 //! device→host copy of the `[tokens, hidden]` sums. Jobs on one device run one at a time.
 
 use std::collections::HashMap;
-use std::ffi::c_void;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use cudarc::cublas::CudaBlas;
-use cudarc::cublas::result::gemm_ex;
-use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
-    PushKernelArg, ValidAsZeroBits,
-};
+use cudarc::cublas::sys::cudaDataType;
+use cudarc::driver::CudaSlice;
 
 use super::cuda_err;
-use super::kernels::Kernels;
+pub use super::engine::Engine;
+use super::engine::{Arg, grow, int, ptr};
 use crate::checkpoint::{Checkpoint, WeightData};
 use crate::config::Config;
 use crate::device::DeviceError;
 use crate::error::{ModelError, Result};
 use crate::moe::Assignments;
 use crate::tensor::Matrix;
-
-/// One device: its context, stream, cuBLAS handle, kernels and the dispatch buffers.
-pub struct Engine {
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
-    blas: CudaBlas,
-    k: Kernels,
-    name: String,
-    scratch: Mutex<Scratch>,
-}
-
-impl std::fmt::Debug for Engine {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Engine({} on cuda:{})", self.name, self.ctx.ordinal())
-    }
-}
-
-impl Engine {
-    /// Opens device `index` (checked first: no panic without a driver), compiles the kernels.
-    pub fn new(index: usize) -> Result<Engine, DeviceError> {
-        let ctx = super::probe(index)?;
-        let stream = ctx.new_stream().map_err(cuda_err)?;
-        let blas = CudaBlas::new(stream.clone()).map_err(cuda_err)?;
-        let k = Kernels::load(&ctx)?;
-        let name = ctx.name().map_err(cuda_err)?;
-        tracing::info!(device = index, %name, "CUDA device ready");
-        Ok(Engine {
-            ctx,
-            stream,
-            blas,
-            k,
-            name,
-            scratch: Mutex::new(Scratch::default()),
-        })
-    }
-
-    /// `cuda:N/<device name>`, for the node's Info answer.
-    pub fn describe(&self) -> String {
-        format!("cuda:{}/{}", self.ctx.ordinal(), self.name)
-    }
-
-    /// The device's stream (benchmarks time on it).
-    pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.stream
-    }
-
-    /// Launches a grid-stride kernel over `total` elements with `args` (device pointers as
-    /// `u64`, sizes as `i32`).
-    fn launch(&self, f: &CudaFunction, total: usize, args: &[Arg]) -> Result<(), DeviceError> {
-        let blocks = total.div_ceil(256).clamp(1, 1 << 20) as u32;
-        self.launch_cfg(f, (blocks, 1), args)
-    }
-
-    fn launch_cfg(
-        &self,
-        f: &CudaFunction,
-        grid: (u32, u32),
-        args: &[Arg],
-    ) -> Result<(), DeviceError> {
-        let cfg = LaunchConfig {
-            grid_dim: (grid.0, grid.1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut b = self.stream.launch_builder(f);
-        for a in args {
-            match a {
-                Arg::Ptr(p) => b.arg(p),
-                Arg::Int(i) => b.arg(i),
-            };
-        }
-        // SAFETY: every kernel in `kernels::SOURCE` takes exactly these argument types in this
-        // order (the callers below pass them so), and every pointer is a live device buffer of
-        // this context at least as large as the kernel's indexing reaches (sized by `grow`).
-        unsafe { b.launch(cfg) }.map(|_| ()).map_err(cuda_err)
-    }
-
-    /// `y[n, out]` (row-major f32, row stride `ldc`) = `x[n, k] · w[out, k]ᵀ`, both inputs of
-    /// `dtype` (bf16 or f32), accumulated in f32.
-    #[allow(clippy::too_many_arguments)]
-    fn gemm(
-        &self,
-        dtype: cudaDataType,
-        w: u64,
-        x: u64,
-        y: u64,
-        n: usize,
-        out: usize,
-        k: usize,
-        ldc: usize,
-    ) -> Result<(), DeviceError> {
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        let i = |v: usize| {
-            i32::try_from(v).map_err(|_| DeviceError::Unsupported(format!("GEMM size {v}")))
-        };
-        // Row-major y = x wᵀ is column-major yᵀ[out, n] = (w as [k, out])ᵀ · (x as [k, n]).
-        // SAFETY: w holds out×k, x n×k and y n rows of ldc ≥ out elements (see the callers);
-        // the handle is bound to `self.stream`, which orders this after the kernels before it.
-        unsafe {
-            gemm_ex(
-                *self.blas.handle(),
-                cublasOperation_t::CUBLAS_OP_T,
-                cublasOperation_t::CUBLAS_OP_N,
-                i(out)?,
-                i(n)?,
-                i(k)?,
-                (&alpha as *const f32).cast::<c_void>(),
-                w as *const c_void,
-                dtype,
-                i(k)?,
-                x as *const c_void,
-                dtype,
-                i(k)?,
-                (&beta as *const f32).cast::<c_void>(),
-                y as *mut c_void,
-                cudaDataType::CUDA_R_32F,
-                i(ldc)?,
-                cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
-            )
-        }
-        .map_err(cuda_err)
-    }
-}
-
-/// A kernel argument.
-enum Arg {
-    Ptr(u64),
-    Int(i32),
-}
-
-fn int(v: usize) -> Result<Arg, DeviceError> {
-    i32::try_from(v)
-        .map(Arg::Int)
-        .map_err(|_| DeviceError::Unsupported(format!("size {v} does not fit a kernel's int")))
-}
-
-/// Grow-only device buffers of the dispatch path.
-#[derive(Default)]
-struct Scratch {
-    x: Option<CudaSlice<f32>>,
-    ints: Option<CudaSlice<i32>>,
-    weights: Option<CudaSlice<f32>>,
-    xg32: Option<CudaSlice<f32>>,
-    xg16: Option<CudaSlice<u16>>,
-    gu: Option<CudaSlice<f32>>,
-    h32: Option<CudaSlice<f32>>,
-    h16: Option<CudaSlice<u16>>,
-    y: Option<CudaSlice<f32>>,
-    out: Option<CudaSlice<f32>>,
-    dequant: Option<CudaSlice<u16>>,
-}
-
-/// The buffer in `slot`, reallocated when shorter than `len`.
-fn grow<'a, T: DeviceRepr + ValidAsZeroBits>(
-    stream: &Arc<CudaStream>,
-    slot: &'a mut Option<CudaSlice<T>>,
-    len: usize,
-) -> Result<&'a mut CudaSlice<T>, DeviceError> {
-    if slot.as_ref().is_none_or(|s| s.len() < len) {
-        *slot = None; // free first: the old buffer's memory may be needed for the new one
-        *slot = Some(stream.alloc_zeros::<T>(len.max(1)).map_err(cuda_err)?);
-    }
-    slot.as_mut()
-        .ok_or_else(|| DeviceError::Cuda("buffer allocation".into()))
-}
-
-/// A buffer's device address (every use is on the engine's one stream, so ordering holds).
-fn ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
-    s.device_ptr(stream).0
-}
 
 /// One weight `[rows, cols]` in device memory, in its checkpoint form.
 enum DevWeight {
@@ -306,32 +130,47 @@ impl CudaExperts {
                 )));
             }
             let p = format!("model.layers.{layer}.mlp.experts.{expert}");
-            let up = |name: String, shape: [usize; 2]| -> Result<DevWeight> {
-                let w = ckpt.read_weight(&name, &shape)?;
-                DevWeight::upload(&out.engine, &name, w)
-            };
-            let gate = up(format!("{p}.gate_proj.weight"), [inter, hidden])?;
-            let upw = up(format!("{p}.up_proj.weight"), [inter, hidden])?;
-            let down = up(format!("{p}.down_proj.weight"), [hidden, inter])?;
-            let is32 = |w: &DevWeight| matches!(w, DevWeight::F32(_));
-            let f32 = is32(&gate);
-            if is32(&upw) != f32 || is32(&down) != f32 {
-                return Err(DeviceError::Unsupported(format!(
-                    "{p}: f32 mixed with bf16/FP8 weights in one expert"
-                ))
-                .into());
-            }
-            let mlp = DevMlp {
-                gate,
-                up: upw,
-                down,
-                inter,
-                f32,
-            };
-            out.experts.insert((layer, expert), mlp);
+            let w =
+                |name: &str, shape: [usize; 2]| ckpt.read_weight(&format!("{p}.{name}"), &shape);
+            let gate = w("gate_proj.weight", [inter, hidden])?;
+            let up = w("up_proj.weight", [inter, hidden])?;
+            let down = w("down_proj.weight", [hidden, inter])?;
+            out.insert(layer, expert, [gate, up, down], inter)?;
         }
         out.engine.stream.synchronize().map_err(cuda_err)?;
         Ok(out)
+    }
+
+    /// Uploads one expert from its weights (`gate`, `up`: `[inter, hidden]`, `down`:
+    /// `[hidden, inter]`), replacing any held for (layer, expert).
+    pub fn insert(
+        &mut self,
+        layer: usize,
+        expert: usize,
+        [gate, up, down]: [WeightData; 3],
+        inter: usize,
+    ) -> Result<()> {
+        let name = format!("layer {layer} expert {expert}");
+        let gate = DevWeight::upload(&self.engine, &name, gate)?;
+        let up = DevWeight::upload(&self.engine, &name, up)?;
+        let down = DevWeight::upload(&self.engine, &name, down)?;
+        let is32 = |w: &DevWeight| matches!(w, DevWeight::F32(_));
+        let f32 = is32(&gate);
+        if is32(&up) != f32 || is32(&down) != f32 {
+            return Err(DeviceError::Unsupported(format!(
+                "{name}: f32 mixed with bf16/FP8 weights in one expert"
+            ))
+            .into());
+        }
+        let mlp = DevMlp {
+            gate,
+            up,
+            down,
+            inter,
+            f32,
+        };
+        self.experts.insert((layer, expert), mlp);
+        Ok(())
     }
 
     /// Moves every expert of `other` (same device) into this store.

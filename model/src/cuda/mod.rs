@@ -6,11 +6,13 @@
 //!   device's primary context.
 //! - [`kernels`]: the CUDA C sources (SiLU×up, FP8 dequantisation, gather, weighted combine),
 //!   compiled with NVRTC at start-up.
+//! - [`engine`]: one device (stream, cuBLAS, kernels, reused buffers).
 //! - [`experts`]: routed experts resident in device memory and the compute of one dispatch.
 //!
 //! Status: compiled and NVRTC-checked in CI, not yet run on a GPU (see docs/ARCHITECTURE.md).
 #![allow(unsafe_code)]
 
+pub mod engine;
 pub mod experts;
 pub mod kernels;
 
