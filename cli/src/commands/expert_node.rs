@@ -69,8 +69,8 @@ pub struct Args {
     /// cluster CA.
     #[arg(long, env = "MOE_CLUSTER_TLS_ALLOWED_SANS", value_delimiter = ',')]
     cluster_tls_allowed_san: Vec<String>,
-    /// Where the experts live and compute: cpu, or cuda / cuda:N (a build with --features
-    /// cuda and an NVIDIA driver).
+    /// Where the experts live and compute: cpu, or cuda / cuda:N (a build with the cargo
+    /// feature `cuda` and an NVIDIA driver).
     #[arg(long, env = "MOE_DEVICE", default_value = "cpu")]
     device: moe_model::Device,
     #[command(flatten)]

@@ -15,8 +15,8 @@ use moe_router::{Engine, RemoteExperts};
 /// Options shared by `serve` and `router`.
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
-    /// Where experts compute: cpu, or cuda / cuda:N (a build with --features cuda and an NVIDIA
-    /// driver). `moe up` puts its expert nodes there; attention, the gate and the shared experts
+    /// Where experts compute: cpu, or cuda / cuda:N (a build with the cargo feature `cuda` and
+    /// an NVIDIA driver). `moe up` puts its expert nodes there; attention, the gate and the shared experts
     /// (and `serve`'s and `router`'s own compute) run on the CPU so far.
     #[arg(long, env = "MOE_DEVICE", default_value = "cpu")]
     pub device: moe_model::Device,
