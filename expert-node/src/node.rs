@@ -9,15 +9,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use moe_model::checkpoint::Checkpoint;
-use moe_model::moe::run_experts;
-use moe_model::{ExpertStore, Matrix, ModelConfig, ModelError};
+use moe_model::{Device, ExpertStore, Matrix, ModelConfig, ModelError};
 use moe_proto::pb;
 
+use crate::backend::{Backend, Experts};
 use crate::validate::Job;
 
 #[derive(Debug, Default)]
 struct Hosted {
-    store: ExpertStore,
+    store: Experts,
     pairs: BTreeMap<usize, BTreeSet<usize>>,
     /// Served placement versions; empty means any (a node started with a static spec).
     versions: BTreeSet<u64>,
@@ -29,6 +29,8 @@ pub struct ExpertNode {
     pub id: String,
     cfg: ModelConfig,
     ckpt: Option<Arc<Checkpoint>>,
+    /// The device the experts live and compute on.
+    backend: Backend,
     /// Hosts experts by name only (the fleet simulator's nodes): loads read nothing.
     weightless: bool,
     state: RwLock<Hosted>,
@@ -54,11 +56,29 @@ impl ExpertNode {
         pairs: &[(usize, usize)],
         versions: BTreeSet<u64>,
     ) -> Result<ExpertNode, ModelError> {
+        ExpertNode::load_on(id, dir, pairs, versions, Device::Cpu)
+    }
+
+    /// [`ExpertNode::load`] with the experts on `device` (a CUDA device is checked and opened
+    /// first: a clear error, never a panic, when it cannot be used).
+    pub fn load_on(
+        id: String,
+        dir: &Path,
+        pairs: &[(usize, usize)],
+        versions: BTreeSet<u64>,
+        device: Device,
+    ) -> Result<ExpertNode, ModelError> {
+        let backend = Backend::open(device)?;
         let cfg = ModelConfig::from_dir(dir)?;
         let ckpt = Arc::new(cfg.open_checkpoint(dir)?);
-        let store = cfg.load_experts(&ckpt, pairs)?;
-        tracing::info!(node = %id, experts = pairs.len(), bytes = ckpt.bytes_read(), "experts loaded");
-        let mut node = ExpertNode::from_store(id, cfg, store, pairs, versions);
+        let store = backend.load(&cfg, &ckpt, pairs)?;
+        tracing::info!(node = %id, experts = pairs.len(), bytes = ckpt.bytes_read(), backend = %backend.describe(), "experts loaded");
+        let mut node = ExpertNode::from_store(id, cfg, ExpertStore::default(), pairs, versions);
+        node.state
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .store = store;
+        node.backend = backend;
         node.ckpt = Some(ckpt);
         Ok(node)
     }
@@ -81,9 +101,10 @@ impl ExpertNode {
             id,
             cfg,
             ckpt: None,
+            backend: Backend::Cpu,
             weightless: false,
             state: RwLock::new(Hosted {
-                store,
+                store: Experts::Cpu(store),
                 pairs: hosted,
                 versions,
             }),
@@ -170,7 +191,7 @@ impl ExpertNode {
         let ckpt = self.ckpt.as_ref().ok_or_else(|| {
             ModelError::InvalidInput("this node has no checkpoint to load experts from".into())
         })?;
-        let loaded = self.cfg.load_experts(ckpt, pairs);
+        let loaded = self.backend.load(&self.cfg, ckpt, pairs);
         // The load's staging buffers (read, widened, packed) are freed by now, whatever it gave.
         moe_meta::memory::release_to_os();
         let loaded = loaded?;
@@ -231,9 +252,7 @@ impl ExpertNode {
     /// Runs a validated job: `[tokens, hidden]` weighted sums.
     pub fn compute(&self, job: &Job) -> Result<Matrix, ModelError> {
         let st = self.read();
-        run_experts(job.layer, &job.hidden, &job.assignments, |e| {
-            st.store.get(job.layer, e)
-        })
+        st.store.compute(job.layer, &job.hidden, &job.assignments)
     }
 
     /// Marks the node as draining (health reports it; streams stop taking new messages).
@@ -303,7 +322,7 @@ impl ExpertNode {
             placement_versions: st.versions.iter().copied().collect(),
             model_fingerprint: self.fingerprint.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
-            backend: format!("cpu/{:?}", moe_model::kernels::kernel_choice()).to_lowercase(),
+            backend: self.backend.describe(),
         }
     }
 }

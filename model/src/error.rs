@@ -52,6 +52,10 @@ pub enum ModelError {
     /// The KV-cache pool has no page left for a forward pass (the scheduler preempts first).
     #[error("KV cache full: {needed} pages needed, {free} free")]
     KvCacheFull { needed: usize, free: usize },
+    /// The compute device asked for cannot be used (no CUDA in this build, no driver, no such
+    /// device) or failed.
+    #[error(transparent)]
+    Device(#[from] crate::device::DeviceError),
     /// Writing an output file failed.
     #[error("cannot write {path}: {reason}")]
     Write { path: PathBuf, reason: String },

@@ -12,6 +12,8 @@
 //! - [`family`]: V3-family or V4 config, as the expert side and control plane see it.
 //! - [`v4`]: the DeepSeek-V4 sibling (config, checkpoint names, hyper-connections, compressed
 //!   attention, hash / sqrt-softplus gate) over the same kernels and expert seam.
+//! - [`device`]: `--device cpu|cuda[:N]`; [`cuda`] (feature `cuda`): the GPU expert FFN
+//!   (cuBLAS GEMMs and NVRTC kernels over experts resident in device memory).
 //! - [`sampling`], [`presets`]: token sampling and random-weight checkpoints for tests/benchmarks.
 
 mod absorb;
@@ -19,6 +21,9 @@ pub mod attention;
 pub mod cache;
 pub mod checkpoint;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod device;
 pub mod error;
 pub mod family;
 pub mod gate;
@@ -35,6 +40,7 @@ pub mod v4;
 
 pub use cache::{KvCacheDtype, KvDtype, KvLayout, KvPool, SeqCache};
 pub use config::Config;
+pub use device::{Device, DeviceError};
 pub use error::{DispatchClass, ModelError, Result};
 pub use family::ModelConfig;
 pub use model::{Backbone, LoadOptions, LogitsMode, Model, SeqInput, Trace};

@@ -69,6 +69,10 @@ pub struct Args {
     /// cluster CA.
     #[arg(long, env = "MOE_CLUSTER_TLS_ALLOWED_SANS", value_delimiter = ',')]
     cluster_tls_allowed_san: Vec<String>,
+    /// Where the experts live and compute: cpu, or cuda / cuda:N (a build with the cargo
+    /// feature `cuda` and an NVIDIA driver).
+    #[arg(long, env = "MOE_DEVICE", default_value = "cpu")]
+    device: moe_model::Device,
     #[command(flatten)]
     cluster: ClusterArgs,
 }
@@ -87,6 +91,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if n_experts == 0 {
         bail!("the model has no routed experts");
     }
+    // Before binding or loading anything: a device that cannot be used is a start-up error.
+    a.device
+        .check()
+        .with_context(|| format!("--device {}", a.device))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -119,10 +127,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             (None, None, Some(_)) => (Vec::new(), BTreeSet::new()),
             _ => bail!("give --experts SPEC, --placement FILE --node-id ID, or --etcd URL"),
         };
-        let dir = a.model.clone();
-        let node =
-            tokio::task::spawn_blocking(move || ExpertNode::load(id, &dir, &pairs, versions))
-                .await??;
+        let (dir, device) = (a.model.clone(), a.device);
+        let node = tokio::task::spawn_blocking(move || {
+            ExpertNode::load_on(id, &dir, &pairs, versions, device)
+        })
+        .await??;
         let node = Arc::new(node);
         let (stop, stopped) = watch::channel(false);
         let (fatal_tx, fatal_rx) = tokio::sync::oneshot::channel::<String>();

@@ -15,6 +15,11 @@ use moe_router::{Engine, RemoteExperts};
 /// Options shared by `serve` and `router`.
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
+    /// Where experts compute: cpu, or cuda / cuda:N (a build with the cargo feature `cuda` and
+    /// an NVIDIA driver). `moe up` puts its expert nodes there; attention, the gate and the shared experts
+    /// (and `serve`'s and `router`'s own compute) run on the CPU so far.
+    #[arg(long, env = "MOE_DEVICE", default_value = "cpu")]
+    pub device: moe_model::Device,
     /// Model directory (config.json, safetensors, tokenizer files); default: the generated
     /// `tiny` preset.
     #[arg(long, env = "MOE_MODEL")]
@@ -161,6 +166,21 @@ impl ServeArgs {
         })
     }
 
+    /// `serve` and `router` compute on the CPU only so far: `--device cuda` is checked (so the
+    /// error names what is missing) and then refused.
+    fn cpu_only(&self, what: &str) -> anyhow::Result<()> {
+        if self.device.is_cuda() {
+            self.device
+                .check()
+                .with_context(|| format!("--device {}", self.device))?;
+            anyhow::bail!(
+                "--device {}: moe {what} runs attention and its experts on the CPU only so far; put the experts on the GPU with moe expert-node --device cuda (or moe up --device cuda)",
+                self.device
+            );
+        }
+        Ok(())
+    }
+
     pub fn model_dir(&self) -> anyhow::Result<PathBuf> {
         match &self.model {
             Some(dir) => Ok(dir.clone()),
@@ -171,6 +191,7 @@ impl ServeArgs {
 
 /// `moe serve`.
 pub fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
+    a.cpu_only("serve")?;
     let listener = bind(&a)?;
     let engine = crate::progress::load_engine(&a.model_dir()?)?;
     let rt = runtime()?;
@@ -179,6 +200,7 @@ pub fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
 
 /// `moe router`.
 pub fn run_router(a: RouterArgs) -> anyhow::Result<()> {
+    a.serve.cpu_only("router")?;
     let listener = bind(&a.serve)?;
     if a.cluster.etcd.is_some() {
         return run_coordinated_router(a, listener);

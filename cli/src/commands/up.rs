@@ -41,6 +41,10 @@ pub struct Args {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     anyhow::ensure!(a.nodes > 0, "--nodes must be at least 1");
+    let device = a.serve.device;
+    device
+        .check()
+        .with_context(|| format!("--device {device}"))?;
     let dir = a.serve.model_dir()?;
     let (moe_layers, n_experts) = model_shape(&dir)?;
     let backbone = crate::progress::load_backbone(&dir)?;
@@ -74,7 +78,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding an expert node")?;
             let addr = listener.local_addr()?.to_string();
             let d = dir.clone();
-            let node = tokio::task::spawn_blocking(move || ExpertNode::load(format!("node-{i}"), &d, &[], Default::default()))
+            let node = tokio::task::spawn_blocking(move || ExpertNode::load_on(format!("node-{i}"), &d, &[], Default::default(), device))
                 .await??;
             let node = Arc::new(node);
             let member = MemberConfig { keys: keys.clone(), addr: addr.clone(), capacity: moe_layers.len() * n_experts, lease_ttl: ttl };
