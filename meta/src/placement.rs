@@ -72,18 +72,50 @@ impl Placement {
         moe_layers: &[usize],
         n_experts: usize,
     ) -> Result<Placement, PlacementError> {
+        let mut pairs = Vec::with_capacity(nodes.len());
+        for node in &nodes {
+            if node.experts.trim().is_empty() {
+                pairs.push(Vec::new()); // a node that holds nothing (yet)
+                continue;
+            }
+            let spec: ExpertSpec = node.experts.parse()?;
+            pairs.push(spec.pairs(moe_layers, n_experts)?);
+        }
+        Placement::with_pairs(version, nodes, &pairs, moe_layers, n_experts)
+    }
+
+    /// [`Placement::new`] with each node's (layer, expert) pairs given (`pairs[i]` for
+    /// `nodes[i]`, whose spec should list the same), not parsed from the specs: what a
+    /// placement record already holds, so a router following a thousand-node record does not
+    /// format and re-parse every node's spec.
+    pub fn with_pairs(
+        version: u64,
+        nodes: Vec<NodeEntry>,
+        pairs: &[Vec<(usize, usize)>],
+        moe_layers: &[usize],
+        n_experts: usize,
+    ) -> Result<Placement, PlacementError> {
         let mut table: BTreeMap<usize, Vec<Vec<usize>>> = moe_layers
             .iter()
             .map(|&l| (l, vec![Vec::new(); n_experts]))
             .collect();
-        for (ni, node) in nodes.iter().enumerate() {
-            if node.experts.trim().is_empty() {
-                continue; // a node that holds nothing (yet)
-            }
-            let spec: ExpertSpec = node.experts.parse()?;
-            for (layer, expert) in spec.pairs(moe_layers, n_experts)? {
-                if let Some(replicas) = table.get_mut(&layer) {
-                    replicas[expert].push(ni);
+        for (ni, node_pairs) in pairs.iter().enumerate().take(nodes.len()) {
+            for &(layer, expert) in node_pairs {
+                let Some(replicas) = table.get_mut(&layer) else {
+                    return Err(PlacementError::OutOfModel {
+                        layer,
+                        expert: None,
+                    });
+                };
+                let Some(r) = replicas.get_mut(expert) else {
+                    return Err(PlacementError::OutOfModel {
+                        layer,
+                        expert: Some(expert),
+                    });
+                };
+                // A pair listed twice is one replica (as a spec's pairs are a set).
+                if r.last() != Some(&ni) {
+                    r.push(ni);
                 }
             }
         }

@@ -289,7 +289,17 @@ impl PlacementRecord {
                 experts: spec_of(&n.experts),
             })
             .collect();
-        let mut p = Placement::new(self.version, nodes, moe_layers, n_experts)?;
+        let pairs: Vec<Vec<(usize, usize)>> = self
+            .nodes
+            .iter()
+            .map(|n| {
+                n.experts
+                    .iter()
+                    .map(|&(l, e)| (l as usize, e as usize))
+                    .collect()
+            })
+            .collect();
+        let mut p = Placement::with_pairs(self.version, nodes, &pairs, moe_layers, n_experts)?;
         p.set_shares(self.nodes.iter().enumerate().flat_map(|(ni, n)| {
             n.experts
                 .iter()

@@ -185,6 +185,19 @@ impl PlacementDelta {
         if !self.edits(base) {
             return None;
         }
+        // A promotion (the active naming the pending it was): the base itself, shared, with no
+        // copy, hash or decode of the record (half of what a rollout cost each follower).
+        let whole = [Edit::Copy {
+            from: 0,
+            len: base.bytes.len() as u32,
+        }];
+        if self.edits == whole && self.digest == base.digest && self.version == base.record.version
+        {
+            return Some(Resolved {
+                legacy: false,
+                ..base.clone()
+            });
+        }
         let bytes = patch(&base.bytes, &self.edits)?;
         if fnv(&bytes) != self.digest {
             return None;
@@ -246,9 +259,21 @@ mod tests {
         // Not against another record, even of the same version.
         let other = record(7, 301, None, None);
         assert!(d.apply(&other).is_none());
-        // Promoting the pending: a few bytes.
+        // Promoting the pending: a few bytes, applied by sharing the base.
         let same = encode_wire(&next, Some(&next));
         assert!(same.len() < 64, "{}", same.len());
+        let PlacementWire::Delta(p) = decode_wire("k", &same).expect("decodes") else {
+            panic!("a delta");
+        };
+        let promoted = p.apply(&got).expect("applies");
+        assert!(Arc::ptr_eq(&promoted.record, &got.record));
+        assert_eq!(promoted.digest, got.digest);
+        // A whole-copy delta naming another digest is refused.
+        let wrong = PlacementDelta {
+            digest: got.digest ^ 1,
+            ..p.clone()
+        };
+        assert!(wrong.apply(&got).is_none());
     }
 
     #[test]
