@@ -11,7 +11,8 @@
 
 use rayon::prelude::*;
 
-use crate::cache::{KvLayout, SeqCache};
+use crate::attend::attend;
+use crate::cache::SeqCache;
 use crate::checkpoint::Checkpoint;
 use crate::config::Config;
 use crate::error::Result;
@@ -20,8 +21,6 @@ use crate::rope::Rope;
 
 /// Epsilon of `q_a_layernorm` and `kv_a_layernorm` (their module default in the reference).
 const LORA_NORM_EPS: f32 = 1e-6;
-/// Most score-matrix elements materialised at once (bounds prefill memory).
-const MAX_SCORE_ELEMS: usize = 1 << 22;
 
 #[derive(Debug)]
 enum QProj {
@@ -241,78 +240,4 @@ fn heads<'a>(
         .zip(inputs)
         .map(|(w, x)| (w, x.as_slice(), t))
         .collect()
-}
-
-/// Causal attention of `rows` (`[n, H, width]` absorbed queries of tokens at positions
-/// `first_pos..first_pos+n`) over the pages of `cache` (`[c_kv | k_pe]` rows of `layer`, the
-/// `n` new ones included), read in place; writes the latent outputs `[n, H, lora]`. Scores are
-/// computed page by page into one row per query, so the softmax sees every key at once.
-fn attend(
-    cache: &SeqCache,
-    layer: usize,
-    first_pos: usize,
-    rows: &[f32],
-    (h, lora): (usize, usize),
-    scale: f32,
-    out: &mut [f32],
-) {
-    let layout: KvLayout = *cache.layout();
-    let (width, pt) = (layout.width, layout.page_tokens);
-    let n = rows.len() / (h * width);
-    let cached = first_pos + n;
-    let chunk = (MAX_SCORE_ELEMS / (h * cached).max(1)).clamp(1, n.max(1));
-    let mut scores = vec![0.0f32; chunk * h * cached];
-    let mut scratch = Vec::new();
-    let mut t0 = 0;
-    while t0 < n {
-        let tc = chunk.min(n - t0);
-        // Keys visible to the last token of the chunk; earlier tokens mask the rest.
-        let visible = first_pos + t0 + tc;
-        let m = tc * h;
-        let s = &mut scores[..m * visible];
-        let q = &rows[t0 * h * width..];
-        for (p, page) in cache.pages().iter().enumerate() {
-            let k0 = p * pt;
-            if k0 >= visible {
-                break;
-            }
-            let np = pt.min(visible - k0);
-            let keys = page.rows_f32(&layout, layer, np, &mut scratch);
-            kernels::matmul_nt(
-                &mut s[k0..],
-                visible,
-                q,
-                width,
-                keys,
-                width,
-                (m, np, width),
-                scale,
-            );
-        }
-        for (ri, row) in s.chunks_exact_mut(visible).enumerate() {
-            let pos = first_pos + t0 + ri / h;
-            let (live, masked) = row.split_at_mut(pos + 1);
-            masked.fill(0.0);
-            kernels::softmax(live);
-        }
-        for (p, page) in cache.pages().iter().enumerate() {
-            let k0 = p * pt;
-            if k0 >= visible {
-                break;
-            }
-            let np = pt.min(visible - k0);
-            let vals = page.rows_f32(&layout, layer, np, &mut scratch);
-            kernels::matmul_nn_acc(
-                &mut out[t0 * h * lora..],
-                lora,
-                &s[k0..],
-                visible,
-                vals,
-                width,
-                (m, lora, np),
-                p > 0,
-            );
-        }
-        t0 += tc;
-    }
 }

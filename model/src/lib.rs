@@ -17,6 +17,7 @@
 //! - [`sampling`], [`presets`]: token sampling and random-weight checkpoints for tests/benchmarks.
 
 mod absorb;
+mod attend;
 pub mod attention;
 pub mod cache;
 pub mod checkpoint;

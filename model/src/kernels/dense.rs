@@ -40,6 +40,36 @@ pub fn matmul_nt(
     (m, n, k): (usize, usize, usize),
     alpha: f32,
 ) {
+    nt(c, ldc, a, lda, b, ldb, (m, n, k), alpha, par_for(m * n * k));
+}
+
+/// [`matmul_nt`] on the calling thread only (for callers that parallelise over products).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_nt_serial(
+    c: &mut [f32],
+    ldc: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    dims: (usize, usize, usize),
+    alpha: f32,
+) {
+    nt(c, ldc, a, lda, b, ldb, dims, alpha, Par::Seq);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn nt(
+    c: &mut [f32],
+    ldc: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    (m, n, k): (usize, usize, usize),
+    alpha: f32,
+    par: Par,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -50,7 +80,7 @@ pub fn matmul_nt(
         view(a, m, k, lda),
         view(b, n, k, ldb).transpose(),
         alpha,
-        par_for(m * n * k),
+        par,
     );
 }
 
@@ -80,6 +110,45 @@ pub fn matmul_nn_acc(
     (m, n, k): (usize, usize, usize),
     accumulate: bool,
 ) {
+    nn(
+        c,
+        ldc,
+        a,
+        lda,
+        b,
+        ldb,
+        (m, n, k),
+        accumulate,
+        par_for(m * n * k),
+    );
+}
+
+/// `c[m, n] = a[m, k] · b[k, n]` on the calling thread only (for callers that parallelise over
+/// products).
+pub fn matmul_nn_serial(
+    c: &mut [f32],
+    ldc: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    dims: (usize, usize, usize),
+) {
+    nn(c, ldc, a, lda, b, ldb, dims, false, Par::Seq);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn nn(
+    c: &mut [f32],
+    ldc: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    par: Par,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -94,7 +163,7 @@ pub fn matmul_nn_acc(
         view(a, m, k, lda),
         view(b, k, n, ldb),
         1.0,
-        par_for(m * n * k),
+        par,
     );
 }
 

@@ -10,7 +10,7 @@ mod linear;
 mod pack;
 mod tasks;
 
-pub use dense::{matmul_nn, matmul_nn_acc, matmul_nt};
+pub use dense::{matmul_nn, matmul_nn_acc, matmul_nn_serial, matmul_nt, matmul_nt_serial};
 pub use linear::{
     GemmJob, KernelChoice, Linear, forward_grouped, kernel_choice, products, set_kernel_choice,
 };
