@@ -518,9 +518,22 @@ mod tests {
             .map(|i| ((i * 31 % 97) as f32 - 48.0) * 0.01)
             .collect();
         let all = lin.forward(&x, 40);
+        // The portable kernel (faer) multiplies a lone row by its matrix-vector path, whose
+        // summation order differs: there one row matches only to within rounding.
+        let exact_single = kernel_choice() == KernelChoice::Avx512;
         for (m0, m) in [(0, 1), (3, 2), (5, 3), (11, 8), (20, 20)] {
             let part = lin.forward(&x[m0 * k..(m0 + m) * k], m);
-            assert_eq!(part, all[m0 * n..(m0 + m) * n], "rows {m0}..{}", m0 + m);
+            let want = &all[m0 * n..(m0 + m) * n];
+            if m > 1 || exact_single {
+                assert_eq!(part, want, "rows {m0}..{}", m0 + m);
+            } else {
+                for (a, b) in part.iter().zip(want) {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                        "row {m0}: {a} vs {b}"
+                    );
+                }
+            }
         }
     }
 
