@@ -19,7 +19,7 @@ use crate::kernels;
 const MAX_SCORE_ELEMS: usize = 1 << 22;
 /// Keys per gathered block: one GEMM over this many keys runs near the kernel's speed.
 pub(crate) const BLOCK_TOKENS: usize = 256;
-/// Most value-partial elements (`[rows, lora]` per block) held at once.
+/// Most per-block partial elements (block scores, or `[rows, lora]` value partials) held at once.
 const MAX_PARTIAL_ELEMS: usize = 1 << 20;
 /// Most gathered key elements kept between the scores and the values pass (else read again).
 const MAX_KEPT_ELEMS: usize = 1 << 22;
@@ -129,23 +129,40 @@ fn scores_pass(
     let width = blocks.layout.width;
     let visible = blocks.visible;
     let keep = visible * width <= MAX_KEPT_ELEMS;
-    let parts: Vec<(Vec<f32>, Option<Vec<f32>>)> = (0..blocks.count())
-        .into_par_iter()
-        .map(|b| {
-            let keys = blocks.gather(b);
-            let nb = blocks.span(b).1;
-            let mut sb = vec![0.0f32; m * nb];
-            kernels::matmul_nt_serial(&mut sb, nb, q, width, &keys, width, (m, nb, width), scale);
-            (sb, keep.then_some(keys))
-        })
-        .collect();
-    let mut kept = Vec::with_capacity(if keep { parts.len() } else { 0 });
-    for (b, (sb, keys)) in parts.into_iter().enumerate() {
-        let (k0, nb) = blocks.span(b);
-        for (dst, src) in s.chunks_exact_mut(visible).zip(sb.chunks_exact(nb)) {
-            dst[k0..k0 + nb].copy_from_slice(src);
+    let count = blocks.count();
+    // Blocks in groups whose block scores fit MAX_PARTIAL_ELEMS before they are copied into `s`.
+    let group = (MAX_PARTIAL_ELEMS / (m * BLOCK_TOKENS).max(1)).clamp(1, count.max(1));
+    let mut kept = Vec::with_capacity(if keep { count } else { 0 });
+    let mut b0 = 0;
+    while b0 < count {
+        let g = group.min(count - b0);
+        let parts: Vec<(Vec<f32>, Option<Vec<f32>>)> = (b0..b0 + g)
+            .into_par_iter()
+            .map(|b| {
+                let keys = blocks.gather(b);
+                let nb = blocks.span(b).1;
+                let mut sb = vec![0.0f32; m * nb];
+                kernels::matmul_nt_serial(
+                    &mut sb,
+                    nb,
+                    q,
+                    width,
+                    &keys,
+                    width,
+                    (m, nb, width),
+                    scale,
+                );
+                (sb, keep.then_some(keys))
+            })
+            .collect();
+        for (b, (sb, keys)) in (b0..).zip(parts) {
+            let (k0, nb) = blocks.span(b);
+            for (dst, src) in s.chunks_exact_mut(visible).zip(sb.chunks_exact(nb)) {
+                dst[k0..k0 + nb].copy_from_slice(src);
+            }
+            kept.extend(keys);
         }
-        kept.extend(keys);
+        b0 += g;
     }
     keep.then_some(kept)
 }
