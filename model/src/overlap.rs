@@ -12,9 +12,9 @@
 //! the same per-node streams (the protocol has many requests in flight per stream).
 //!
 //! The split changes no token's arithmetic where every product's rows are independent of the
-//! other rows in it: the AVX-512 bf16/FP8 kernel always (`model/tests/row_independence.rs`), so
-//! bf16 and FP8 models give bitwise the serial path's logits. The portable `faer` path (float32
-//! weights, or no AVX-512) multiplies a lone row by its matrix-vector order, so a group of one
+//! other rows in it: the AVX-512 and AVX2 packed kernels always (`model/tests/row_independence.rs`),
+//! so bf16, FP8 and FP4 models give bitwise the serial path's logits. The `faer` path (float32
+//! weights, or CPUs without AVX2) multiplies a lone row by its matrix-vector order, so a group of one
 //! token row can differ from the serial result within rounding (groups of two rows or more are
 //! exact there too). Replicated experts whose replica is drawn per dispatch also change which
 //! node's partial sum is rounded (bf16 on the wire), overlap or not.

@@ -72,6 +72,22 @@ pub fn kernel_choice() -> KernelChoice {
     }
 }
 
+/// Whether packed (bf16, FP8, FP4) products under `choice` give a lone row bit for bit what it
+/// gets inside a batch: the AVX-512 and AVX2 kernels do; `faer`'s matrix-vector path (the
+/// portable kernel on CPUs with neither) does not.
+pub fn packed_rows_exact(choice: KernelChoice) -> bool {
+    let avx512 = match choice {
+        KernelChoice::Auto => kernel_choice() == KernelChoice::Avx512,
+        KernelChoice::Avx512 => avx512_available(),
+        KernelChoice::Portable => false,
+    };
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = super::avx2::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx2 = false;
+    avx512 || avx2
+}
+
 #[derive(Debug, Clone)]
 enum Repr {
     F32(Vec<f32>),
@@ -226,6 +242,9 @@ pub fn forward_grouped_with(jobs: &mut [GemmJob<'_>], choice: KernelChoice) {
         KernelChoice::Avx512 => avx512_available(),
         KernelChoice::Portable => false,
     };
+    // Without AVX-512, packed panels still run in registers where AVX2 + FMA + F16C exist.
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = !avx && super::avx2::available();
     let threads = rayon::current_num_threads();
     let mut tasks = Vec::new();
     let mut outs = Vec::with_capacity(jobs.len());
@@ -294,6 +313,18 @@ pub fn forward_grouped_with(jobs: &mut [GemmJob<'_>], choice: KernelChoice) {
                             t.rows.clone(),
                         );
                     } else {
+                        #[cfg(target_arch = "x86_64")]
+                        if avx2 {
+                            super::avx2::task(
+                                p,
+                                x,
+                                out.0,
+                                &chunks[t.job],
+                                t.panels.clone(),
+                                t.rows.clone(),
+                            );
+                            return;
+                        }
                         super::tasks::task_portable(
                             p,
                             x,
@@ -518,9 +549,9 @@ mod tests {
             .map(|i| ((i * 31 % 97) as f32 - 48.0) * 0.01)
             .collect();
         let all = lin.forward(&x, 40);
-        // The portable kernel (faer) multiplies a lone row by its matrix-vector path, whose
-        // summation order differs: there one row matches only to within rounding.
-        let exact_single = kernel_choice() == KernelChoice::Avx512;
+        // faer (the portable kernel without AVX2) multiplies a lone row by its matrix-vector
+        // path, whose summation order differs: there one row matches only to within rounding.
+        let exact_single = packed_rows_exact(KernelChoice::Auto);
         for (m0, m) in [(0, 1), (3, 2), (5, 3), (11, 8), (20, 20)] {
             let part = lin.forward(&x[m0 * k..(m0 + m) * k], m);
             let want = &all[m0 * n..(m0 + m) * n];

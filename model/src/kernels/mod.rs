@@ -2,6 +2,8 @@
 //! element-wise operations (RMSNorm, SiLU·up, softmax). All accumulate in float32.
 
 #[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
 mod avx512;
 mod dense;
 #[cfg(test)]
@@ -12,7 +14,8 @@ mod tasks;
 
 pub use dense::{matmul_nn, matmul_nn_acc, matmul_nn_serial, matmul_nt, matmul_nt_serial};
 pub use linear::{
-    GemmJob, KernelChoice, Linear, forward_grouped, kernel_choice, products, set_kernel_choice,
+    GemmJob, KernelChoice, Linear, forward_grouped, kernel_choice, packed_rows_exact, products,
+    set_kernel_choice,
 };
 pub use pack::row_scales;
 
