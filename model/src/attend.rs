@@ -10,9 +10,10 @@
 //! product runs serially inside its task, the softmax sees the whole score row at once, and the
 //! value partials are added in block order.
 
+use faer::Par;
 use rayon::prelude::*;
 
-use crate::cache::{KvLayout, PageRows, SeqCache};
+use crate::cache::{KvLayout, SeqCache};
 use crate::kernels;
 
 /// Most score-matrix elements materialised at once (bounds prefill memory).
@@ -52,16 +53,35 @@ impl Blocks<'_> {
         while key < k0 + nb {
             let (page, slot) = (key / pt, key % pt);
             let take = (pt - slot).min(k0 + nb - key);
-            let range = slot * width..(slot + take) * width;
-            match self.cache.pages()[page].rows(&self.layout, self.layer) {
-                PageRows::F32(v) => out.extend_from_slice(&v[range]),
-                PageRows::Bf16(v) => {
-                    out.extend(v[range].iter().map(|&b| f32::from_bits(u32::from(b) << 16)))
-                }
-            }
+            self.cache.pages()[page].extend_rows_f32(
+                &self.layout,
+                self.layer,
+                slot..slot + take,
+                &mut out,
+            );
             key += take;
         }
         out
+    }
+}
+
+/// Maps blocks `0..count` through `f`, `group` of them in parallel at a time (so at most
+/// `group` results are held), and hands each result to `sink` in block order.
+fn in_block_order<T: Send>(
+    count: usize,
+    group: usize,
+    f: impl Fn(usize) -> T + Sync,
+    mut sink: impl FnMut(usize, T),
+) {
+    let group = group.clamp(1, count.max(1));
+    for g0 in (0..count).step_by(group) {
+        let results: Vec<T> = (g0..(g0 + group).min(count))
+            .into_par_iter()
+            .map(&f)
+            .collect();
+        for (b, r) in (g0..).zip(results) {
+            sink(b, r);
+        }
     }
 }
 
@@ -129,41 +149,27 @@ fn scores_pass(
     let width = blocks.layout.width;
     let visible = blocks.visible;
     let keep = visible * width <= MAX_KEPT_ELEMS;
-    let count = blocks.count();
-    // Blocks in groups whose block scores fit MAX_PARTIAL_ELEMS before they are copied into `s`.
-    let group = (MAX_PARTIAL_ELEMS / (m * BLOCK_TOKENS).max(1)).clamp(1, count.max(1));
-    let mut kept = Vec::with_capacity(if keep { count } else { 0 });
-    let mut b0 = 0;
-    while b0 < count {
-        let g = group.min(count - b0);
-        let parts: Vec<(Vec<f32>, Option<Vec<f32>>)> = (b0..b0 + g)
-            .into_par_iter()
-            .map(|b| {
-                let keys = blocks.gather(b);
-                let nb = blocks.span(b).1;
-                let mut sb = vec![0.0f32; m * nb];
-                kernels::matmul_nt_serial(
-                    &mut sb,
-                    nb,
-                    q,
-                    width,
-                    &keys,
-                    width,
-                    (m, nb, width),
-                    scale,
-                );
-                (sb, keep.then_some(keys))
-            })
-            .collect();
-        for (b, (sb, keys)) in (b0..).zip(parts) {
+    let mut kept = Vec::new();
+    // Block scores are held per group (MAX_PARTIAL_ELEMS) before they are copied into `s`.
+    in_block_order(
+        blocks.count(),
+        MAX_PARTIAL_ELEMS / (m * BLOCK_TOKENS).max(1),
+        |b| {
+            let keys = blocks.gather(b);
+            let nb = blocks.span(b).1;
+            let mut sb = vec![0.0f32; m * nb];
+            let dims = (m, nb, width);
+            kernels::matmul_nt_with(&mut sb, nb, q, width, &keys, width, dims, scale, Par::Seq);
+            (sb, keep.then_some(keys))
+        },
+        |b, (sb, keys)| {
             let (k0, nb) = blocks.span(b);
             for (dst, src) in s.chunks_exact_mut(visible).zip(sb.chunks_exact(nb)) {
                 dst[k0..k0 + nb].copy_from_slice(src);
             }
             kept.extend(keys);
-        }
-        b0 += g;
-    }
+        },
+    );
     keep.then_some(kept)
 }
 
@@ -177,49 +183,44 @@ fn values_pass(
     out: &mut [f32],
 ) {
     let (width, visible) = (blocks.layout.width, blocks.visible);
-    let count = blocks.count();
-    let group = (MAX_PARTIAL_ELEMS / (m * lora).max(1)).clamp(1, count.max(1));
-    let mut first = true;
-    let mut b0 = 0;
-    while b0 < count {
-        let g = group.min(count - b0);
-        let partials: Vec<Vec<f32>> = (b0..b0 + g)
-            .into_par_iter()
-            .map(|b| {
-                let (k0, nb) = blocks.span(b);
-                let gathered;
-                let vals = match &kept {
-                    Some(k) => k[b].as_slice(),
-                    None => {
-                        gathered = blocks.gather(b);
-                        gathered.as_slice()
-                    }
-                };
-                let mut part = vec![0.0f32; m * lora];
-                kernels::matmul_nn_serial(
-                    &mut part,
-                    lora,
-                    &p[k0..],
-                    visible,
-                    vals,
-                    width,
-                    (m, lora, nb),
-                );
-                part
-            })
-            .collect();
-        for part in partials {
-            if first {
+    in_block_order(
+        blocks.count(),
+        MAX_PARTIAL_ELEMS / (m * lora).max(1),
+        |b| {
+            let (k0, nb) = blocks.span(b);
+            let gathered;
+            let vals = match &kept {
+                Some(k) => k[b].as_slice(),
+                None => {
+                    gathered = blocks.gather(b);
+                    gathered.as_slice()
+                }
+            };
+            let mut part = vec![0.0f32; m * lora];
+            let (p, dims) = (&p[k0..], (m, lora, nb));
+            kernels::matmul_nn_with(
+                &mut part,
+                lora,
+                p,
+                visible,
+                vals,
+                width,
+                dims,
+                false,
+                Par::Seq,
+            );
+            part
+        },
+        |b, part| {
+            if b == 0 {
                 out.copy_from_slice(&part);
-                first = false;
             } else {
                 for (o, v) in out.iter_mut().zip(&part) {
                     *o += v;
                 }
             }
-        }
-        b0 += g;
-    }
+        },
+    );
 }
 
 #[cfg(test)]

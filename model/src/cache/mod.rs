@@ -18,7 +18,7 @@ mod seq;
 #[cfg(test)]
 mod tests;
 
-pub use pool::{KvPool, Page, PageRows, PoolStats};
+pub use pool::{KvPool, Page, PoolStats};
 pub use seq::SeqCache;
 
 use crate::config::{Config, Dtype};

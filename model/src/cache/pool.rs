@@ -57,25 +57,21 @@ impl Page {
         }
     }
 
-    /// The first `tokens` rows of `layer` as f32: in place for an f32 page, else converted
-    /// into `scratch`.
-    pub fn rows_f32<'a>(
-        &'a self,
+    /// Appends rows `tokens` (token slots of this page) of `layer` to `out` as f32 (bf16 pages
+    /// widened).
+    pub fn extend_rows_f32(
+        &self,
         layout: &KvLayout,
         layer: usize,
-        tokens: usize,
-        scratch: &'a mut Vec<f32>,
-    ) -> &'a [f32] {
-        let n = tokens * layout.width;
+        tokens: std::ops::Range<usize>,
+        out: &mut Vec<f32>,
+    ) {
+        let range = tokens.start * layout.width..tokens.end * layout.width;
         match self.rows(layout, layer) {
-            PageRows::F32(v) => &v[..n],
+            PageRows::F32(v) => out.extend_from_slice(&v[range]),
+            // A slice map has an exact length: one reservation, no zero fill first.
             PageRows::Bf16(v) => {
-                scratch.resize(n, 0.0);
-                // A zip over equal-length slices (no capacity checks) vectorises.
-                for (d, &b) in scratch[..n].iter_mut().zip(&v[..n]) {
-                    *d = f32::from_bits(u32::from(b) << 16);
-                }
-                &scratch[..n]
+                out.extend(v[range].iter().map(|&b| f32::from_bits(u32::from(b) << 16)))
             }
         }
     }

@@ -33,10 +33,9 @@ fn feed(c: &mut SeqCache, tokens: &[u32]) -> crate::Result<()> {
 fn read(c: &SeqCache, layer: usize) -> Vec<f32> {
     let l = *c.layout();
     let mut out = Vec::new();
-    let mut scratch = Vec::new();
     for (p, page) in c.pages().iter().enumerate() {
         let n = l.page_tokens.min(c.len() - p * l.page_tokens);
-        out.extend_from_slice(page.rows_f32(&l, layer, n, &mut scratch));
+        page.extend_rows_f32(&l, layer, 0..n, &mut out);
     }
     out
 }

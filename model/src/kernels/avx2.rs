@@ -153,7 +153,8 @@ unsafe fn tile<const R: usize, const FMT: u8>(
         };
         let table = _mm256_loadu_ps(fp4::E2M1.as_ptr());
         for kk in 0..kc {
-            if let Scale::Fp4 { scales, q, k0 } = scale
+            if FMT == FP4
+                && let Scale::Fp4 { scales, q, k0 } = scale
                 && (k0 + kk).is_multiple_of(fp4::GROUP)
             {
                 s = Some(fp4_scales(scales, q, (k0 + kk) / fp4::GROUP));

@@ -40,26 +40,13 @@ pub fn matmul_nt(
     (m, n, k): (usize, usize, usize),
     alpha: f32,
 ) {
-    nt(c, ldc, a, lda, b, ldb, (m, n, k), alpha, par_for(m * n * k));
+    matmul_nt_with(c, ldc, a, lda, b, ldb, (m, n, k), alpha, par_for(m * n * k));
 }
 
-/// [`matmul_nt`] on the calling thread only (for callers that parallelise over products).
+/// [`matmul_nt`] with an explicit `faer` parallelism (`Par::Seq` for callers that parallelise
+/// over products themselves).
 #[allow(clippy::too_many_arguments)]
-pub fn matmul_nt_serial(
-    c: &mut [f32],
-    ldc: usize,
-    a: &[f32],
-    lda: usize,
-    b: &[f32],
-    ldb: usize,
-    dims: (usize, usize, usize),
-    alpha: f32,
-) {
-    nt(c, ldc, a, lda, b, ldb, dims, alpha, Par::Seq);
-}
-
-#[allow(clippy::too_many_arguments)]
-fn nt(
+pub(crate) fn matmul_nt_with(
     c: &mut [f32],
     ldc: usize,
     a: &[f32],
@@ -110,35 +97,13 @@ pub fn matmul_nn_acc(
     (m, n, k): (usize, usize, usize),
     accumulate: bool,
 ) {
-    nn(
-        c,
-        ldc,
-        a,
-        lda,
-        b,
-        ldb,
-        (m, n, k),
-        accumulate,
-        par_for(m * n * k),
-    );
+    let par = par_for(m * n * k);
+    matmul_nn_with(c, ldc, a, lda, b, ldb, (m, n, k), accumulate, par);
 }
 
-/// `c[m, n] = a[m, k] · b[k, n]` on the calling thread only (for callers that parallelise over
-/// products).
-pub fn matmul_nn_serial(
-    c: &mut [f32],
-    ldc: usize,
-    a: &[f32],
-    lda: usize,
-    b: &[f32],
-    ldb: usize,
-    dims: (usize, usize, usize),
-) {
-    nn(c, ldc, a, lda, b, ldb, dims, false, Par::Seq);
-}
-
+/// [`matmul_nn_acc`] with an explicit `faer` parallelism.
 #[allow(clippy::too_many_arguments)]
-fn nn(
+pub(crate) fn matmul_nn_with(
     c: &mut [f32],
     ldc: usize,
     a: &[f32],

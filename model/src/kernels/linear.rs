@@ -72,20 +72,44 @@ pub fn kernel_choice() -> KernelChoice {
     }
 }
 
-/// Whether packed (bf16, FP8, FP4) products under `choice` give a lone row bit for bit what it
-/// gets inside a batch: the AVX-512 and AVX2 kernels do; `faer`'s matrix-vector path (the
-/// portable kernel on CPUs with neither) does not.
-pub fn packed_rows_exact(choice: KernelChoice) -> bool {
+/// One task of a grouped GEMM over a packed weight (see [`super::tasks`]): the weight, the
+/// input, the output, its k chunks, and the panels × rows it covers.
+type PackedTask = unsafe fn(
+    &Packed,
+    &[f32],
+    *mut f32,
+    &[(usize, usize)],
+    std::ops::Range<usize>,
+    std::ops::Range<usize>,
+);
+
+/// The packed-weight driver `choice` runs on this CPU, and whether a lone row gets from it bit
+/// for bit what it gets inside a batch: the AVX-512 and AVX2 drivers do; `faer`'s
+/// matrix-vector path (the portable driver on CPUs with neither) does not.
+fn packed_task(choice: KernelChoice) -> (PackedTask, bool) {
     let avx512 = match choice {
         KernelChoice::Auto => kernel_choice() == KernelChoice::Avx512,
         KernelChoice::Avx512 => avx512_available(),
         KernelChoice::Portable => false,
     };
     #[cfg(target_arch = "x86_64")]
-    let avx2 = super::avx2::available();
-    #[cfg(not(target_arch = "x86_64"))]
-    let avx2 = false;
-    avx512 || avx2
+    {
+        if avx512 {
+            return (super::tasks::task_avx512, true);
+        }
+        // Without AVX-512, packed panels still run in registers where AVX2 + FMA + F16C exist.
+        if super::avx2::available() {
+            return (super::avx2::task, true);
+        }
+    }
+    let _ = avx512; // read only on x86-64
+    (super::tasks::task_portable, false)
+}
+
+/// Whether packed (bf16, FP8, FP4) products under `choice` give a lone row bit for bit what it
+/// gets inside a batch (see [`packed_task`]).
+pub fn packed_rows_exact(choice: KernelChoice) -> bool {
+    packed_task(choice).1
 }
 
 #[derive(Debug, Clone)]
@@ -237,14 +261,7 @@ pub fn products(items: &[(&Linear, &[f32], usize)]) -> Vec<Vec<f32>> {
 
 /// [`forward_grouped`] with an explicit kernel.
 pub fn forward_grouped_with(jobs: &mut [GemmJob<'_>], choice: KernelChoice) {
-    let avx = match choice {
-        KernelChoice::Auto => kernel_choice() == KernelChoice::Avx512,
-        KernelChoice::Avx512 => avx512_available(),
-        KernelChoice::Portable => false,
-    };
-    // Without AVX-512, packed panels still run in registers where AVX2 + FMA + F16C exist.
-    #[cfg(target_arch = "x86_64")]
-    let avx2 = !avx && super::avx2::available();
+    let (packed, _) = packed_task(choice);
     let threads = rayon::current_num_threads();
     let mut tasks = Vec::new();
     let mut outs = Vec::with_capacity(jobs.len());
@@ -300,41 +317,18 @@ pub fn forward_grouped_with(jobs: &mut [GemmJob<'_>], choice: KernelChoice) {
                 if t.panels.is_empty() || t.rows.is_empty() || p.k == 0 {
                     return;
                 }
-                // SAFETY: tasks of a job own disjoint (rows × panels) blocks of its output.
+                // SAFETY: tasks of a job own disjoint (rows × panels) blocks of its output, and
+                // `packed_task` picked a driver this CPU runs.
                 unsafe {
-                    if avx {
-                        #[cfg(target_arch = "x86_64")]
-                        super::tasks::task_avx512(
-                            p,
-                            x,
-                            out.0,
-                            &chunks[t.job],
-                            t.panels.clone(),
-                            t.rows.clone(),
-                        );
-                    } else {
-                        #[cfg(target_arch = "x86_64")]
-                        if avx2 {
-                            super::avx2::task(
-                                p,
-                                x,
-                                out.0,
-                                &chunks[t.job],
-                                t.panels.clone(),
-                                t.rows.clone(),
-                            );
-                            return;
-                        }
-                        super::tasks::task_portable(
-                            p,
-                            x,
-                            out.0,
-                            &chunks[t.job],
-                            t.panels.clone(),
-                            t.rows.clone(),
-                        );
-                    }
-                }
+                    packed(
+                        p,
+                        x,
+                        out.0,
+                        &chunks[t.job],
+                        t.panels.clone(),
+                        t.rows.clone(),
+                    )
+                };
             }
         }
     };

@@ -12,7 +12,8 @@ mod linear;
 mod pack;
 mod tasks;
 
-pub use dense::{matmul_nn, matmul_nn_acc, matmul_nn_serial, matmul_nt, matmul_nt_serial};
+pub use dense::{matmul_nn, matmul_nn_acc, matmul_nt};
+pub(crate) use dense::{matmul_nn_with, matmul_nt_with};
 pub use linear::{
     GemmJob, KernelChoice, Linear, forward_grouped, kernel_choice, packed_rows_exact, products,
     set_kernel_choice,
